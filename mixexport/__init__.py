@@ -1,0 +1,3 @@
+"""mixexport: export Mixtral-family MoE checkpoints to ONNX and TensorRT, with parity validation."""
+
+__version__ = "0.1.0"

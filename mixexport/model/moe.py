@@ -1,0 +1,80 @@
+"""The MoE op: the one reference every MoE implementation in mixexport is tested against.
+
+Semantics (ARCHITECTURE.md, `mixexport::MoE`):
+    p = softmax(router_logits) over E
+    take the top_k experts by p, exact ties broken toward the lower expert index
+    if normalize: w = p[topk] / sum(p[topk])   else: w = p[topk]
+    out[n] = sum_j w_j * Down[e_j] @ (silu(Gate[e_j] @ x[n]) * Up[e_j] @ x[n])
+accumulated in float32, returned in x's dtype.
+
+Weight layout (the same for the reference model, the Triton kernels and the TensorRT plugin):
+    w_gate_up [E, 2I, H]: rows 0..I-1 are the gate projection (Mixtral w1), rows I..2I-1 the up
+                          projection (w3), Hugging Face's `gate_up_proj` layout;
+    w_down    [E, H, I]:  the down projection (w2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's experts.
+
+    Args:
+        router_logits: [N, E] any float dtype.
+        top_k: experts per token (1 <= top_k <= E).
+        normalize: renormalize the kept probabilities to sum to 1 (Mixtral does).
+
+    Returns:
+        (weights [N, K] float32, experts [N, K] int64), experts in descending weight order, ties to
+        the lower index.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    # A stable descending sort keeps equal probabilities in index order: ties go to the lower index,
+    # which torch.topk does not promise.
+    weights, experts = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = weights[:, :top_k], experts[:, :top_k]
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def moe_reference(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    top_k: int,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """The MoE op, computed expert by expert on the tokens routed to it.
+
+    Args:
+        x: [N, H] hidden states.
+        router_logits: [N, E].
+        w_gate_up: [E, 2I, H], gate rows first, then up rows.
+        w_down: [E, H, I].
+        top_k: experts per token.
+        normalize: renormalize the top-k probabilities.
+
+    Returns:
+        [N, H] in x's dtype; the sum over experts is accumulated in float32.
+    """
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w_gate_up.shape
+    inter = two_inter // 2
+    weights, experts = route(router_logits, top_k, normalize)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(num_tokens, hidden, dtype=acc_dtype, device=x.device)
+    for e in range(num_experts):
+        token_idx, slot = torch.nonzero(experts == e, as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        xe = x[token_idx].to(acc_dtype)  # [n_e, H]
+        gate_up = xe @ w_gate_up[e].to(acc_dtype).T  # [n_e, 2I]
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n_e, I]
+        y = act @ w_down[e].to(acc_dtype).T  # [n_e, H]
+        out.index_add_(0, token_idx, y * weights[token_idx, slot].to(acc_dtype)[:, None])
+    return out.to(x.dtype)
