@@ -1,0 +1,59 @@
+"""Checkpoint tensor names and the shapes the config implies: one table, read by the reader,
+the writer and the reference model.
+
+Hugging Face's classic Mixtral layout (what `save_pretrained` writes, transformers 4 and 5):
+each expert is three separate matrices, w1 (gate) [I, H], w3 (up) [I, H], w2 (down) [H, I].
+"""
+
+from __future__ import annotations
+
+from mixexport.checkpoint.config import MixtralConfig
+
+PREFIX = "model.layers.{i}."
+EXPERT = PREFIX + "block_sparse_moe.experts.{e}.{w}.weight"
+ROUTER = PREFIX + "block_sparse_moe.gate.weight"
+
+# Non-expert tensors: checkpoint name -> shape as a function of the config.
+GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": lambda c: (c.vocab_size, c.hidden_size),
+    "model.norm.weight": lambda c: (c.hidden_size,),
+    "lm_head.weight": lambda c: (c.vocab_size, c.hidden_size),
+}
+LAYER_TENSORS = {
+    PREFIX + "input_layernorm.weight": lambda c: (c.hidden_size,),
+    PREFIX + "post_attention_layernorm.weight": lambda c: (c.hidden_size,),
+    PREFIX + "self_attn.q_proj.weight": lambda c: (c.num_attention_heads * c.head_dim, c.hidden_size),
+    PREFIX + "self_attn.k_proj.weight": lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size),
+    PREFIX + "self_attn.v_proj.weight": lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size),
+    PREFIX + "self_attn.o_proj.weight": lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim),
+    ROUTER: lambda c: (c.num_local_experts, c.hidden_size),
+}
+EXPERT_TENSORS = {
+    "w1": lambda c: (c.intermediate_size, c.hidden_size),  # gate
+    "w3": lambda c: (c.intermediate_size, c.hidden_size),  # up
+    "w2": lambda c: (c.hidden_size, c.intermediate_size),  # down
+}
+
+
+def expert_name(layer: int, expert: int, which: str) -> str:
+    return EXPERT.format(i=layer, e=expert, w=which)
+
+
+def layer_shapes(config: MixtralConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor of one decoder layer and its shape, in a stable order."""
+    shapes = {name.format(i=layer): shape(config) for name, shape in LAYER_TENSORS.items()}
+    for e in range(config.num_local_experts):
+        for which, shape in EXPERT_TENSORS.items():
+            shapes[expert_name(layer, e, which)] = shape(config)
+    return shapes
+
+
+def expected_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, and its shape, in file order."""
+    shapes = {"model.embed_tokens.weight": GLOBAL_TENSORS["model.embed_tokens.weight"](config)}
+    for layer in range(config.num_hidden_layers):
+        shapes.update(layer_shapes(config, layer))
+    shapes["model.norm.weight"] = GLOBAL_TENSORS["model.norm.weight"](config)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = GLOBAL_TENSORS["lm_head.weight"](config)
+    return shapes

@@ -1,0 +1,113 @@
+"""Low-level safetensors file access: header parsing with precise errors, and a streaming writer.
+
+The header is parsed here rather than by `safetensors.safe_open` so that a truncated or corrupt
+file is reported with its name, what was expected and what was found, before any tensor is read.
+Tensor data is read through `safe_open` (memory-mapped, one tensor at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import torch
+
+from mixexport.errors import InternalError, MixexportError
+
+# safetensors dtype code <-> torch dtype, for the dtypes a Mixtral checkpoint may hold.
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool}
+ST_CODES = {dtype: code for code, dtype in ST_DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, from a safetensors header."""
+
+    file: Path
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check that every tensor's bytes lie inside the file.
+
+    Raises:
+        MixexportError: naming the file, for a missing, truncated or corrupt file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise MixexportError(f"{path}: corrupt safetensors file ({size} bytes, too short for a header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise MixexportError(
+                    f"{path}: truncated or corrupt safetensors file: header claims {header_len} bytes, "
+                    f"file has {size} bytes")
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise MixexportError(f"{path}: file not found") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MixexportError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise MixexportError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - header_len
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise MixexportError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if end > data_size:
+            raise MixexportError(
+                f"{path}: truncated file: tensor {name!r} needs bytes up to {8 + header_len + end}, "
+                f"file has {size} bytes (re-download or re-convert this shard)")
+        infos[name] = TensorInfo(path, dtype, shape, end - begin)
+    return infos
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, str, tuple[int, ...], "callable"]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file holding only one tensor in memory at a time.
+
+    Args:
+        path: output file.
+        tensors: (name, safetensors dtype code, shape, make) where `make()` returns the tensor.
+            The header is written first from the declared shapes, then each tensor is made and
+            streamed to disk, so peak memory is one tensor, not one shard.
+        metadata: the header's `__metadata__` (Hugging Face expects {"format": "pt"}).
+    """
+    tensors = list(tensors)
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, code, shape, _ in tensors:
+        nbytes = ST_DTYPES[code].itemsize
+        for dim in shape:
+            nbytes *= dim
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, code, shape, make in tensors:
+            _write_tensor(f, make(), name, code, shape)
+
+
+def _write_tensor(f: BinaryIO, tensor: torch.Tensor, name: str, code: str, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != ST_DTYPES[code]:
+        raise InternalError(f"tensor {name}: made {tuple(tensor.shape)} {tensor.dtype}, declared {shape} {code}")
+    f.write(tensor.contiguous().view(torch.uint8).numpy().data)
