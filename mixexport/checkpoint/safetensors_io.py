@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -68,8 +69,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            valid = 0 <= begin <= end and all(dim >= 0 for dim in shape)
+            if valid and dtype in ST_DTYPES:
+                # What safetensors checks when it opens the file: the byte range fits shape x dtype.
+                valid = end - begin == math.prod(shape) * ST_DTYPES[dtype].itemsize
         except (KeyError, TypeError, ValueError):
-            raise MixexportError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+            valid = False
+        if not valid:
+            raise MixexportError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {entry!r}")
         if end > data_size:
             raise MixexportError(
                 f"{path}: truncated file: tensor {name!r} needs bytes up to {8 + header_len + end}, "

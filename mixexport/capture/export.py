@@ -1,0 +1,117 @@
+"""Trace the reference decoder into ONNX, without its weights in memory.
+
+The decoder is built on the meta device and traced with meta inputs by
+`torch.onnx.export(dynamo=True)`; its initializers come out data-less and are filled afterwards
+by `attach_checkpoint_weights`, which gives each one a lazy tensor streamed from the checkpoint
+when the model is saved. Capture therefore costs the same memory for Mixtral 8x22B as for a toy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import onnx_ir as ir
+import torch
+
+from mixexport import graph_io
+from mixexport.capture.moe_op import TRANSLATION_TABLE
+from mixexport.checkpoint.config import MixtralConfig
+from mixexport.dtypes import torch_dtype
+from mixexport.errors import MixexportError
+from mixexport.model.decoder import MixtralDecoder, parameter_sources
+
+# Opset 18: the torch.onnx exporter's native opset (no version conversion after translation) and
+# one every TensorRT 10 ONNX parser and onnxruntime >= 1.14 accept. Nothing in the decoder needs a
+# newer standard op: attention, RoPE and norms are lowered to basic ops or to contrib ops by passes.
+OPSET = 18
+
+
+class _CaptureDecoder(MixtralDecoder):
+    """The decoder with the graph contract's flat signature: (ids, mask, positions, *past) ->
+    (logits, *present), past and present ordered (key, value) per layer."""
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, present = super().forward(input_ids, attention_mask, position_ids, pairs)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def capture_decoder(config: MixtralConfig, dtype: str, max_batch: int = 64, max_sequence: int = 4096,
+                    max_total: int | None = None) -> ir.Model:
+    """Export the decoder to an ONNX IR model whose initializers have no data yet.
+
+    Args:
+        config: model shapes.
+        dtype: weights and KV-cache dtype.
+        max_batch, max_sequence, max_total: upper bounds of the dynamic dimensions (batch, new
+            tokens, past + new tokens); recorded in the graph as the ranges torch.export checks.
+
+    Returns:
+        the captured model: one `mixexport.MoE` node per layer, I/O named per `graph_io`.
+    """
+    max_total = max_total or max(max_sequence, config.max_position_embeddings)
+    with torch.device("meta"):
+        model = _CaptureDecoder(config, moe_impl=torch.ops.mixexport.moe).to(torch_dtype(dtype)).eval()
+    batch = torch.export.Dim(graph_io.BATCH, min=1, max=max_batch)
+    seq = torch.export.Dim(graph_io.SEQUENCE, min=1, max=max_sequence)
+    past = torch.export.Dim(graph_io.PAST, min=0, max=max_total)
+    # Dim + Dim is refused, so the mask's length has its own Dim rather than past + sequence.
+    total = torch.export.Dim(graph_io.TOTAL, min=1, max=max_total)
+
+    # Example sizes are distinct and > 1 so torch.export does not specialise any of them.
+    b, s, p = 2, 3, 5
+    ids = torch.zeros(b, s, dtype=torch.int64, device="meta")
+    mask = torch.zeros(b, p + s, dtype=torch.int64, device="meta")
+    kv_shape = (b, config.num_key_value_heads, p, config.head_dim)
+    past_kv = tuple(torch.zeros(kv_shape, dtype=torch_dtype(dtype), device="meta")
+                    for _ in range(2 * config.num_hidden_layers))
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+                      tuple({0: batch, 2: past} for _ in past_kv))
+    input_names = [b.name for b in graph_io.inputs(config, dtype)]
+    output_names = [b.name for b in graph_io.outputs(config, dtype)]
+
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (ids, mask, ids.clone(), *past_kv), dynamo=True, dynamic_shapes=dynamic_shapes,
+                input_names=input_names, output_names=output_names, opset_version=OPSET,
+                custom_translation_table=TRANSLATION_TABLE, optimize=False, verbose=False)
+    except Exception as exc:  # the exporter raises many types; all mean the same thing here
+        raise MixexportError(f"capture failed: torch.onnx.export could not trace the decoder ({exc})") from exc
+    onnx_model = program.model
+    onnx_model.producer_name = "mixexport"
+    return onnx_model
+
+
+def attach_checkpoint_weights(model: ir.Model, checkpoint, dtype: str) -> int:
+    """Give every initializer a lazy tensor read from `checkpoint` when the model is saved.
+
+    Args:
+        model: a captured model (initializers named as the reference model's parameters).
+        checkpoint: a `mixexport.checkpoint.Checkpoint`.
+        dtype: the dtype the captured graph expects.
+
+    Returns:
+        the number of initializers attached.
+    """
+    sources = parameter_sources(checkpoint.config)
+    attached = 0
+    for name, value in model.graph.initializers.items():
+        source = sources.get(name)
+        if source is None:
+            continue
+        value.const_value = ir.LazyTensor(
+            lambda source=source: ir.tensor(source(checkpoint, dtype)),
+            dtype=value.dtype, shape=value.shape, name=name)
+        attached += 1
+    missing = [name for name, value in model.graph.initializers.items()
+               if name in sources and value.const_value is None]
+    if attached != len(sources) or missing:
+        unknown = sorted(set(sources) - set(model.graph.initializers))
+        raise MixexportError(f"captured graph and checkpoint disagree: parameters without an initializer: "
+                             f"{unknown[:5]}")
+    return attached

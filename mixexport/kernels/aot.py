@@ -1,0 +1,280 @@
+"""Ahead-of-time build of the MoE kernels for the TensorRT plugin: cubin + PTX + JSON per variant.
+
+    python -m mixexport.kernels.aot --arch 80,86,89,90 --dtype fp16,bf16 -o DIR
+
+No GPU is needed: triton compiles for a named target. The metadata format is described in README.md
+beside this file; it carries what a driver-API launcher needs (parameter order and types, how to
+bind each one, grid formula, threads, shared memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mixexport.errors import MixexportError
+from mixexport.kernels import require_triton
+from mixexport.kernels.configs import (AOT_MAX_EXPERTS, AOT_NUM_WARPS, ALIGN_BLOCK_C, ALIGN_BLOCK_S, ARCHS, GEMM_TILES,
+                                       GRIDS, REDUCE_BLOCK_H, ROUTING_BLOCK_T, SHARED_MEMORY_LIMIT, TILE_RULE,
+                                       WORKSPACE, substitute)
+
+FORMAT = "mixexport-moe-kernels/1"
+DTYPES = {"fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# The two pointers every compiled triton kernel takes after its own parameters.
+SCRATCH_PARAMS = ("global_scratch", "profile_scratch")
+# Parameters whose values the kernels assume are multiples of 16 (triton's `tt.divisibility`): it lets
+# loads along H and I vectorize, which the weight stream needs. Pointers get it too (allocations are
+# 256-byte aligned).
+DIVISIBLE_INTS = {"H", "I"}
+C_TYPES = {"i32": "int32_t"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One kernel parameter: its triton type (DT = the variant's dtype) and what a launcher binds to it."""
+
+    name: str
+    type: str
+    bind: str  # "input:<name>", "output:<name>", "workspace:<name>" or an integer formula over N,H,I,E,K
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """A kernel as the AOT build sees it."""
+
+    module: str
+    function: str
+    params: tuple[Param, ...]
+    grid: str
+    per_dtype: bool  # False: one build per arch serves every dtype
+
+
+KERNELS = {
+    "routing": KernelSpec("mixexport.kernels.routing", "routing_kernel", (
+        Param("logits_ptr", "*DT", "input:router_logits"), Param("weights_ptr", "*fp32", "workspace:topk_weights"),
+        Param("ids_ptr", "*i32", "workspace:topk_ids"), Param("N", "i32", "N"), Param("E", "i32", "E"),
+        Param("K", "i32", "K"), Param("normalize", "i32", "normalize")), GRIDS["routing"], True),
+    "align_count": KernelSpec("mixexport.kernels.align", "align_count_kernel", (
+        Param("topk_ids_ptr", "*i32", "workspace:topk_ids"), Param("chunk_counts_ptr", "*i32", "workspace:chunk_counts"),
+        Param("num_slots", "i32", "N*K")), GRIDS["align_count"], False),
+    "align_scatter": KernelSpec("mixexport.kernels.align", "align_scatter_kernel", (
+        Param("topk_ids_ptr", "*i32", "workspace:topk_ids"), Param("chunk_counts_ptr", "*i32", "workspace:chunk_counts"),
+        Param("sorted_ids_ptr", "*i32", "workspace:sorted_ids"), Param("expert_ids_ptr", "*i32", "workspace:expert_ids"),
+        Param("num_slots", "i32", "N*K"), Param("E", "i32", "E"), Param("block_m", "i32", "BLOCK_M")),
+        GRIDS["align_scatter"], False),
+    "gate_up": KernelSpec("mixexport.kernels.grouped_gemm", "gate_up_kernel", (
+        Param("x_ptr", "*DT", "input:x"), Param("w_ptr", "*DT", "input:w_gate_up"),
+        Param("sorted_ids_ptr", "*i32", "workspace:sorted_ids"), Param("expert_ids_ptr", "*i32", "workspace:expert_ids"),
+        Param("act_ptr", "*DT", "workspace:act"), Param("num_slots", "i32", "N*K"), Param("H", "i32", "H"),
+        Param("I", "i32", "I"), Param("K", "i32", "K")), GRIDS["gate_up"], True),
+    "down": KernelSpec("mixexport.kernels.grouped_gemm", "down_kernel", (
+        Param("act_ptr", "*DT", "workspace:act"), Param("w_ptr", "*DT", "input:w_down"),
+        Param("sorted_ids_ptr", "*i32", "workspace:sorted_ids"), Param("expert_ids_ptr", "*i32", "workspace:expert_ids"),
+        Param("topk_weights_ptr", "*fp32", "workspace:topk_weights"), Param("y_ptr", "*fp32", "workspace:y"),
+        Param("num_slots", "i32", "N*K"), Param("H", "i32", "H"), Param("I", "i32", "I")), GRIDS["down"], True),
+    "topk_reduce": KernelSpec("mixexport.kernels.reduce", "topk_reduce_kernel", (
+        Param("y_ptr", "*fp32", "workspace:y"), Param("out_ptr", "*DT", "output:out"), Param("H", "i32", "H"),
+        Param("K", "i32", "K")), GRIDS["topk_reduce"], True),
+}
+# Launch order of one MoE forward.
+PIPELINE = ("routing", "align_count", "align_scatter", "gate_up", "down", "topk_reduce")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled kernel: a kernel at one architecture, dtype and tile."""
+
+    kernel: str
+    arch: int
+    dtype: str | None
+    tile_name: str | None
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        parts = [self.kernel, self.tile_name, self.dtype, f"sm{self.arch}"]
+        return "_".join(p for p in parts if p)
+
+
+def _small_kernel_constexprs(kernel: str) -> dict:
+    return {
+        "routing": {"BLOCK_T": ROUTING_BLOCK_T, "BLOCK_E": AOT_MAX_EXPERTS},
+        "align_count": {"BLOCK_S": ALIGN_BLOCK_S, "BLOCK_E": AOT_MAX_EXPERTS},
+        "align_scatter": {"BLOCK_S": ALIGN_BLOCK_S, "BLOCK_E": AOT_MAX_EXPERTS, "BLOCK_C": ALIGN_BLOCK_C},
+        "topk_reduce": {"BLOCK_H": REDUCE_BLOCK_H},
+    }[kernel]
+
+
+def variants(archs: list[int], dtypes: list[str]) -> list[Variant]:
+    """Every kernel variant for the given architectures and dtypes.
+
+    Args:
+        archs: compute capabilities, e.g. [80, 90].
+        dtypes: canonical short dtype names, e.g. ["fp16", "bf16"].
+
+    Returns:
+        The variants, in pipeline order per architecture.
+    """
+    out = []
+    for arch in archs:
+        for kernel in PIPELINE:
+            spec = KERNELS[kernel]
+            for dtype in (dtypes if spec.per_dtype else [None]):
+                if kernel in ("gate_up", "down"):
+                    for tile_name, tile in GEMM_TILES[arch].items():
+                        out.append(Variant(kernel, arch, dtype, tile_name, {**tile.constexprs(), "UPCAST": False},
+                                           tile.num_warps, tile.num_stages))
+                else:
+                    out.append(Variant(kernel, arch, dtype, None, _small_kernel_constexprs(kernel), AOT_NUM_WARPS, 1))
+    return out
+
+
+def _jit_function(spec: KernelSpec):
+    """The kernel as a JITFunction, even when TRITON_INTERPRET=1 made the module hold an interpreted one."""
+    import importlib
+
+    import triton
+
+    kernel = getattr(importlib.import_module(spec.module), spec.function)
+    if isinstance(kernel, triton.runtime.jit.JITFunction):
+        return kernel
+    return triton.runtime.jit.JITFunction(kernel.fn)
+
+
+def compile_variant(variant: Variant, out_dir: Path) -> dict:
+    """Compile one variant and write its cubin, PTX and metadata JSON.
+
+    Args:
+        variant: what to compile.
+        out_dir: destination folder.
+
+    Returns:
+        The metadata written to `<variant.name>.json`.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = KERNELS[variant.kernel]
+    fn = _jit_function(spec)
+    types = {p.name: p.type.replace("DT", variant.dtype or "") for p in spec.params}
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    hinted = [i for i, p in enumerate(spec.params) if p.type.startswith("*") or p.name in DIVISIBLE_INTS]
+    # Parameter indices count every kernel argument, constexprs included.
+    attrs = {(fn.arg_names.index(spec.params[i].name),): [["tt.divisibility", 16]] for i in hinted}
+    source = ASTSource(fn=fn, signature=signature, constexprs=variant.constexprs, attrs=attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(source, target=GPUTarget("cuda", variant.arch, 32),
+                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    seconds = time.perf_counter() - start
+    meta = compiled.metadata
+    shared = meta.shared
+    if shared > SHARED_MEMORY_LIMIT[variant.arch]:
+        raise MixexportError(f"{variant.name} needs {shared} bytes of shared memory, more than sm_{variant.arch}'s "
+                             f"{SHARED_MEMORY_LIMIT[variant.arch]}; shrink its tile in mixexport/kernels/configs.py")
+
+    cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
+    (out_dir / f"{variant.name}.cubin").write_bytes(cubin)
+    (out_dir / f"{variant.name}.ptx").write_text(ptx)
+    params = [{"name": p.name, "type": types[p.name], "c_type": "CUdeviceptr" if p.type.startswith("*") else
+               C_TYPES[p.type], "divisibility": 16 if p.type.startswith("*") or p.name in DIVISIBLE_INTS else 1,
+               "bind": p.bind} for p in spec.params]
+    # Triton's two trailing scratch pointers: null when their size is 0 (the launcher must still pass them).
+    params += [{"name": name, "type": "*i8", "c_type": "CUdeviceptr", "divisibility": 1,
+                "bind": f"scratch:{size}"} for name, size in
+               zip(SCRATCH_PARAMS, (meta.global_scratch_size, meta.profile_scratch_size))]
+    metadata = {
+        "format": FORMAT,
+        "name": variant.name,
+        "kernel": spec.function,
+        "entry": meta.name,
+        "arch": variant.arch,
+        "dtype": variant.dtype,
+        "tile": variant.tile_name,
+        "cubin": f"{variant.name}.cubin",
+        "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
+        "ptx": f"{variant.name}.ptx",
+        "num_warps": variant.num_warps,
+        "num_stages": variant.num_stages,
+        "threads_per_block": variant.num_warps * 32,
+        "shared_memory_bytes": shared,
+        "global_scratch_bytes": meta.global_scratch_size,
+        "profile_scratch_bytes": meta.profile_scratch_size,
+        "constexprs": dict(variant.constexprs),
+        "params": params,
+        "grid": [substitute(spec.grid, variant.constexprs), "1", "1"],
+        "triton_version": triton.__version__,
+        "compile_seconds": round(seconds, 3),
+    }
+    (out_dir / f"{variant.name}.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+def build(archs: list[int], dtypes: list[str], out_dir: Path) -> dict:
+    """Compile every variant and write the index.
+
+    Args:
+        archs: compute capabilities, each in configs.ARCHS.
+        dtypes: short dtype names (fp16, bf16, fp32).
+        out_dir: destination folder, created if missing.
+
+    Returns:
+        The index written to `index.json`.
+    """
+    require_triton()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built = [compile_variant(v, out_dir) for v in variants(archs, dtypes)]
+    index = {
+        "format": FORMAT,
+        "archs": archs,
+        "dtypes": dtypes,
+        "max_experts": AOT_MAX_EXPERTS,
+        "pipeline": list(PIPELINE),
+        "tile_rule": TILE_RULE,
+        "tiles": {str(arch): {name: dataclasses.asdict(tile) for name, tile in GEMM_TILES[arch].items()}
+                  for arch in archs},
+        "workspace_bytes": {name: substitute(formula, {"BLOCK_E": AOT_MAX_EXPERTS})
+                            for name, formula in WORKSPACE.items()},
+        "variants": [{"name": m["name"], "kernel": m["kernel"], "arch": m["arch"], "dtype": m["dtype"],
+                      "tile": m["tile"], "metadata": f"{m['name']}.json"} for m in built],
+    }
+    (out_dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _parse_list(value: str, option: str, choices: dict) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in choices]
+    if bad or not items:
+        raise MixexportError(f"{option} {value!r}: expected a comma-separated list of {', '.join(map(str, choices))}")
+    return list(dict.fromkeys(choices[v] for v in items))
+
+
+@click.command()
+@click.option("--arch", default="80,86,89,90", show_default=True, help="Compute capabilities, comma-separated.")
+@click.option("--dtype", default="fp16,bf16", show_default=True, help="Activation/weight dtypes, comma-separated.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the cubins, PTX and JSON metadata.")
+def main(arch: str, dtype: str, output: Path) -> None:
+    """Compile the MoE kernels ahead of time for the TensorRT plugin."""
+    try:
+        archs = _parse_list(arch, "--arch", {str(a): a for a in ARCHS})
+        dtypes = _parse_list(dtype, "--dtype", DTYPES)
+        start = time.perf_counter()
+        index = build(archs, dtypes, output)
+    except MixexportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {len(index['variants'])} kernel variants to {output} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

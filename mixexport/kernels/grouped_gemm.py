@@ -1,0 +1,221 @@
+"""The two grouped GEMMs over the expert-sorted token layout of `align.py`.
+
+    gate_up: act[r]  = silu(Gate[e] @ x[n]) * (Up[e] @ x[n])       for row r holding slot n*K+j, e = its expert
+    down:    y[n*K+j] = w[n, j] * (Down[e] @ act[r])                fp32, summed over j by `reduce.py`
+
+One program computes a BLOCK_M x BLOCK_N output tile of one expert: every row of a block belongs to the
+same expert (the alignment padded each expert to BLOCK_M rows), so the weight tile it streams is
+shared by all rows, and each weight byte is read once per block of tokens. That weight stream is the
+whole cost at decode sizes. Grids are static upper bounds; a block past the routed work finds
+expert -1 and exits before loading anything.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixexport.kernels.configs import GRIDS, GemmTile, evaluate
+
+
+@triton.jit
+def gate_up_kernel(
+    x_ptr,  # [N, H] contiguous
+    w_ptr,  # [E, 2I, H] contiguous: gate rows 0..I-1, up rows I..2I-1
+    sorted_ids_ptr,  # [MAX_BLOCKS*BLOCK_M] int32 slots, N*K = padding
+    expert_ids_ptr,  # [MAX_BLOCKS] int32, -1 = no work
+    act_ptr,  # [MAX_BLOCKS*BLOCK_M, I] out, x's dtype
+    num_slots,  # N*K
+    H,
+    I,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # multiply in fp32 (the interpreter's bf16 dot is wrong)
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ids_ptr + rows)
+    row_ok = slots < num_slots
+    tokens = (slots // K).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    ks = tl.arange(0, BLOCK_K)
+    # int64 offsets: E*2I*H passes 2**31 elements for large models.
+    x_ptrs = x_ptr + tokens[:, None] * H + ks[None, :]
+    w_offs = cols.to(tl.int64)[None, :] * H + ks[:, None]
+    gate_ptrs = w_ptr + expert * 2 * I * H + w_offs
+    up_ptrs = w_ptr + (expert * 2 + 1) * I * H + w_offs
+    # Gate and up tiles share the x tile: one A load feeds two MMAs, and the SwiGLU needs both
+    # results of the same column, so they are computed side by side instead of as one 2I-wide GEMM.
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = ks < H - k0
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b_gate = b_gate.to(tl.float32)
+            b_up = b_up.to(tl.float32)
+        # "ieee" keeps fp32 inputs off TF32; 16-bit inputs take the tensor cores either way.
+        acc_gate = tl.dot(a, b_gate, acc_gate, input_precision="ieee")
+        acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+
+    # SwiGLU in fp32 in the epilogue: the [rows, 2I] pre-activation never reaches memory.
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    tl.store(act_ptr + rows[:, None] * I + cols[None, :], act.to(act_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def down_kernel(
+    act_ptr,  # [MAX_BLOCKS*BLOCK_M, I] from gate_up_kernel
+    w_ptr,  # [E, H, I] contiguous
+    sorted_ids_ptr,  # [MAX_BLOCKS*BLOCK_M] int32
+    expert_ids_ptr,  # [MAX_BLOCKS] int32
+    topk_weights_ptr,  # [N*K] fp32
+    y_ptr,  # [N*K, H] fp32 out
+    num_slots,  # N*K
+    H,
+    I,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(H, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ids_ptr + rows)
+    row_ok = slots < num_slots
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    ks = tl.arange(0, BLOCK_K)
+    # The A rows are contiguous (act is already in sorted order): no gather on this side.
+    a_ptrs = act_ptr + rows[:, None] * I + ks[None, :]
+    b_ptrs = w_ptr + expert * H * I + cols.to(tl.int64)[None, :] * I + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = ks < I - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    # The routing weight scales the fp32 accumulator before any rounding; rows go back to slot order
+    # (y[n*K + j]), so the reduction over j needs no inverse map and no atomics.
+    weight = tl.load(topk_weights_ptr + slots, mask=row_ok, other=0.0)
+    acc = acc * weight[:, None]
+    tl.store(y_ptr + slots.to(tl.int64)[:, None] * H + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def launch_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
+                   top_k: int, tile: GemmTile, upcast: bool) -> torch.Tensor:
+    """Run the gate/up grouped GEMM with the SwiGLU epilogue.
+
+    Args:
+        x: [N, H] contiguous.
+        w_gate_up: [E, 2I, H] contiguous, x's dtype.
+        sorted_ids, expert_ids: from `launch_align` with tile.block_m.
+        top_k: K.
+        tile: GEMM tile sizes.
+        upcast: multiply in fp32 (bf16 under the interpreter).
+
+    Returns:
+        act [MAX_BLOCKS*BLOCK_M, I] in x's dtype; padding rows are left unwritten.
+    """
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w_gate_up.shape
+    inter = two_inter // 2
+    act = torch.empty(sorted_ids.numel(), inter, dtype=x.dtype, device=x.device)
+    grid = (evaluate(GRIDS["gate_up"], N=num_tokens, H=hidden, I=inter, E=num_experts, K=top_k,
+                     BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),)
+    gate_up_kernel[grid](x, w_gate_up, sorted_ids, expert_ids, act, num_tokens * top_k, hidden, inter, top_k,
+                         **tile.constexprs(), UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return act
+
+
+def launch_down(act: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
+                topk_weights: torch.Tensor, tile: GemmTile, upcast: bool) -> torch.Tensor:
+    """Run the down grouped GEMM, scaled by the routing weights.
+
+    Args:
+        act: [MAX_BLOCKS*BLOCK_M, I] from `launch_gate_up`.
+        w_down: [E, H, I] contiguous, act's dtype.
+        sorted_ids, expert_ids: from `launch_align` with tile.block_m.
+        topk_weights: [N, K] float32.
+        tile: GEMM tile sizes.
+        upcast: multiply in fp32 (bf16 under the interpreter).
+
+    Returns:
+        y [N*K, H] float32, row n*K+j = w[n, j] * Down[e_j] @ act.
+    """
+    num_tokens, top_k = topk_weights.shape
+    num_experts, hidden, inter = w_down.shape
+    y = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32, device=act.device)
+    grid = (evaluate(GRIDS["down"], N=num_tokens, H=hidden, I=inter, E=num_experts, K=top_k,
+                     BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),)
+    down_kernel[grid](act, w_down, sorted_ids, expert_ids, topk_weights, y, num_tokens * top_k, hidden, inter,
+                      **tile.constexprs(), UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return y
+
+
+def gate_up_reference(x: torch.Tensor, w_gate_up: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Naive gate/up stage in slot order.
+
+    Args:
+        x: [N, H].
+        w_gate_up: [E, 2I, H].
+        topk_ids: [N, K] expert ids.
+
+    Returns:
+        [N*K, I] silu(gate) * up, computed in x's dtype promoted to at least float32.
+    """
+    inter = w_gate_up.shape[1] // 2
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    tokens = torch.arange(topk_ids.numel(), device=x.device) // topk_ids.shape[1]
+    w = w_gate_up[topk_ids.reshape(-1).long()].to(dtype)  # [N*K, 2I, H]
+    gate_up = torch.einsum("sih,sh->si", w, x[tokens].to(dtype))  # [N*K, 2I]
+    return torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
+
+def down_reference(act: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> torch.Tensor:
+    """Naive down stage in slot order.
+
+    Args:
+        act: [N*K, I].
+        w_down: [E, H, I].
+        topk_ids: [N, K] expert ids.
+        topk_weights: [N, K].
+
+    Returns:
+        [N*K, H] weighted expert outputs, in act's dtype promoted to at least float32.
+    """
+    dtype = torch.promote_types(act.dtype, torch.float32)
+    w = w_down[topk_ids.reshape(-1).long()].to(dtype)  # [N*K, H, I]
+    return torch.einsum("shi,si->sh", w, act.to(dtype)) * topk_weights.reshape(-1, 1).to(dtype)

@@ -1,0 +1,94 @@
+"""The fused MoE pipeline: routing -> alignment -> gate/up GEMM -> down GEMM -> top-k reduction.
+
+Six launches, no host synchronization: every grid is a static bound computed from shapes alone, so the
+sequence can be captured in a CUDA graph or enqueued by TensorRT. Under TRITON_INTERPRET=1 the same
+kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from mixexport.errors import MixexportError
+from mixexport.kernels.align import launch_align
+from mixexport.kernels.configs import INTERPRETER_TILE, gemm_tile
+from mixexport.kernels.grouped_gemm import launch_down, launch_gate_up
+from mixexport.kernels.reduce import launch_topk_reduce
+from mixexport.kernels.routing import launch_routing, routing_kernel
+
+# triton decides between compiling and interpreting when a kernel is decorated (at import), so the
+# kernels themselves say which mode this process runs in.
+INTERPRETED = not isinstance(routing_kernel, triton.runtime.jit.JITFunction)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(x, router_logits, w_gate_up, w_down, top_k) -> None:
+    if x.dtype not in DTYPES:
+        raise MixexportError(f"fused_moe: x has dtype {x.dtype}; the kernels take float32, float16 or bfloat16")
+    if x.dim() != 2 or router_logits.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise MixexportError(
+            f"fused_moe: expected x [N, H], router_logits [N, E], w_gate_up [E, 2I, H], w_down [E, H, I]; got "
+            f"{tuple(x.shape)}, {tuple(router_logits.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w_gate_up.shape
+    expected = {"router_logits": (num_tokens, num_experts), "w_gate_up": (num_experts, two_inter, hidden),
+                "w_down": (num_experts, hidden, two_inter // 2)}
+    for name, tensor in (("router_logits", router_logits), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if tuple(tensor.shape) != expected[name]:
+            raise MixexportError(f"fused_moe: {name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
+                                 f"from x {tuple(x.shape)} and w_gate_up {tuple(w_gate_up.shape)}")
+    if two_inter % 2:
+        raise MixexportError(f"fused_moe: w_gate_up has {two_inter} rows per expert; gate and up need an even count")
+    for name, tensor in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if tensor.dtype != x.dtype:
+            raise MixexportError(f"fused_moe: {name} is {tensor.dtype} but x is {x.dtype}; the GEMMs take one dtype")
+    if not 1 <= top_k <= num_experts:
+        raise MixexportError(f"fused_moe: top_k={top_k} must be between 1 and the {num_experts} experts")
+    devices = {t.device for t in (x, router_logits, w_gate_up, w_down)}
+    if len(devices) != 1:
+        raise MixexportError(f"fused_moe: inputs are on several devices ({sorted(map(str, devices))})")
+    device = devices.pop()
+    if INTERPRETED and device.type != "cpu":
+        raise MixexportError("fused_moe: TRITON_INTERPRET=1 runs the kernels on CPU tensors; move the inputs "
+                             "to the CPU or unset TRITON_INTERPRET")
+    if not INTERPRETED and device.type != "cuda":
+        raise MixexportError("fused_moe: the compiled kernels need CUDA tensors; on a CPU set TRITON_INTERPRET=1 "
+                             "before triton is imported")
+
+
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+              top_k: int, normalize: bool = True) -> torch.Tensor:
+    """The MoE op (`mixexport.model.moe.moe_reference`) as a chain of Triton kernels.
+
+    Args:
+        x: [N, H] float32, float16 or bfloat16.
+        router_logits: [N, E] any float dtype.
+        w_gate_up: [E, 2I, H] in x's dtype, gate rows first, then up rows.
+        w_down: [E, H, I] in x's dtype.
+        top_k: experts per token.
+        normalize: renormalize the top-k probabilities.
+
+    Returns:
+        [N, H] in x's dtype, accumulated in float32.
+    """
+    _check_inputs(x, router_logits, w_gate_up, w_down, top_k)
+    num_tokens = x.shape[0]
+    if num_tokens == 0:
+        return torch.empty_like(x)
+    if INTERPRETED:
+        tile, upcast = INTERPRETER_TILE, x.dtype == torch.bfloat16
+    else:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        _, tile = gemm_tile(major * 10 + minor, num_tokens * top_k)
+        upcast = False
+    # The kernels compute addresses from the shapes (unit inner strides), so they need dense rows.
+    x, router_logits, w_gate_up, w_down = (t.contiguous() for t in (x, router_logits, w_gate_up, w_down))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        topk_weights, topk_ids = launch_routing(router_logits, top_k, normalize)
+        sorted_ids, expert_ids = launch_align(topk_ids, w_gate_up.shape[0], tile.block_m)
+        act = launch_gate_up(x, w_gate_up, sorted_ids, expert_ids, top_k, tile, upcast)
+        y = launch_down(act, w_down, sorted_ids, expert_ids, topk_weights, tile, upcast)
+        return launch_topk_reduce(y, top_k, x.dtype)

@@ -1,0 +1,1 @@
+"""Graph passes on onnx-ir: lower the captured `mixexport.MoE` nodes per target, clean up, name I/O."""

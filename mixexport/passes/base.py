@@ -1,0 +1,39 @@
+"""What every mixexport pass shares: a result that counts rewrites, and lazy derived initializers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+
+@dataclasses.dataclass
+class RewriteResult(ir.passes.PassResult):
+    """A pass result that also says how many rewrites the pass made."""
+
+    rewrites: int = 0
+
+
+def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
+                        transform: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]) -> ir.Value:
+    """Register an initializer computed from another one when the model is saved.
+
+    The transform (a re-layout: transpose, interleave, ...) runs inside a lazy tensor, so a
+    lowering never holds weights in memory: each is read from the checkpoint, re-laid and written
+    to external data one tensor at a time.
+
+    Args:
+        graph: graph to register the new initializer in.
+        source: an initializer whose `const_value` holds (possibly lazy) data.
+        name: the new initializer's name.
+        transform: numpy array -> numpy array, same dtype.
+        shape: the transform's output shape.
+    """
+    src = source.const_value
+    tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(transform(src.numpy()))),
+                           dtype=src.dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value

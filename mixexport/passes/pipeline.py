@@ -1,0 +1,53 @@
+"""The pass pipeline: from the captured graph to one target's graph.
+
+A short, linear list. Each pass reports how many rewrites it made; the MoE lowering must make
+exactly one per decoder layer, or the build stops (a lowering that silently matched nothing would
+ship a graph with an op no runtime has).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+
+from mixexport.capture.moe_op import MOE_DOMAIN
+from mixexport.errors import InternalError
+from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
+from mixexport.passes.lower_moe_ort import LowerMoEToOrt
+from mixexport.passes.lower_moe_portable import LowerMoEToPortable
+from mixexport.passes.lower_moe_trt import LowerMoEToTrtPlugin
+from mixexport.passes.name_graph import NameGraph
+
+LOWERINGS: dict[str, Callable[[], ir.passes.InPlacePass]] = {
+    "portable": LowerMoEToPortable,
+    "ort": LowerMoEToOrt,
+    "trt": LowerMoEToTrtPlugin,
+}
+
+
+def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str, int]:
+    """Run the pipeline in place on `model` (a clone of the captured graph).
+
+    Returns:
+        rewrites per pass, in order.
+    """
+    steps = [
+        ("name_graph", NameGraph()),  # contract dim names, router logits names
+        ("fold_weight_transpose", FoldWeightTranspose()),  # Linear weights stored transposed
+        (f"lower_moe_{target}", LOWERINGS[target]()),  # the one MoE node per layer -> target ops
+        ("remove_unused", RemoveUnusedNodesPass()),  # leftovers of the rewrites
+        ("remove_unused_opsets", RemoveUnusedOpsetsPass()),  # drops the `mixexport` domain import
+    ]
+    report = {}
+    for name, step in steps:
+        result = step(model)
+        report[name] = getattr(result, "rewrites", int(result.modified))
+    lowered = report[f"lower_moe_{target}"]
+    if lowered != num_layers:
+        raise InternalError(f"{target} lowering rewrote {lowered} MoE nodes, expected one per layer ({num_layers})")
+    leftover = [n.name for n in model.graph if n.domain == MOE_DOMAIN]
+    if leftover:
+        raise InternalError(f"{target} graph still holds mixexport nodes: {leftover[:3]}")
+    return report

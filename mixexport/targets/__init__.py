@@ -1,0 +1,1 @@
+"""Targets: what each deployment backend gets (lowering, dtypes, files) and how its artifact runs."""

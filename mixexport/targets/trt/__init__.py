@@ -1,0 +1,1 @@
+"""TensorRT target: the MixtralMoE plugin contract, and (lazily) engine building."""

@@ -1,0 +1,250 @@
+"""The checkpoint reader: what it reads, and one test per malformed checkpoint with its message."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixexport.checkpoint import Checkpoint
+from mixexport.checkpoint import names
+from mixexport.checkpoint.reader import INDEX_FILE
+from mixexport.errors import MixexportError
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+
+
+def rewrite(path, change):
+    """Load a safetensors file, let `change(tensors)` edit the dict in place, write it back."""
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def shard_of(ckpt_dir, name):
+    return json.loads((ckpt_dir / INDEX_FILE).read_text())["weight_map"][name]
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+def test_single_file_checkpoint_reads_every_tensor(tiny_checkpoint, tiny_config):
+    ckpt = Checkpoint(tiny_checkpoint)
+    assert ckpt.config == tiny_config
+    assert [f.name for f in ckpt.files] == ["model.safetensors"]
+    raw = load_file(tiny_checkpoint / "model.safetensors")
+    assert set(raw) == set(names.expected_shapes(tiny_config))
+    for name, value in raw.items():
+        assert torch.equal(ckpt.tensor(name), value), name
+
+
+def test_sharded_checkpoint_reads_the_same_tensors(tiny_checkpoint, tiny_sharded_checkpoint):
+    single, sharded = Checkpoint(tiny_checkpoint), Checkpoint(tiny_sharded_checkpoint)
+    assert len(sharded.files) > 2
+    assert set(single.tensors) == set(sharded.tensors)
+    for name in single.tensors:
+        assert torch.equal(single.tensor(name), sharded.tensor(name)), name
+
+
+def test_expert_stacks_follow_the_moe_op_layout(tiny_checkpoint, tiny_config):
+    c = tiny_config
+    ckpt = Checkpoint(tiny_checkpoint)
+    gate_up, down = ckpt.gate_up(1), ckpt.down(1)
+    assert gate_up.shape == (c.num_local_experts, 2 * c.intermediate_size, c.hidden_size)
+    assert down.shape == (c.num_local_experts, c.hidden_size, c.intermediate_size)
+    for e in range(c.num_local_experts):
+        assert torch.equal(gate_up[e, :c.intermediate_size], ckpt.tensor(names.expert_name(1, e, "w1")))
+        assert torch.equal(gate_up[e, c.intermediate_size:], ckpt.tensor(names.expert_name(1, e, "w3")))
+        assert torch.equal(down[e], ckpt.tensor(names.expert_name(1, e, "w2")))
+
+
+def test_tensor_converts_dtype(tiny_checkpoint):
+    ckpt = Checkpoint(tiny_checkpoint)
+    value = ckpt.tensor("model.norm.weight", "bf16")
+    assert value.dtype == torch.bfloat16
+    assert torch.equal(value, ckpt.tensor("model.norm.weight").to(torch.bfloat16))
+
+
+def test_tied_lm_head_reads_the_embedding(checkpoint_factory, tiny_config):
+    ckpt = Checkpoint(checkpoint_factory(tiny_config.replace(tie_word_embeddings=True)))
+    assert "lm_head.weight" not in ckpt.tensors
+    assert torch.equal(ckpt.tensor("lm_head.weight"), ckpt.tensor("model.embed_tokens.weight"))
+
+
+# -- malformed directories -------------------------------------------------------------------------
+
+def test_directory_missing(tmp_path):
+    with pytest.raises(MixexportError, match=r"checkpoint directory .*nowhere does not exist"):
+        Checkpoint(tmp_path / "nowhere")
+
+
+def test_no_weights_at_all(tmp_path, tiny_checkpoint):
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    with pytest.raises(MixexportError, match=r"no model\.safetensors or model\.safetensors\.index\.json found"):
+        Checkpoint(tmp_path)
+
+
+def test_bin_only_directory_is_refused_without_unpickling(tmp_path, tiny_checkpoint, monkeypatch):
+    def unpickle(*args, **kwargs):
+        raise AssertionError("the reader tried to unpickle a .bin file")
+
+    for module, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(module, attr, unpickle)
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04garbage, not a pickle\x00" * 8)
+    with pytest.raises(MixexportError,
+                       match=r"holds only pickled weights \(pytorch_model\.bin\)\. mixexport never unpickles"):
+        Checkpoint(tmp_path)
+
+
+def test_several_safetensors_without_index(tiny_sharded_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_sharded_checkpoint)
+    (path / INDEX_FILE).unlink()
+    with pytest.raises(MixexportError, match=r"\d+ safetensors files but no model\.safetensors\.index\.json"):
+        Checkpoint(path)
+
+
+# -- malformed files ------------------------------------------------------------------------------
+
+def test_truncated_shard(tiny_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_checkpoint)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(MixexportError, match=re.escape(
+            f"{weights}: truncated file: tensor 'lm_head.weight' needs bytes up to {len(data)}, "
+            f"file has {len(data) - 100} bytes")):
+        Checkpoint(path)
+
+
+def test_corrupt_header_bytes(tiny_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_checkpoint)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff\xfe garbage in the header \x00\x01\x02\x03"[:32]
+    weights.write_bytes(bytes(data))
+    with pytest.raises(MixexportError, match=rf"{re.escape(str(weights))}: corrupt safetensors header"):
+        Checkpoint(path)
+
+
+def test_garbage_file(tiny_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_checkpoint)
+    weights = path / "model.safetensors"
+    weights.write_bytes(b"this is not a safetensors file at all" * 4)
+    with pytest.raises(MixexportError, match=r"truncated or corrupt safetensors file: header claims \d+ bytes, "
+                                             r"file has 148 bytes"):
+        Checkpoint(path)
+
+
+def test_file_too_short_for_a_header(tiny_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_checkpoint)
+    (path / "model.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(MixexportError, match=r"corrupt safetensors file \(2 bytes, too short for a header\)"):
+        Checkpoint(path)
+
+
+def test_header_offsets_that_disagree_with_shape(tiny_checkpoint, checkpoint_copy):
+    # data_offsets covering fewer bytes than shape x dtype: safetensors refuses such a file only
+    # when a tensor is read; the reader must say so up front, naming the file and the tensor.
+    path = checkpoint_copy(tiny_checkpoint)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    begin, end = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["data_offsets"] = [begin, end - 4]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + header_len:])
+    with pytest.raises(MixexportError, match=rf"{re.escape(str(weights))}: corrupt safetensors header entry for "
+                                             rf"tensor 'model\.norm\.weight'"):
+        Checkpoint(path)
+
+
+# -- malformed sharded checkpoints ----------------------------------------------------------------
+
+def test_missing_shard_named_by_the_index(tiny_sharded_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_sharded_checkpoint)
+    shard = shard_of(path, EXPERT)
+    (path / shard).unlink()
+    with pytest.raises(MixexportError, match=rf"names shard {re.escape(shard)}, which is missing from"):
+        Checkpoint(path)
+
+
+def test_index_maps_a_tensor_to_the_wrong_shard(tiny_sharded_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_sharded_checkpoint)
+    index = json.loads((path / INDEX_FILE).read_text())
+    right = index["weight_map"][EXPERT]
+    wrong = index["weight_map"]["model.embed_tokens.weight"]
+    assert right != wrong
+    index["weight_map"][EXPERT] = wrong
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(MixexportError, match=rf"maps tensor {re.escape(EXPERT)} to {re.escape(wrong)}, "
+                                             rf"but it is in {re.escape(right)}"):
+        Checkpoint(path)
+
+
+def test_index_names_a_tensor_no_shard_holds(tiny_sharded_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_sharded_checkpoint)
+    index = json.loads((path / INDEX_FILE).read_text())
+    shard = index["weight_map"][EXPERT]
+    index["weight_map"]["model.layers.0.self_attn.q_proj.bias"] = shard
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(MixexportError, match=rf"maps tensor model\.layers\.0\.self_attn\.q_proj\.bias to "
+                                             rf"{re.escape(shard)}, which does not contain it"):
+        Checkpoint(path)
+
+
+def test_index_not_json(tiny_sharded_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_sharded_checkpoint)
+    (path / INDEX_FILE).write_text("{not json")
+    with pytest.raises(MixexportError, match=r"model\.safetensors\.index\.json: not a valid safetensors index"):
+        Checkpoint(path)
+
+
+def test_same_tensor_in_two_shards(tiny_sharded_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_sharded_checkpoint)
+    home = shard_of(path, EXPERT)
+    other = shard_of(path, "model.norm.weight")
+    assert home != other
+    copy = load_file(path / home)[EXPERT]
+    rewrite(path / other, lambda tensors: tensors.__setitem__(EXPERT, copy))
+    first, second = sorted([home, other])
+    with pytest.raises(MixexportError, match=rf"tensor {re.escape(EXPERT)} is stored twice: in {re.escape(first)} "
+                                             rf"and {re.escape(second)}"):
+        Checkpoint(path)
+
+
+# -- contents that disagree with config.json ------------------------------------------------------
+
+def test_missing_expected_tensor(tiny_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_checkpoint)
+    rewrite(path / "model.safetensors", lambda tensors: tensors.pop(EXPERT))
+    with pytest.raises(MixexportError, match=rf"tensor {re.escape(EXPERT)} is missing \(expected shape \[40, 48\], "
+                                             rf"F32\); checked model\.safetensors"):
+        Checkpoint(path)
+
+
+def test_wrong_shape(tiny_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_checkpoint)
+    rewrite(path / "model.safetensors", lambda tensors: tensors.__setitem__(EXPERT, torch.zeros(48, 40)))
+    with pytest.raises(MixexportError, match=rf"tensor {re.escape(EXPERT)} has shape \[48, 40\], expected \[40, 48\] "
+                                             rf"from config\.json"):
+        Checkpoint(path)
+
+
+def test_wrong_dtype(tiny_checkpoint, checkpoint_copy):
+    path = checkpoint_copy(tiny_checkpoint)
+    rewrite(path / "model.safetensors",
+            lambda tensors: tensors.__setitem__(EXPERT, tensors[EXPERT].to(torch.float16)))
+    with pytest.raises(MixexportError, match=rf"tensor {re.escape(EXPERT)} has dtype F16, expected F32 "
+                                             rf"\(config\.json says float32\)"):
+        Checkpoint(path)
+
+
+def test_unknown_tensor_name_read_on_demand(tiny_checkpoint):
+    with pytest.raises(MixexportError, match=r"tensor model\.layers\.9\.mlp\.gate\.weight is not in the checkpoint"):
+        Checkpoint(tiny_checkpoint).tensor("model.layers.9.mlp.gate.weight")
