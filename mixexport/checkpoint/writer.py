@@ -83,7 +83,7 @@ def write_checkpoint(
     Returns:
         the checkpoint directory.
     """
-    out = Path(out)
+    out = Path(out).resolve()  # "." or "x/.." have no usable name for the sibling .partial dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MixexportError(f"{out} already exists and is not empty; choose another directory or remove it")
     code = ST_CODES[torch_dtype(config.dtype)]

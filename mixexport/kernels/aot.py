@@ -138,16 +138,11 @@ def variants(archs: list[int], dtypes: list[str]) -> list[Variant]:
     return out
 
 
-def _jit_function(spec: KernelSpec):
-    """The kernel as a JITFunction, even when TRITON_INTERPRET=1 made the module hold an interpreted one."""
+def kernel_function(spec: KernelSpec):
+    """The kernel object of a spec (a JITFunction, or an interpreted one under TRITON_INTERPRET=1)."""
     import importlib
 
-    import triton
-
-    kernel = getattr(importlib.import_module(spec.module), spec.function)
-    if isinstance(kernel, triton.runtime.jit.JITFunction):
-        return kernel
-    return triton.runtime.jit.JITFunction(kernel.fn)
+    return getattr(importlib.import_module(spec.module), spec.function)
 
 
 def compile_variant(variant: Variant, out_dir: Path) -> dict:
@@ -165,7 +160,9 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
     from triton.compiler import ASTSource
 
     spec = KERNELS[variant.kernel]
-    fn = _jit_function(spec)
+    fn = kernel_function(spec)
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise MixexportError("the AOT build compiles for GPUs; run it without TRITON_INTERPRET=1")
     types = {p.name: p.type.replace("DT", variant.dtype or "") for p in spec.params}
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     hinted = [i for i, p in enumerate(spec.params) if p.type.startswith("*") or p.name in DIVISIBLE_INTS]
@@ -174,7 +171,8 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
     source = ASTSource(fn=fn, signature=signature, constexprs=variant.constexprs, attrs=attrs)
     start = time.perf_counter()
     compiled = triton.compile(source, target=GPUTarget("cuda", variant.arch, 32),
-                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages,
+                                       "enable_fp_fusion": True})
     seconds = time.perf_counter() - start
     meta = compiled.metadata
     shared = meta.shared
@@ -195,7 +193,8 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
     metadata = {
         "format": FORMAT,
         "name": variant.name,
-        "kernel": spec.function,
+        "kernel": variant.kernel,
+        "function": spec.function,
         "entry": meta.name,
         "arch": variant.arch,
         "dtype": variant.dtype,

@@ -1,0 +1,1 @@
+"""Artifact stage: the output directory, its manifest, and writing it atomically."""

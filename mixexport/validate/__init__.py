@@ -1,0 +1,1 @@
+"""Validation stage: Polygraphy parity of every artifact against the PyTorch reference."""

@@ -1,0 +1,96 @@
+"""AOT build: cubins for sm_80 and sm_90, metadata that a driver-API launcher can trust."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mixexport.errors import MixexportError
+from mixexport.kernels import aot
+from mixexport.kernels.configs import GEMM_TILES, GRIDS, SHARED_MEMORY_LIMIT, evaluate
+
+MIXTRAL = {"N": 512, "H": 4096, "I": 14336, "E": 8, "K": 2}
+
+
+def _run_cli(*args):
+    # A fresh process: this one interprets the kernels (TRITON_INTERPRET=1, see conftest.py).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "mixexport.kernels.aot", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot")
+    result = _run_cli("--arch", "80,90", "--dtype", "fp16", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 16 kernel variants" in result.stdout
+    return out, json.loads((out / "index.json").read_text())
+
+
+def _metadata(out, entry):
+    return json.loads((out / entry["metadata"]).read_text())
+
+
+def test_index_lists_every_kernel_variant(built):
+    out, index = built
+    names = {v["name"] for v in index["variants"]}
+    # 4 small kernels + 2 GEMMs x 2 tiles, per arch (one dtype).
+    assert len(names) == len(index["variants"]) == 2 * (4 + 2 * 2)
+    assert {"gate_up_small_m_fp16_sm80", "down_large_m_fp16_sm90", "align_scatter_sm90"} <= names
+    assert index["pipeline"] == ["routing", "align_count", "align_scatter", "gate_up", "down", "topk_reduce"]
+    assert set(index["workspace_bytes"]) == {"topk_weights", "topk_ids", "chunk_counts", "sorted_ids",
+                                             "expert_ids", "act", "y"}
+
+
+def test_params_match_kernel_signature_and_ptx(built):
+    out, index = built
+    for entry in index["variants"]:
+        meta = _metadata(out, entry)
+        fn = aot.kernel_function(aot.KERNELS[entry["kernel"]])
+        constexprs = set(meta["constexprs"])
+        runtime_args = [name for name in fn.arg_names if name not in constexprs]
+        assert [p["name"] for p in meta["params"]] == runtime_args + ["global_scratch", "profile_scratch"]
+        assert set(fn.arg_names) == set(runtime_args) | constexprs
+        ptx = (out / meta["ptx"]).read_text()
+        entry_params = re.search(rf"\.entry {meta['entry']}\((.*?)\)", ptx, re.S).group(1)
+        ptx_types = re.findall(r"\.param \.(u64|u32)", entry_params)
+        assert ptx_types == ["u64" if p["c_type"] == "CUdeviceptr" else "u32" for p in meta["params"]], meta["name"]
+        cubin = (out / meta["cubin"]).read_bytes()
+        assert cubin[:4] == b"\x7fELF" and hashlib.sha256(cubin).hexdigest() == meta["cubin_sha256"]
+
+
+def test_shared_memory_within_arch_limit(built):
+    out, index = built
+    for entry in index["variants"]:
+        meta = _metadata(out, entry)
+        assert 0 <= meta["shared_memory_bytes"] <= SHARED_MEMORY_LIMIT[meta["arch"]], meta["name"]
+        assert meta["threads_per_block"] == 32 * meta["num_warps"]
+
+
+def test_grid_formulas_evaluate_from_problem_dims(built):
+    out, index = built
+    for entry in index["variants"]:
+        meta = _metadata(out, entry)
+        grid = [evaluate(g, **MIXTRAL) for g in meta["grid"]]
+        assert grid[0] > 0 and grid[1:] == [1, 1]
+        if meta["tile"]:
+            tile = GEMM_TILES[meta["arch"]][meta["tile"]]
+            expected = evaluate(GRIDS[entry["kernel"]], **MIXTRAL, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+            assert grid[0] == expected
+
+
+def test_refuses_to_compile_interpreted_kernels(tmp_path):
+    with pytest.raises(MixexportError, match="without TRITON_INTERPRET=1"):
+        aot.build([86], ["bf16"], tmp_path)
+
+
+@pytest.mark.parametrize("args,message", [(["--arch", "75"], "--arch '75'"), (["--dtype", "int8"], "--dtype 'int8'")])
+def test_cli_refuses_unknown_targets(tmp_path, args, message):
+    result = CliRunner().invoke(aot.main, [*args, "-o", str(tmp_path)])
+    assert result.exit_code == 1 and message in result.output

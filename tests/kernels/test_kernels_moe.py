@@ -1,0 +1,134 @@
+"""The whole Triton pipeline and its GEMM stages against the MoE op reference, computed in float64."""
+
+import pytest
+import torch
+
+from mixexport.errors import MixexportError
+from mixexport.kernels import fused_moe
+from mixexport.kernels.align import launch_align
+from mixexport.kernels.configs import INTERPRETER_TILE
+from mixexport.kernels.grouped_gemm import down_reference, gate_up_reference, launch_down, launch_gate_up
+from mixexport.kernels.reduce import launch_topk_reduce, topk_reduce_reference
+from mixexport.kernels.routing import launch_routing
+from mixexport.model.moe import moe_reference
+
+# H and I are multiples of none of the tiles (16, 32, 64, 128), so every masked edge is exercised.
+HIDDEN_INTER = [(44, 52), (33, 19)]
+# Every N x E x K of the issue, H and I alternating between the two irregular pairs.
+SHAPES = [(n, *HIDDEN_INTER[(a + b) % 2], e, k)
+          for a, n in enumerate([1, 7, 64]) for b, (e, k) in enumerate(
+              [(4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (16, 4)])]
+HALF_SHAPES = [(1, 44, 52, 4, 1), (7, 44, 52, 8, 2), (64, 33, 19, 16, 4), (64, 44, 52, 8, 2)]
+SHAPE_ID = "N{}-H{}-I{}-E{}-K{}".format
+
+
+def _max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.double() - ref).abs().max().item()
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return _max_abs_error(out, ref) / ref.abs().max().item()
+
+
+def _reference(x, logits, w_gate_up, w_down, top_k, normalize=True):
+    return moe_reference(x.double(), logits.double(), w_gate_up.double(), w_down.double(), top_k, normalize)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: SHAPE_ID(*s))
+def test_fp32(moe_inputs, shape):
+    n, h, i, e, k = shape
+    x, logits, w_gate_up, w_down = moe_inputs(n, h, i, e, torch.float32)
+    out = fused_moe(x, logits, w_gate_up, w_down, k)
+    assert out.dtype == torch.float32 and out.shape == (n, h)
+    assert _max_abs_error(out, _reference(x, logits, w_gate_up, w_down, k)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=lambda s: SHAPE_ID(*s))
+def test_half(moe_inputs, shape, dtype, tolerance):
+    # The 16-bit paths round the SwiGLU activation and the output to the dtype (2**-11 for fp16,
+    # 2**-8 for bf16), so the bounds are a few of those roundings relative to the output scale.
+    n, h, i, e, k = shape
+    x, logits, w_gate_up, w_down = moe_inputs(n, h, i, e, dtype)
+    out = fused_moe(x, logits.to(dtype), w_gate_up, w_down, k)
+    assert out.dtype == dtype
+    assert _relative_error(out, _reference(x, logits.to(dtype), w_gate_up, w_down, k)) <= tolerance
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_all_tokens_on_one_expert(moe_inputs, top_k):
+    # Expert 5 (and, for k=2, expert 2) takes every token; the other experts have zero tokens.
+    x, logits, w_gate_up, w_down = moe_inputs(64, 44, 52, 8, torch.float32)
+    logits[:, 5] += 30.0
+    logits[:, 2] += 20.0
+    out = fused_moe(x, logits, w_gate_up, w_down, top_k)
+    assert _max_abs_error(out, _reference(x, logits, w_gate_up, w_down, top_k)) <= 1e-5
+
+
+def test_most_experts_empty_and_unnormalized(moe_inputs):
+    x, logits, w_gate_up, w_down = moe_inputs(7, 33, 19, 16, torch.float32)
+    out = fused_moe(x, logits, w_gate_up, w_down, 2, normalize=False)
+    assert _max_abs_error(out, _reference(x, logits, w_gate_up, w_down, 2, normalize=False)) <= 1e-5
+
+
+def test_exact_router_ties(moe_inputs):
+    x, logits, w_gate_up, w_down = moe_inputs(7, 44, 52, 8, torch.float32)
+    logits = torch.randint(0, 2, logits.shape, generator=torch.Generator().manual_seed(3)).float()
+    out = fused_moe(x, logits, w_gate_up, w_down, 2)
+    assert _max_abs_error(out, _reference(x, logits, w_gate_up, w_down, 2)) <= 1e-5
+
+
+def test_deterministic(moe_inputs):
+    args = moe_inputs(64, 44, 52, 8, torch.float16)
+    assert torch.equal(fused_moe(*args, 2), fused_moe(*args, 2))
+
+
+def test_no_tokens(moe_inputs):
+    x, logits, w_gate_up, w_down = moe_inputs(0, 44, 52, 8, torch.float32)
+    assert fused_moe(x, logits, w_gate_up, w_down, 2).shape == (0, 44)
+
+
+def test_stages_match_their_references(moe_inputs):
+    n, h, i, e, k = 7, 44, 52, 8, 2
+    x, logits, w_gate_up, w_down = moe_inputs(n, h, i, e, torch.float32)
+    weights, ids = launch_routing(logits, k, True)
+    sorted_ids, expert_ids = launch_align(ids, e, INTERPRETER_TILE.block_m)
+    act = launch_gate_up(x, w_gate_up, sorted_ids, expert_ids, k, INTERPRETER_TILE, False)
+    # act rows are in sorted order: bring the real rows back to slot order. Rows past the last
+    # block (expert -1) are never written, so only the blocks' rows are looked at.
+    in_blocks = (expert_ids >= 0).repeat_interleave(INTERPRETER_TILE.block_m)
+    real = in_blocks & (sorted_ids < n * k)
+    act_slots = torch.empty(n * k, i)
+    act_slots[sorted_ids[real].long()] = act[real]
+    ref_act = gate_up_reference(x.double(), w_gate_up.double(), ids)
+    torch.testing.assert_close(act_slots.double(), ref_act, rtol=0, atol=1e-5)
+    y = launch_down(act, w_down, sorted_ids, expert_ids, weights, INTERPRETER_TILE, False)
+    torch.testing.assert_close(y.double(), down_reference(act_slots.double(), w_down.double(), ids, weights),
+                               rtol=0, atol=1e-5)
+    out = launch_topk_reduce(y, k, torch.float16)
+    torch.testing.assert_close(out, topk_reduce_reference(y, k, torch.float16), rtol=0, atol=0)
+
+
+def test_custom_op(moe_inputs):
+    x, logits, w_gate_up, w_down = moe_inputs(7, 44, 52, 8, torch.float32)
+    out = torch.ops.mixexport.fused_moe_triton(x, logits, w_gate_up, w_down, 2, True)
+    assert _max_abs_error(out, _reference(x, logits, w_gate_up, w_down, 2)) <= 1e-5
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = torch.ops.mixexport.fused_moe_triton(*(mode.from_tensor(t) for t in (x, logits, w_gate_up, w_down)),
+                                                    2, True)
+    assert fake.shape == x.shape and fake.dtype == x.dtype
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: {**a, "w_down": a["w_down"][:, :, :-1]}, "w_down has shape"),
+    (lambda a: {**a, "router_logits": a["router_logits"][:, :-1]}, "router_logits has shape"),
+    (lambda a: {**a, "w_down": a["w_down"].half()}, "w_down is torch.float16 but x is torch.float32"),
+    (lambda a: {**a, "top_k": 9}, "top_k=9 must be between 1 and the 8 experts"),
+    (lambda a: {**a, "x": a["x"].double(), "w_gate_up": a["w_gate_up"].double(), "w_down": a["w_down"].double()},
+     "float32, float16 or bfloat16"),
+])
+def test_bad_inputs_are_user_errors(moe_inputs, change, message):
+    x, logits, w_gate_up, w_down = moe_inputs(7, 44, 52, 8, torch.float32)
+    args = change({"x": x, "router_logits": logits, "w_gate_up": w_gate_up, "w_down": w_down, "top_k": 2})
+    with pytest.raises(MixexportError, match=message):
+        fused_moe(**args)

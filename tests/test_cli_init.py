@@ -1,0 +1,131 @@
+"""The `mixexport` command line: --version, `init`, and how user errors reach the terminal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mixexport import __version__
+from mixexport.checkpoint import Checkpoint, preset
+from mixexport.cli.main import cli
+
+# The console script pip installs beside this interpreter.
+MIXEXPORT = Path(sys.executable).with_name("mixexport")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    assert MIXEXPORT.exists(), f"{MIXEXPORT} missing: install the package (pip install -e '.[test]')"
+    return subprocess.run([str(MIXEXPORT), *args], capture_output=True, text=True, timeout=120)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), prog_name="mixexport")
+
+
+def test_version_option():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"mixexport, version {__version__}\n"
+
+
+def test_version_from_the_installed_script():
+    proc = run_cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout == f"mixexport, version {__version__}\n"
+
+
+def test_init_with_cli_runner(tmp_path):
+    out = tmp_path / "tiny"
+    result = invoke("init", str(out), "--preset", "tiny", "--layers", "1", "--experts", "3", "--seed", "4")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {out} in {result.stdout.split(' in ')[1]}"
+    assert "[mixexport] writing tiny checkpoint (1 layers, 3 experts, top-2, float32)" in result.stderr
+    ckpt = Checkpoint(out)
+    assert ckpt.config == preset("tiny").replace(num_hidden_layers=1, num_local_experts=3)
+
+
+def test_init_experts_below_the_preset_top_k_lowers_top_k(tmp_path):
+    result = invoke("init", str(tmp_path / "one"), "--layers", "1", "--experts", "1")
+    assert result.exit_code == 0, result.output
+    assert Checkpoint(tmp_path / "one").config.num_experts_per_tok == 1
+
+
+def test_init_sharded_with_cli_runner(tmp_path):
+    out = tmp_path / "sharded"
+    result = invoke("init", str(out), "--max-shard-size", "100KB")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors.index.json").exists()
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2
+    assert result.stderr.count("[mixexport] wrote model-") == len(shards)
+    assert Checkpoint(out).config == preset("tiny")
+
+
+def test_init_through_a_subprocess(tmp_path):
+    out = tmp_path / "tiny"
+    proc = run_cli("init", str(out), "--preset", "tiny", "--top-k", "1", "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {out} in ")
+    config = Checkpoint(out).config
+    assert (config.num_experts_per_tok, config.dtype) == (1, "bfloat16")
+
+
+@pytest.mark.parametrize("alias,canonical,code", [
+    ("fp16", "float16", "F16"), ("float16", "float16", "F16"), ("bf16", "bfloat16", "BF16"),
+    ("BF16", "bfloat16", "BF16"), ("float32", "float32", "F32"), ("fp32", "float32", "F32"),
+])
+def test_init_dtype_aliases(alias, canonical, code, tmp_path):
+    out = tmp_path / "model"
+    result = invoke("init", str(out), "--layers", "1", "--dtype", alias)
+    assert result.exit_code == 0, result.output
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["dtype"] == raw["torch_dtype"] == canonical
+    assert {info.dtype for info in Checkpoint(out).tensors.values()} == {code}
+
+
+def test_init_refuses_an_unknown_dtype(tmp_path):
+    result = invoke("init", str(tmp_path / "model"), "--dtype", "int8")
+    assert result.exit_code == 2  # click's usage error
+    assert "Invalid value for '--dtype'" in result.stderr
+
+
+# -- user errors: one line, exit 1, no traceback; --verbose adds the traceback --------------------
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    proc = run_cli("init", str(tmp_path / "model"), "--preset", "nope")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr == "error: unknown preset 'nope'; choose one of tiny, small, mixtral-8x7b, mixtral-8x22b\n"
+
+
+def test_user_error_from_the_writer_is_one_line(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = run_cli("init", str(tmp_path))
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    # The progress line comes first; the error is the last line and the only one starting "error:".
+    assert [line for line in lines if not line.startswith("[mixexport] ")] == [lines[-1]]
+    assert lines[-1] == f"error: {tmp_path} already exists and is not empty; choose another directory or remove it"
+    assert "Traceback" not in proc.stderr
+
+
+def test_user_error_with_cli_runner(tmp_path):
+    result = invoke("init", str(tmp_path / "model"), "--experts", "2", "--top-k", "3")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        "error: config field num_experts_per_tok=3 must be between 1 and num_local_experts=2")
+    assert "Traceback" not in result.stderr
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    proc = run_cli("--verbose", "init", str(tmp_path / "model"), "--preset", "nope")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Traceback (most recent call last):")
+    assert "mixexport.errors.MixexportError: unknown preset 'nope'" in proc.stderr
+    assert proc.stderr.endswith("error: unknown preset 'nope'; choose one of tiny, small, mixtral-8x7b, "
+                                "mixtral-8x22b\n")
