@@ -18,9 +18,9 @@ from mixexport.cli.main import cli
 MIXEXPORT = Path(sys.executable).with_name("mixexport")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     assert MIXEXPORT.exists(), f"{MIXEXPORT} missing: install the package (pip install -e '.[test]')"
-    return subprocess.run([str(MIXEXPORT), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(MIXEXPORT), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def invoke(*args: str):
@@ -74,6 +74,16 @@ def test_init_through_a_subprocess(tmp_path):
     config = Checkpoint(out).config
     assert (config.num_experts_per_tok, config.dtype) == (1, "bfloat16")
 
+
+
+def test_init_into_the_current_empty_directory(tmp_path):
+    # `init .` from inside an empty directory: "." has no name to put a sibling .partial dir beside.
+    # Run in a subprocess: the directory is replaced, which would pull the cwd from under pytest.
+    here = tmp_path / "here"
+    here.mkdir()
+    proc = run_cli("init", ".", "--layers", "1", cwd=here)
+    assert proc.returncode == 0, proc.stderr
+    assert Checkpoint(here).config == preset("tiny").replace(num_hidden_layers=1)
 
 @pytest.mark.parametrize("alias,canonical,code", [
     ("fp16", "float16", "F16"), ("float16", "float16", "F16"), ("bf16", "bfloat16", "BF16"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 
 import onnx_ir as ir
@@ -73,6 +74,8 @@ def capture_decoder(config: MixtralConfig, dtype: str, max_batch: int = 64, max_
     output_names = [b.name for b in graph_io.outputs(config, dtype)]
 
     log = io.StringIO()
+    # The exporter warns about every torchvision op it cannot register; none matter here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore")

@@ -6,9 +6,11 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import click
 
@@ -75,6 +77,112 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
              f"experts, top-{config.num_experts_per_tok}, {config.dtype}) to {out}")
     write_checkpoint(out, config, seed=seed, max_shard_size=parse_size(max_shard_size), progress=progress)
     click.echo(f"wrote {out} in {time.perf_counter() - start:.1f}s")
+
+
+@cli.command()
+@click.argument("checkpoint", required=False, type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
+@click.option("--preset", "preset_name", help="Build a random checkpoint of this preset instead of CHECKPOINT.")
+@click.option("--seed", default=0, show_default=True, help="Weights seed for --preset.")
+@click.option("--target", "targets", default="portable,ort,trt", show_default=True,
+              help="Comma-separated targets: portable, ort, trt.")
+@dtype_option("Graph dtype (default: the checkpoint's; a bfloat16 checkpoint builds float16).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Largest batch.")
+@click.option("--max-sequence", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Most new tokens per call (prefill length).")
+@click.option("--max-context", type=click.IntRange(min=1),
+              help="Most past + new tokens (default: max_position_embeddings, at most 8192).")
+@click.option("--no-validate", is_flag=True, help="Skip the parity check against the PyTorch reference.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (only once the new build succeeded).")
+def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
+          force) -> None:
+    """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
+    from mixexport.artifact.build import BuildOptions, build as run_build, reference_source
+
+    options = BuildOptions(targets=tuple(t.strip() for t in targets.split(",") if t.strip()), dtype=dtype,
+                           max_batch=max_batch, max_sequence=max_sequence, max_context=max_context, force=force,
+                           validate=not no_validate)
+    if Path(out).exists() and not force:  # before any slow step
+        raise MixexportError(f"{out} already exists; pass --force to replace it")
+    start = time.perf_counter()
+    with reference_source(checkpoint, preset_name, seed, {}, progress) as (ckpt, source):
+        manifest = run_build(ckpt, source, out, options, progress)
+    _print_build_summary(out, manifest, time.perf_counter() - start)
+
+
+def _print_build_summary(out, manifest, seconds) -> None:
+    validation = manifest.get("validation")
+    rows = [("target", "moe op", "MoE nodes", "size MB", "parity", "router agreement")]
+    for target, entry in manifest["targets"].items():
+        status = validation["targets"].get(target, "-") if validation else "not run"
+        agreement = validation["router_agreement"].get(target) if validation else None
+        rows.append((target, entry["moe_op"] or "standard ONNX", str(entry["moe_nodes"]),
+                     f"{sum(f['bytes'] for f in entry['files']) / 1e6:.1f}", status,
+                     "-" if agreement is None else f"{agreement:.1%}"))
+    _print_table(rows)
+    click.echo(f"built {out} ({manifest['dtype']}) in {seconds:.1f}s")
+
+
+def _print_table(rows) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", type=click.Path(file_okay=False),
+              help="Reference checkpoint, if it moved since the build (its files must be unchanged).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+def validate(out, checkpoint, report) -> None:
+    """Check every target in OUT against the PyTorch reference; exit 1 when any fails."""
+    from mixexport.validate.parity import REPORT_FILE, validate_out
+
+    result = validate_out(out, checkpoint, report, progress)
+    rows = [("target", "status", "max |diff| logits", "max |diff| present", "router agreement")]
+    for target, r in result["targets"].items():
+        diffs = r.get("max_abs_diff", {})
+        rows.append((target, r["status"] if r["status"] != "skipped" else f"skipped ({r['reason']})",
+                     f"{diffs['logits']:.2e}" if "logits" in diffs else "-",
+                     f"{diffs['present']:.2e}" if "present" in diffs else "-",
+                     "-" if r.get("router_agreement") is None else f"{r['router_agreement']:.1%}"))
+    _print_table(rows)
+    click.echo(f"report: {Path(out) / REPORT_FILE}" + (f" and {report}" if report else ""))
+    if not result["passed"]:
+        raise MixexportError(f"parity failed for {', '.join(result['summary']['failed_targets'])} "
+                             f"(tolerances {result['dtype']}: see the report)")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+def inspect(path, as_json) -> None:
+    """Describe an artifact directory or an ONNX file: ops, MoE nodes, bindings."""
+    from mixexport.artifact.inspect import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    if "manifest" in info:
+        m = info["manifest"]
+        model = m["model"]
+        click.echo(f"model: {model['num_hidden_layers']} layers, H {model['hidden_size']}, I {model['intermediate_size']}, "
+                   f"E {model['num_local_experts']}, top-{model['num_experts_per_tok']}, dtype {m['dtype']}")
+        click.echo(f"source: {m['source'].get('path') or m['source'].get('preset')}")
+        click.echo(f"dynamic dims: " + ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in m["dynamic_dims"].items()))
+        if info["validation"]:
+            click.echo(f"validation: {'passed' if info['validation']['passed'] else 'FAILED'} "
+                       f"{info['validation']['targets']}")
+    for target, t in info["targets"].items():
+        click.echo(f"\n[{target}] {t['path']}: {t['nodes']} nodes, {t['moe_nodes']} MoE nodes, "
+                   f"{t['initializers']} initializers, opsets {t['opsets']}")
+        click.echo("  ops: " + ", ".join(f"{op} {n}" for op, n in t["ops"].items()))
+        for kind in ("inputs", "outputs"):
+            shown = t[kind][:5]
+            more = len(t[kind]) - len(shown)
+            click.echo(f"  {kind}: " + "; ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in shown)
+                       + (f"; ... {more} more" if more > 0 else ""))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixexport.kernels.align import align_reference, launch_align
-from mixexport.kernels.configs import cdiv
+from mixexport.kernels.configs import WORKSPACE, cdiv, evaluate
 
 
 def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
@@ -12,6 +12,10 @@ def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     ref_sorted, ref_experts = align_reference(topk_ids, num_experts, block_m)
     max_blocks = cdiv(topk_ids.numel(), block_m) + num_experts
     assert sorted_ids.numel() == max_blocks * block_m and expert_ids.numel() == max_blocks
+    # The AOT metadata's workspace formulas describe these same buffers.
+    dims = {"N": topk_ids.shape[0], "K": topk_ids.shape[1], "E": num_experts, "BLOCK_M": block_m}
+    assert evaluate(WORKSPACE["sorted_ids"], **dims) == 4 * sorted_ids.numel()
+    assert evaluate(WORKSPACE["expert_ids"], **dims) == 4 * expert_ids.numel()
     assert ref_experts.numel() <= max_blocks  # the static grid bound holds
     torch.testing.assert_close(sorted_ids[: ref_sorted.numel()], ref_sorted, rtol=0, atol=0)
     torch.testing.assert_close(expert_ids[: ref_experts.numel()], ref_experts, rtol=0, atol=0)
