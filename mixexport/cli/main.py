@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from mixexport import __version__
+from mixexport.checkpoint.config import PRESETS
 from mixexport.dtypes import CHOICES as DTYPE_CHOICES
 from mixexport.dtypes import canonical_dtype
 from mixexport.errors import MixexportError
@@ -52,8 +53,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--preset", "preset_name", default="tiny", show_default=True,
-              help="Model shapes: tiny, small, mixtral-8x7b, mixtral-8x22b.")
+@click.option("--preset", "preset_name", default="tiny", show_default=True, type=click.Choice(list(PRESETS)),
+              help="Model shapes.")
 @click.option("--layers", type=click.IntRange(min=1), help="Override the number of decoder layers.")
 @click.option("--experts", type=click.IntRange(min=1), help="Override the number of experts E.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Override the experts per token K.")
@@ -82,7 +83,8 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
 @cli.command()
 @click.argument("checkpoint", required=False, type=click.Path(file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
-@click.option("--preset", "preset_name", help="Build a random checkpoint of this preset instead of CHECKPOINT.")
+@click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)),
+              help="Build a random checkpoint of this preset instead of CHECKPOINT.")
 @click.option("--seed", default=0, show_default=True, help="Weights seed for --preset.")
 @click.option("--target", "targets", default="portable,ort,trt", show_default=True,
               help="Comma-separated targets: portable, ort, trt.")
