@@ -80,8 +80,8 @@ def main() -> None:
         # The least the layer must move: each routed expert's weights once, x read, the output written.
         nbytes = experts * weight_bytes + 2 * x.numel() * x.element_size()
         # do_bench clears L2 between runs, so every run streams the weights from DRAM.
-        fused_ms = triton.testing.do_bench(lambda: fused_moe(x, logits, w_gate_up, w_down, TOP_K))
-        torch_ms = triton.testing.do_bench(lambda: moe_reference(x, logits, w_gate_up, w_down, TOP_K))
+        fused_ms = triton.testing.do_bench(lambda x=x, logits=logits: fused_moe(x, logits, w_gate_up, w_down, TOP_K))
+        torch_ms = triton.testing.do_bench(lambda x=x, logits=logits: moe_reference(x, logits, w_gate_up, w_down, TOP_K))
         ref = moe_reference(x, logits, w_gate_up, w_down, TOP_K).float()
         err = ((fused_moe(x, logits, w_gate_up, w_down, TOP_K).float() - ref).abs().max() / ref.abs().max()).item()
         fused_gbps, torch_gbps = nbytes / fused_ms / 1e6, nbytes / torch_ms / 1e6

@@ -27,6 +27,24 @@ def progress(message: str) -> None:
 
 
 class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        # A bad option value is a user error like any other: one line, exit status 1 (click's own
+        # default is a usage block and status 2).
+        try:
+            super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as exc:
+            command = f" {exc.ctx.command_path} --help" if getattr(exc, "ctx", None) else " mixexport --help"
+            click.echo(f"error: {exc.format_message()} (see{command})", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -34,7 +52,7 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+            sys.exit(1)
 
 
 def dtype_option(help_text: str, default=None):

@@ -169,11 +169,9 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
     # Parameter indices count every kernel argument, constexprs included.
     attrs = {(fn.arg_names.index(spec.params[i].name),): [["tt.divisibility", 16]] for i in hinted}
     source = ASTSource(fn=fn, signature=signature, constexprs=variant.constexprs, attrs=attrs)
-    start = time.perf_counter()
     compiled = triton.compile(source, target=GPUTarget("cuda", variant.arch, 32),
                               options={"num_warps": variant.num_warps, "num_stages": variant.num_stages,
                                        "enable_fp_fusion": True})
-    seconds = time.perf_counter() - start
     meta = compiled.metadata
     shared = meta.shared
     if shared > SHARED_MEMORY_LIMIT[variant.arch]:
@@ -212,7 +210,6 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
         "params": params,
         "grid": [substitute(spec.grid, variant.constexprs), "1", "1"],
         "triton_version": triton.__version__,
-        "compile_seconds": round(seconds, 3),
     }
     (out_dir / f"{variant.name}.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata

@@ -26,6 +26,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(x, router_logits, w_gate_up, w_down, top_k) -> None:
+    if not router_logits.is_floating_point():
+        raise MixexportError(f"fused_moe: router_logits has dtype {router_logits.dtype}; pass float logits")
     if x.dtype not in DTYPES:
         raise MixexportError(f"fused_moe: x has dtype {x.dtype}; the kernels take float32, float16 or bfloat16")
     if x.dim() != 2 or router_logits.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
