@@ -20,8 +20,9 @@ from mixexport import graph_io
 from mixexport.capture.moe_op import TRANSLATION_TABLE
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.dtypes import torch_dtype
-from mixexport.errors import MixexportError
-from mixexport.model.decoder import MixtralDecoder, parameter_sources
+from mixexport.capture.lazy_weights import StackedLazyTensor, to_numpy
+from mixexport.errors import InternalError, MixexportError
+from mixexport.model.decoder import MixtralDecoder, expert_sources, parameter_sources
 
 # Opset 18: the torch.onnx exporter's native opset (no version conversion after translation) and
 # one every TensorRT 10 ONNX parser and onnxruntime >= 1.14 accept. Nothing in the decoder needs a
@@ -93,6 +94,8 @@ def capture_decoder(config: MixtralConfig, dtype: str, max_batch: int = 64, max_
 def attach_checkpoint_weights(model: ir.Model, checkpoint, dtype: str) -> int:
     """Give every initializer a lazy tensor read from `checkpoint` when the model is saved.
 
+    Expert stacks get a `StackedLazyTensor`, streamed one expert at a time.
+
     Args:
         model: a captured model (initializers named as the reference model's parameters).
         checkpoint: a `mixexport.checkpoint.Checkpoint`.
@@ -102,19 +105,17 @@ def attach_checkpoint_weights(model: ir.Model, checkpoint, dtype: str) -> int:
         the number of initializers attached.
     """
     sources = parameter_sources(checkpoint.config)
-    attached = 0
+    stacked = expert_sources(checkpoint.config)
+    unknown = sorted(set(sources) - set(model.graph.initializers))
+    if unknown:
+        raise InternalError(f"captured graph lacks initializers for parameters {unknown[:5]}")
     for name, value in model.graph.initializers.items():
-        source = sources.get(name)
-        if source is None:
-            continue
-        value.const_value = ir.LazyTensor(
-            lambda source=source: ir.tensor(source(checkpoint, dtype)),
-            dtype=value.dtype, shape=value.shape, name=name)
-        attached += 1
-    missing = [name for name, value in model.graph.initializers.items()
-               if name in sources and value.const_value is None]
-    if attached != len(sources) or missing:
-        unknown = sorted(set(sources) - set(model.graph.initializers))
-        raise MixexportError(f"captured graph and checkpoint disagree: parameters without an initializer: "
-                             f"{unknown[:5]}")
-    return attached
+        if name in stacked:
+            count, part = stacked[name]
+            value.const_value = StackedLazyTensor(
+                lambda e, part=part: to_numpy(part(checkpoint, dtype, e)), count, value.dtype, value.shape, name)
+        elif name in sources:
+            value.const_value = ir.LazyTensor(
+                lambda source=sources[name]: ir.tensor(to_numpy(source(checkpoint, dtype))),
+                dtype=value.dtype, shape=value.shape, name=name)
+    return len(sources)

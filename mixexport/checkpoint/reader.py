@@ -1,7 +1,7 @@
 """Lazy access to a Hugging Face Mixtral checkpoint directory.
 
 A `Checkpoint` knows every tensor's file, dtype and shape from the safetensors headers, checks
-them against the config up front, and reads tensors one at a time on demand (memory-mapped), so
+them against the config up front, and reads tensors one at a time on demand (positioned reads, no memory map), so
 later stages can stream a layer, or a single expert stack, without the model in memory.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from mixexport.checkpoint import names
 from mixexport.checkpoint.config import MixtralConfig
-from mixexport.checkpoint.safetensors_io import ST_CODES, ST_DTYPES, TensorInfo, read_header
+from mixexport.checkpoint.safetensors_io import ST_CODES, ST_DTYPES, TensorInfo, read_header, read_tensor
 from mixexport.dtypes import torch_dtype
 from mixexport.errors import MixexportError
 
@@ -43,7 +43,6 @@ class Checkpoint:
             raise MixexportError(f"checkpoint directory {self.path} does not exist")
         self.config = MixtralConfig.from_file(self.path / "config.json")
         self.tensors: dict[str, TensorInfo] = _index_tensors(self.path)
-        self._handles: dict[Path, object] = {}
         if validate:
             self.validate()
 
@@ -83,24 +82,40 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise MixexportError(f"{self.path}: tensor {name} is not in the checkpoint")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        tensor = handle.get_tensor(name)
+        tensor = read_tensor(info)
         return tensor if dtype is None else tensor.to(torch_dtype(dtype))
 
     def expert_stack(self, layer: int, which: str, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """One expert matrix (`w1`, `w2` or `w3`) of every expert of a layer, stacked: [E, ...]."""
-        return torch.stack([self.tensor(names.expert_name(layer, e, which), dtype)
-                            for e in range(self.config.num_local_experts)])
+        return self.stack_experts(lambda e: self.tensor(names.expert_name(layer, e, which), dtype))
+
+    def gate_up_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """[2I, H]: one expert's gate rows (w1) then up rows (w3), the MoE op's layout."""
+        return torch.cat([self.tensor(names.expert_name(layer, expert, "w1"), dtype),
+                          self.tensor(names.expert_name(layer, expert, "w3"), dtype)])
+
+    def down_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """[H, I]: one expert's down projection (w2)."""
+        return self.tensor(names.expert_name(layer, expert, "w2"), dtype)
 
     def gate_up(self, layer: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """[E, 2I, H]: each expert's gate rows (w1) then up rows (w3), the MoE op's layout."""
-        return torch.cat([self.expert_stack(layer, "w1", dtype), self.expert_stack(layer, "w3", dtype)], dim=1)
+        """[E, 2I, H]: every expert's gate rows then up rows."""
+        return self.stack_experts(lambda e: self.gate_up_expert(layer, e, dtype))
 
     def down(self, layer: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """[E, H, I]: each expert's down projection (w2)."""
-        return self.expert_stack(layer, "w2", dtype)
+        """[E, H, I]: every expert's down projection."""
+        return self.stack_experts(lambda e: self.down_expert(layer, e, dtype))
+
+    def stack_experts(self, part: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """[E, ...] from `part(e)`, one allocation filled expert by expert."""
+        # Filled expert by expert into one allocation: peak memory is the stack plus one expert,
+        # not the stack twice as torch.stack over a list would need.
+        first = part(0)
+        out = torch.empty((self.config.num_local_experts, *first.shape), dtype=first.dtype)
+        out[0] = first
+        for e in range(1, self.config.num_local_experts):
+            out[e] = part(e)
+        return out
 
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())

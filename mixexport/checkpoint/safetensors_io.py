@@ -1,8 +1,10 @@
-"""Low-level safetensors file access: header parsing with precise errors, and a streaming writer.
+"""Low-level safetensors file access: header parsing with precise errors, reads, a streaming writer.
 
 The header is parsed here rather than by `safetensors.safe_open` so that a truncated or corrupt
 file is reported with its name, what was expected and what was found, before any tensor is read.
-Tensor data is read through `safe_open` (memory-mapped, one tensor at a time).
+Tensors are read with plain positioned reads rather than a memory map: mapped pages of a
+checkpoint read end to end would stay resident (and count against the process) until unmapped,
+which for Mixtral 8x7B is the whole 93 GB.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class TensorInfo:
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # absolute byte offset of the data in the file
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -81,8 +84,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise MixexportError(
                 f"{path}: truncated file: tensor {name!r} needs bytes up to {8 + header_len + end}, "
                 f"file has {size} bytes (re-download or re-convert this shard)")
-        infos[name] = TensorInfo(path, dtype, shape, end - begin)
+        infos[name] = TensorInfo(path, dtype, shape, end - begin, 8 + header_len + begin)
     return infos
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes into a new CPU tensor."""
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        data = bytearray(info.nbytes)
+        if f.readinto(data) != info.nbytes:
+            raise MixexportError(f"{info.file}: truncated while reading a tensor at byte {info.offset}")
+    flat = torch.frombuffer(data, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+    return flat.view(ST_DTYPES[info.dtype]).reshape(info.shape)
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, str, tuple[int, ...], "callable"]],

@@ -212,8 +212,22 @@ def parameter_sources(config: MixtralConfig) -> dict[str, Callable]:
     for i in range(config.num_hidden_layers):
         for param, ckpt_name in layer_map.items():
             sources[f"layers.{i}.{param}"] = plain(names.PREFIX.format(i=i) + ckpt_name)
-        sources[f"layers.{i}.moe.w_gate_up"] = lambda ckpt, dtype, i=i: ckpt.gate_up(i, dtype)
-        sources[f"layers.{i}.moe.w_down"] = lambda ckpt, dtype, i=i: ckpt.down(i, dtype)
+    for name, (_, part) in expert_sources(config).items():
+        sources[name] = lambda ckpt, dtype, part=part: ckpt.stack_experts(lambda e: part(ckpt, dtype, e))
+    return sources
+
+
+def expert_sources(config: MixtralConfig) -> dict[str, tuple[int, Callable]]:
+    """Stacked expert parameter name -> (E, function (checkpoint, dtype, expert) -> one expert's slice).
+
+    Later stages stream these one expert at a time instead of materialising [E, ...] stacks.
+    """
+    sources = {}
+    for i in range(config.num_hidden_layers):
+        sources[f"layers.{i}.moe.w_gate_up"] = (
+            config.num_local_experts, lambda ckpt, dtype, e, i=i: ckpt.gate_up_expert(i, e, dtype))
+        sources[f"layers.{i}.moe.w_down"] = (
+            config.num_local_experts, lambda ckpt, dtype, e, i=i: ckpt.down_expert(i, e, dtype))
     return sources
 
 

@@ -8,6 +8,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from mixexport.capture.lazy_weights import StackedLazyTensor
+
 
 @dataclasses.dataclass
 class RewriteResult(ir.passes.PassResult):
@@ -28,12 +30,19 @@ def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
         graph: graph to register the new initializer in.
         source: an initializer whose `const_value` holds (possibly lazy) data.
         name: the new initializer's name.
-        transform: numpy array -> numpy array, same dtype.
+        transform: numpy array -> numpy array, same dtype; for an expert stack it must act on
+            each expert independently (it is applied to [1, ...] slices).
         shape: the transform's output shape.
     """
     src = source.const_value
-    tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(transform(src.numpy()))),
-                           dtype=src.dtype, shape=ir.Shape(shape), name=name)
+    if isinstance(src, StackedLazyTensor):
+        # Expert stacks stay streamed: the transform runs on each [1, ...] expert slice, which is
+        # right for every re-layout here since none mixes experts.
+        tensor = StackedLazyTensor(lambda e: transform(src.part(e)[None])[0], src.count, src.dtype,
+                                   ir.Shape(shape), name=name)
+    else:
+        tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(transform(src.numpy()))),
+                               dtype=src.dtype, shape=ir.Shape(shape), name=name)
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

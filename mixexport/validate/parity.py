@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 from polygraphy.backend.onnxrt import OnnxrtRunner
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
@@ -206,7 +206,7 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
                 with G_LOGGER.verbosity(G_LOGGER.ERROR):
                     accuracy = Comparator.compare_accuracy(
                         results, comparisons=[(k, 0)],
-                        compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise"))
+                        compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise"))
                 report["targets"][target] = _target_report(accuracy, results[k][1], ref_iters, feeds, num_layers,
                                                            top_k)
     finally:
