@@ -1,0 +1,100 @@
+"""Artifacts built once per test session and shared by tests/artifact, tests/capture and tests/validate.
+
+Every build goes through the public Python API (`reference_source` + `build`) into a session
+temp dir. Builds are memoised per config (capture costs ~10 s each on 2 cores); tests that damage
+an artifact copy it first. The config set covers every pair of (E, top-k, dtype) values in four
+builds instead of the eight of the full cross product.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+
+from mixexport.artifact.build import BuildOptions, build, reference_source
+from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
+from mixexport.checkpoint.reader import Checkpoint
+
+SEED = 0
+# name -> (num_local_experts, num_experts_per_tok, dtype)
+CONFIGS = {
+    "e4-k2-float32": (4, 2, "float32"),
+    "e8-k1-float32": (8, 1, "float32"),
+    "e4-k1-float16": (4, 1, "float16"),
+    "e8-k2-float16": (8, 2, "float16"),
+}
+# Small dynamic ranges keep the manifest and graphs tiny; validation needs batch 2 and 7 + 4 tokens.
+RANGES = dict(max_batch=4, max_sequence=32, max_context=64)
+
+_builds: dict[str, tuple[Path, dict, list[str]]] = {}
+
+
+def overrides(name: str) -> dict:
+    experts, top_k, dtype = CONFIGS[name]
+    return {"num_local_experts": experts, "num_experts_per_tok": top_k, "dtype": dtype}
+
+
+def built(name: str, tmp_path_factory) -> tuple[Path, dict, list[str]]:
+    """(OUT, manifest returned by build, progress lines) for one of CONFIGS, built and validated once."""
+    if name not in _builds:
+        out = tmp_path_factory.mktemp(f"build-{name}") / "out"
+        lines: list[str] = []
+        with reference_source(None, "tiny", SEED, overrides(name), lines.append) as (ckpt, source):
+            manifest = build(ckpt, source, out, BuildOptions(**RANGES), lines.append)
+        _builds[name] = (out, manifest, lines)
+    return _builds[name]
+
+
+def captured_with_weights(checkpoint_dir: Path) -> tuple[ir.Model, Checkpoint]:
+    """A freshly captured decoder for the checkpoint, with its weights attached (lazily)."""
+    ckpt = Checkpoint(checkpoint_dir)
+    model = capture_decoder(ckpt.config, ckpt.config.dtype, max_batch=4, max_sequence=32, max_total=64)
+    attach_checkpoint_weights(model, ckpt, ckpt.config.dtype)
+    return model, ckpt
+
+
+_captured: dict[Path, tuple[ir.Model, Checkpoint]] = {}
+
+
+def captured_once(checkpoint_dir: Path) -> tuple[ir.Model, Checkpoint]:
+    """`captured_with_weights`, memoised per checkpoint: callers clone before mutating."""
+    if checkpoint_dir not in _captured:
+        _captured[checkpoint_dir] = captured_with_weights(checkpoint_dir)
+    return _captured[checkpoint_dir]
+
+
+_forced: dict[str, tuple[Path, dict]] = {}
+STALE_MARKER = "stale-from-an-old-build.txt"
+
+
+def forced_unvalidated_ort_build(tmp_path_factory) -> tuple[Path, dict]:
+    """tiny (E4, top-2, fp32), ort only, validate=False, built with force=True over an OUT that
+    already held a stale file. Shared: copy before damaging."""
+    if "ort" not in _forced:
+        out = tmp_path_factory.mktemp("forced") / "out"
+        out.mkdir()
+        (out / STALE_MARKER).write_text("old artifact\n")
+        with reference_source(None, "tiny", SEED, overrides("e4-k2-float32"), lambda _: None) as (ckpt, source):
+            manifest = build(ckpt, source, out, BuildOptions(targets=("ort",), force=True, validate=False, **RANGES),
+                             lambda _: None)
+        _forced["ort"] = (out, manifest)
+    return _forced["ort"]
+
+
+def run_cli(*args: str):
+    """Invoke `mixexport ARGS` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from mixexport.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="mixexport")
+
+
+def error_line(result) -> str:
+    """The user-facing error: exactly one `error:` line on stderr and no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]

@@ -1,0 +1,56 @@
+"""Damaged artifacts: validate refuses changed files, and a real numerical mismatch fails parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+
+from artifact.shared import error_line, forced_unvalidated_ort_build, run_cli
+from mixexport.artifact.manifest import file_entry
+from mixexport.validate.parity import REPORT_FILE
+
+
+def _corrupt_moe_weight(out, initializer="layers.0.moe.fc1_interleaved"):
+    """Scale one expert weight region of OUT/ort/model.onnx.data by -3, found via its external-data entry."""
+    model = onnx.load(str(out / "ort" / "model.onnx"), load_external_data=False)
+    (tensor,) = [t for t in model.graph.initializer if t.name == initializer]
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(info["offset"]), int(info["length"])
+    assert tensor.data_type == onnx.TensorProto.FLOAT and length == 4 * int(np.prod(tensor.dims))
+    path = out / "ort" / info["location"]
+    data = bytearray(path.read_bytes())
+    region = np.frombuffer(bytes(data[offset:offset + length]), np.float32) * -3.0
+    data[offset:offset + length] = region.astype(np.float32).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_validate_refuses_changed_files(tmp_path_factory, tmp_path):
+    out, _ = forced_unvalidated_ort_build(tmp_path_factory)
+    copy = shutil.copytree(out, tmp_path / "out")
+    assert run_cli("validate", copy).exit_code == 0  # intact copy passes
+    _corrupt_moe_weight(copy)
+    line = error_line(run_cli("validate", copy))
+    assert line == (f"error: target ort: {copy / 'ort' / 'model.onnx.data'} has changed since the build "
+                    f"(size or sha256 differ)")
+
+
+def test_corrupted_weight_fails_parity(tmp_path_factory, tmp_path):
+    out, _ = forced_unvalidated_ort_build(tmp_path_factory)
+    copy = shutil.copytree(out, tmp_path / "out")
+    _corrupt_moe_weight(copy)
+    # Re-record the hashes so validation gets past the file check to the numerics.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["targets"]["ort"]["files"] = [file_entry(copy / f["path"], copy)
+                                           for f in manifest["targets"]["ort"]["files"]]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("validate", copy)
+    assert error_line(result) == "error: parity failed for ort (tolerances float32: see the report)"
+    report = json.loads((copy / REPORT_FILE).read_text())
+    assert report["passed"] is False and report["summary"]["failed_targets"] == ["ort"]
+    ort_report = report["targets"]["ort"]
+    assert ort_report["status"] == "fail"
+    assert "logits" in ort_report["failed_outputs"]
+    assert ort_report["max_abs_diff"]["logits"] > report["tolerances"]["logits"]["atol"]
