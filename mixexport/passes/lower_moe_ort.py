@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from mixexport.passes.base import RewriteResult, derived_initializer
-from mixexport.passes.moe_nodes import MoEMatch, find_moe, replace_moe
+from mixexport.passes.base import derived_initializer
+from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 
 ORT_DOMAIN = "com.microsoft"
 
@@ -32,13 +32,8 @@ def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
     replace_moe(graph, m, [node], node.outputs[0])
 
 
-class LowerMoEToOrt(ir.passes.InPlacePass):
+class LowerMoEToOrt(MoELowering):
     """Replace every `mixexport.MoE` node with one `com.microsoft.MoE` node."""
 
-    def call(self, model: ir.Model) -> RewriteResult:
-        matches = find_moe(model.graph)
-        for m in matches:
-            lower_one(model.graph, m)
-        if matches:
-            model.opset_imports.setdefault(ORT_DOMAIN, 1)
-        return RewriteResult(model, bool(matches), rewrites=len(matches))
+    domain = ORT_DOMAIN
+    lower_one = staticmethod(lower_one)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.passes.base import RewriteResult, derived_initializer
-from mixexport.passes.moe_nodes import MoEMatch, find_moe, replace_moe
+from mixexport.passes.base import derived_initializer
+from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 
 FLOAT = ir.DataType.FLOAT
 
@@ -57,11 +57,7 @@ def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
     replace_moe(graph, m, list(tape.nodes), out)
 
 
-class LowerMoEToPortable(ir.passes.InPlacePass):
+class LowerMoEToPortable(MoELowering):
     """Replace every `mixexport.MoE` node with standard ONNX ops."""
 
-    def call(self, model: ir.Model) -> RewriteResult:
-        matches = find_moe(model.graph)
-        for m in matches:
-            lower_one(model.graph, m)
-        return RewriteResult(model, bool(matches), rewrites=len(matches))
+    lower_one = staticmethod(lower_one)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from mixexport.errors import InternalError
-from mixexport.passes.base import RewriteResult
-from mixexport.passes.moe_nodes import MoEMatch, find_moe, replace_moe
+from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 from mixexport.targets.trt.contract import attribute_names, input_names, plugin_contract
 
 
@@ -33,13 +32,8 @@ def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
     replace_moe(graph, m, [node], node.outputs[0])
 
 
-class LowerMoEToTrtPlugin(ir.passes.InPlacePass):
+class LowerMoEToTrtPlugin(MoELowering):
     """Replace every `mixexport.MoE` node with a `MixtralMoE` plugin node."""
 
-    def call(self, model: ir.Model) -> RewriteResult:
-        matches = find_moe(model.graph)
-        for m in matches:
-            lower_one(model.graph, m)
-        if matches:
-            model.opset_imports.setdefault(plugin_contract()["domain"], 1)
-        return RewriteResult(model, bool(matches), rewrites=len(matches))
+    domain = plugin_contract()["domain"]
+    lower_one = staticmethod(lower_one)

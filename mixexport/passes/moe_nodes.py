@@ -8,6 +8,7 @@ import re
 import onnx_ir as ir
 
 from mixexport.capture.moe_op import MOE_DOMAIN, MOE_OP
+from mixexport.passes.base import RewriteResult
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -97,3 +98,24 @@ def replace_moe(graph: ir.Graph, match: MoEMatch, new_nodes: list[ir.Node], outp
     for weight in (match.w_gate_up, match.w_down):
         if not weight.uses() and weight.name in graph.initializers:
             graph.initializers.pop(weight.name)
+
+
+class MoELowering(ir.passes.InPlacePass):
+    """A pass that rewrites every `mixexport.MoE` node with `lower_one`, one rewrite per node.
+
+    Subclasses set `lower_one(graph, match)` and the opset `domain` their nodes need (if any).
+    """
+
+    domain: str | None = None
+
+    @staticmethod
+    def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> RewriteResult:
+        matches = find_moe(model.graph)
+        for m in matches:
+            self.lower_one(model.graph, m)
+        if matches and self.domain:
+            model.opset_imports.setdefault(self.domain, 1)
+        return RewriteResult(model, bool(matches), rewrites=len(matches))
