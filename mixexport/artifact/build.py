@@ -7,8 +7,11 @@ so an interrupted or failed build never leaves a half artifact and never replace
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -23,7 +26,7 @@ from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
-from mixexport.errors import MixexportError
+from mixexport.errors import InternalError, MixexportError
 from mixexport.passes.pipeline import LOWERINGS, lower_for_target
 
 TARGETS = tuple(LOWERINGS)
@@ -46,6 +49,8 @@ class BuildOptions:
     max_context: int | None = None  # past + new; default: max_position_embeddings capped at 8192
     force: bool = False
     validate: bool = True
+    plugin: str | None = None  # MixtralMoE plugin library, for the trt engine
+    trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
 
 
 def resolve_dtype(config: MixtralConfig, requested: str | None, targets: tuple[str, ...],
@@ -130,6 +135,8 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
         targets = {}
         for target in options.targets:
             targets[target] = _build_target(captured, target, config, dtype, tmp, progress)
+        if "trt" in targets and options.trt_kernels:
+            targets["trt"]["kernels"] = _write_trt_kernels(tmp, dtype, progress)
         manifest = {
             "format": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -140,6 +147,8 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
             "dynamic_dims": ranges,
             "targets": targets,
         }
+        if "trt" in targets:
+            _try_engine(tmp, out, manifest, options, progress)
         write_manifest(tmp, manifest)
         if options.validate:
             from mixexport.validate.parity import validate_artifact
@@ -180,6 +189,62 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
         "moe_nodes": rewrites[f"lower_moe_{target}"],
         "passes": rewrites,
     }
+
+
+# The plugin's Triton kernels exist for these graph dtypes (fp32 tiles do not fit shared memory).
+KERNEL_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
+KERNEL_ARCHS = "80,86,89,90"
+
+
+def _write_trt_kernels(root: Path, dtype: str, progress: Progress) -> dict:
+    """AOT-compile the MixtralMoE kernels (cubin + PTX + metadata) into OUT/trt/kernels, which the
+    plugin's CMake build embeds (-DMIXEXPORT_AOT_DIR)."""
+    if dtype not in KERNEL_DTYPES:
+        progress(f"trt: no plugin kernels for {dtype} graphs (they exist for float16 and bfloat16); "
+                 f"build with --dtype float16 or bfloat16 for a TensorRT engine")
+        return {"status": "skipped", "reason": f"no {dtype} kernels"}
+    if importlib.util.find_spec("triton") is None:
+        progress("trt: kernels not compiled: triton is missing (pip install 'mixexport[kernels]')")
+        return {"status": "skipped", "reason": "triton not installed"}
+    start = time.perf_counter()
+    folder = root / "trt" / "kernels"
+    # A subprocess, without TRITON_INTERPRET: the AOT compile must see real GPU targets.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "mixexport.kernels.aot", "--arch", KERNEL_ARCHS,
+                          "--dtype", KERNEL_DTYPES[dtype], "-o", str(folder)], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise InternalError(f"AOT kernel compile failed:\n{run.stderr[-2000:]}")
+    files = sorted(folder.iterdir())
+    progress(f"trt: {len(files)} kernel files for sm_{KERNEL_ARCHS.replace(',', ', sm_')} compiled in "
+             f"{time.perf_counter() - start:.1f}s")
+    return {"status": "compiled", "dir": "trt/kernels", "archs": [int(a) for a in KERNEL_ARCHS.split(",")],
+            "dtype": KERNEL_DTYPES[dtype], "files": [file_entry(f, root) for f in files]}
+
+
+def _try_engine(root: Path, out: Path, manifest: dict, options: BuildOptions, progress: Progress) -> None:
+    """Build the TensorRT engine where TensorRT, a GPU and the plugin are at hand; otherwise say how."""
+    from mixexport.targets.trt import engine
+
+    entry = manifest["targets"]["trt"]
+    missing = None
+    if entry.get("kernels", {}).get("status") == "skipped":
+        missing = f"plugin kernels ({entry['kernels']['reason']})"
+    elif importlib.util.find_spec("tensorrt") is None:
+        missing = "TensorRT"
+    elif engine.gpu_name() is None:
+        missing = "an NVIDIA GPU"
+    else:
+        try:
+            engine.find_plugin_library(options.plugin)
+        except MixexportError:
+            missing = "the MixtralMoE plugin library"
+    if missing:
+        entry["engine"] = {"status": "not built", "missing": missing}
+        progress(f"trt: TensorRT-ready ONNX written; no engine here (missing {missing}). On a GPU machine:")
+        for line in engine.finish_instructions(out, entry.get("kernels", {}).get("status") == "compiled"):
+            progress(f"    {line}")
+        return
+    entry["engine"] = engine.build_engine(root, manifest, options.plugin, progress=progress)
 
 
 def _install(tmp: Path, out: Path) -> None:

@@ -114,14 +114,17 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
               help="Most past + new tokens (default: max_position_embeddings, at most 8192).")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against the PyTorch reference.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (only once the new build succeeded).")
+@click.option("--plugin", type=click.Path(dir_okay=False),
+              help="MixtralMoE plugin library for the trt engine (default: $MIXEXPORT_PLUGIN_LIB or "
+                   "build/plugins/moe/libmixexport_plugins.so).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
-          force) -> None:
+          force, plugin) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.artifact.build import BuildOptions, build as run_build, reference_source
 
     options = BuildOptions(targets=tuple(t.strip() for t in targets.split(",") if t.strip()), dtype=dtype,
                            max_batch=max_batch, max_sequence=max_sequence, max_context=max_context, force=force,
-                           validate=not no_validate)
+                           validate=not no_validate, plugin=plugin)
     if Path(out).exists() and not force:  # before any slow step
         raise MixexportError(f"{out} already exists; pass --force to replace it")
     start = time.perf_counter()
@@ -147,6 +150,29 @@ def _print_table(rows) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--plugin", type=click.Path(dir_okay=False),
+              help="MixtralMoE plugin library (default: $MIXEXPORT_PLUGIN_LIB or build/plugins/moe/).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=str(Path.home() / ".cache" / "mixexport" /
+              "tensorrt.timing.cache"), show_default=True, help="TensorRT timing cache, reused across builds.")
+def engine(out, plugin, timing_cache) -> None:
+    """Build OUT/trt/model.engine (needs TensorRT >= 10, an NVIDIA GPU and the plugin library)."""
+    from mixexport.artifact.manifest import read_manifest, write_manifest
+    from mixexport.targets.trt.engine import build_engine
+
+    root = Path(out)
+    manifest = read_manifest(root)
+    if "trt" not in manifest["targets"]:
+        raise MixexportError(f"{out} has no trt target; rebuild with --target trt")
+    start = time.perf_counter()
+    manifest["targets"]["trt"]["engine"] = build_engine(root, manifest, plugin, timing_cache, progress)
+    manifest.pop("validation", None)  # the engine has not been validated yet
+    write_manifest(root, manifest)
+    click.echo(f"wrote {root / 'trt' / 'model.engine'} in {time.perf_counter() - start:.1f}s; "
+               f"check it with: mixexport validate {out}")
 
 
 @cli.command()

@@ -148,6 +148,16 @@ def _session_loader(path: Path, target: str):
     return load
 
 
+def _engine_skip_reason() -> str | None:
+    from mixexport.targets.trt.engine import gpu_name, require_tensorrt
+
+    try:
+        require_tensorrt()
+    except MixexportError as exc:
+        return str(exc)
+    return None if gpu_name() else "no NVIDIA GPU visible to CUDA"
+
+
 def router_agreement(ref_iters, target_iters, feeds, num_layers: int, top_k: int) -> float:
     """Share of (real token, layer) whose top-k expert set equals the reference's."""
     matches = total = 0
@@ -195,6 +205,16 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
             copies.append(validation_copy(root, target, entry, num_layers))
             runners.append(OnnxrtRunner(_session_loader(copies[-1], target), name=target))
             names.append(target)
+        engine = manifest["targets"].get("trt", {}).get("engine", {})
+        if engine.get("file"):
+            skip = _engine_skip_reason()
+            if skip:
+                report["targets"]["trt-engine"] = {"status": "skipped", "reason": skip}
+            else:
+                from mixexport.targets.trt.runner import engine_runner
+
+                runners.append(engine_runner(root))
+                names.append("trt-engine")
         if names:
             with G_LOGGER.verbosity(G_LOGGER.ERROR):
                 results = Comparator.run(runners, data_loader=feeds)
@@ -234,8 +254,10 @@ def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) 
                     max_abs[group] = max(max_abs.get(group, 0.0), float(result.max_absdiff))
                     if not bool(result):
                         failed_outputs.add(name)
-    agreement = router_agreement(ref_iters, target_iters, feeds, num_layers, top_k)
-    passed = not failed_outputs and agreement >= MIN_ROUTER_AGREEMENT
+    # The engine has no router-logit outputs (they are not part of the deployed graph).
+    has_router = router_logits_name(0) in target_iters[0] if num_layers else False
+    agreement = router_agreement(ref_iters, target_iters, feeds, num_layers, top_k) if has_router else None
+    passed = not failed_outputs and (agreement is None or agreement >= MIN_ROUTER_AGREEMENT)
     return {"status": "pass" if passed else "fail", "max_abs_diff": max_abs, "router_agreement": agreement,
             "failed_outputs": sorted(failed_outputs)}
 
@@ -250,7 +272,8 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
     root = Path(out)
     manifest = read_manifest(root)
     for target, entry in manifest["targets"].items():
-        verify_files(root, entry["files"], f"target {target}")
+        for part in (entry, entry.get("kernels", {}), entry.get("engine", {})):
+            verify_files(root, part.get("files", []), f"target {target}")
     source = manifest["source"]
     if source["kind"] == "checkpoint":
         path = Path(checkpoint or source["path"])

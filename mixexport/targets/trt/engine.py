@@ -1,0 +1,158 @@
+"""TensorRT engine for the `trt` target: optimization profiles, plugin loading, engine build.
+
+TensorRT is imported lazily and only here: everything else in mixexport runs without it. The
+profiles are plain data computed from the manifest (and tested on CPU); the build goes through
+Polygraphy's TensorRT loaders.
+
+Two optimization profiles, as LLM runtimes use them:
+- 0 "context" (prefill): batch 1..max_batch, sequence 1..max_sequence, past 0;
+- 1 "generation" (decode): batch 1..max_batch, sequence 1, past 1..max_context-1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from mixexport import graph_io
+from mixexport.errors import MixexportError
+
+ENGINE_FILE = "model.engine"
+PLUGIN_LIBRARY = "libmixexport_plugins.so"
+PLUGIN_ENV = "MIXEXPORT_PLUGIN_LIB"
+DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "mixexport" / "tensorrt.timing.cache"
+PROFILE_NAMES = ("context", "generation")
+
+Shape = tuple[int, ...]
+
+
+def optimization_profiles(manifest: dict[str, Any]) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """(min, opt, max) shape per input for the context and generation profiles.
+
+    Args:
+        manifest: an artifact manifest (its `dynamic_dims` and the trt target's input bindings).
+    """
+    dims = manifest["dynamic_dims"]
+    max_batch = dims[graph_io.BATCH][1]
+    max_seq = dims[graph_io.SEQUENCE][1]
+    max_total = dims[graph_io.TOTAL][1]
+    if max_total < 2:
+        raise MixexportError("a decode profile needs a context of at least 2 tokens (--max-context)")
+    opt_batch = max(1, max_batch // 2)
+    # Each symbolic dimension's (min, opt, max) per profile.
+    ranges = {
+        "context": {graph_io.BATCH: (1, opt_batch, max_batch), graph_io.SEQUENCE: (1, min(128, max_seq), max_seq),
+                    graph_io.PAST: (0, 0, 0), graph_io.TOTAL: (1, min(128, max_seq), max_seq)},
+        "generation": {graph_io.BATCH: (1, opt_batch, max_batch), graph_io.SEQUENCE: (1, 1, 1),
+                       graph_io.PAST: (1, max_total // 2, max_total - 1),
+                       graph_io.TOTAL: (2, max_total // 2 + 1, max_total)},
+    }
+    profiles = []
+    for name in PROFILE_NAMES:
+        profile = {}
+        for binding in manifest["targets"]["trt"]["inputs"]:
+            shapes = [tuple(d if isinstance(d, int) else ranges[name][d][i] for d in binding["shape"])
+                      for i in range(3)]
+            profile[binding["name"]] = (shapes[0], shapes[1], shapes[2])
+        profiles.append(profile)
+    return profiles
+
+
+def profile_for_past(past_length: int) -> int:
+    """Which profile serves a call with this many past tokens."""
+    return 0 if past_length == 0 else 1
+
+
+def require_tensorrt():
+    """Import TensorRT or say exactly what is missing."""
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        raise MixexportError("TensorRT is not installed: on a machine with an NVIDIA GPU run "
+                             "pip install 'mixexport[trt]' (TensorRT >= 10)") from None
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise MixexportError(f"TensorRT {trt.__version__} is too old: the MixtralMoE plugin is an IPluginV3 "
+                             f"and the build uses strongly typed networks, which need TensorRT >= 10")
+    return trt
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name, or None without one."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def find_plugin_library(explicit: str | Path | None = None) -> Path:
+    """The plugin library: --plugin, $MIXEXPORT_PLUGIN_LIB, or ./build/plugins/moe/ (the CMake default)."""
+    candidates = [explicit, os.environ.get(PLUGIN_ENV), Path("build/plugins/moe") / PLUGIN_LIBRARY]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).resolve()
+    raise MixexportError(f"the MixtralMoE plugin library {PLUGIN_LIBRARY} was not found; build it with "
+                         f"cmake -S . -B build -DTensorRT_ROOT=/path/to/TensorRT && cmake --build build -j, "
+                         f"then pass --plugin build/plugins/moe/{PLUGIN_LIBRARY} (or set {PLUGIN_ENV})")
+
+
+def finish_instructions(out: Path, with_kernels: bool) -> list[str]:
+    """What to run on a GPU machine to turn OUT/trt into an engine (`with_kernels`: OUT/trt/kernels
+    holds AOT-compiled kernels the plugin build can embed instead of compiling its own)."""
+    aot = f" -DMIXEXPORT_AOT_DIR={out / 'trt' / 'kernels'}" if with_kernels else ""
+    return [
+        "pip install -e '.[trt]'    # TensorRT >= 10 and onnxruntime-gpu",
+        f"cmake -S . -B build -DTensorRT_ROOT=/path/to/TensorRT{aot} && cmake --build build -j",
+        f"mixexport engine {out} --plugin build/plugins/moe/{PLUGIN_LIBRARY}",
+    ]
+
+
+def build_engine(out: str | Path, manifest: dict[str, Any], plugin: str | Path | None = None,
+                 timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
+                 progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Build OUT/trt/model.engine with both profiles and copy the plugin library beside it.
+
+    Returns:
+        the manifest entry describing the engine (also to be stored under targets.trt.engine).
+    """
+    trt = require_tensorrt()
+    gpu = gpu_name()
+    if gpu is None:
+        raise MixexportError("building a TensorRT engine needs an NVIDIA GPU; none is visible to CUDA here")
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, LoadPlugins,
+                                        NetworkFromOnnxPath, Profile)
+
+    out = Path(out)
+    library = find_plugin_library(plugin)
+    folder = out / "trt"
+    onnx_path = folder / "model.onnx"
+    profiles = []
+    for shapes in optimization_profiles(manifest):
+        profile = Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        profiles.append(profile)
+    if timing_cache:
+        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+    # Precision comes from the graph's dtypes: a strongly typed network (TensorRT 11 has no other
+    # kind; on TensorRT 10 the fp16/bf16 builder flags would let TensorRT pick precisions itself).
+    network = NetworkFromOnnxPath(LoadPlugins(plugins=[str(library)], obj=str(onnx_path)), strongly_typed=True)
+    config = CreateConfig(profiles=profiles, load_timing_cache=str(timing_cache) if timing_cache else None)
+    progress(f"building the TensorRT {trt.__version__} engine on {gpu} (2 profiles)")
+    engine_bytes = EngineBytesFromNetwork(network, config, save_timing_cache=str(timing_cache) if timing_cache else None)()
+    (folder / ENGINE_FILE).write_bytes(bytes(engine_bytes))
+    shutil.copy2(library, folder / PLUGIN_LIBRARY)
+    from mixexport.artifact.manifest import file_entry
+
+    return {
+        "file": f"trt/{ENGINE_FILE}",
+        "files": [file_entry(folder / name, out) for name in (ENGINE_FILE, PLUGIN_LIBRARY)],
+        "tensorrt": trt.__version__,
+        "gpu": gpu,
+        "profiles": [{"name": name, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
+                     for name, shapes in zip(PROFILE_NAMES, optimization_profiles(manifest))],
+        "plugin": PLUGIN_LIBRARY,
+    }
