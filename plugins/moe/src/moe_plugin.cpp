@@ -31,9 +31,10 @@ constexpr int32_t kNbInputs = 4;
 
 void reportError(const std::string& message) {
     // The registry's recorder reaches the application's logger; stderr when there is none.
+    // kINVALID_ARGUMENT, not kINTERNAL_ERROR: the latter tells TensorRT its own state is corrupt.
     nvinfer1::IErrorRecorder* recorder = getPluginRegistry() ? getPluginRegistry()->getErrorRecorder() : nullptr;
     if (recorder) {
-        recorder->reportError(nvinfer1::ErrorCode::kINTERNAL_ERROR, message.c_str());
+        recorder->reportError(nvinfer1::ErrorCode::kINVALID_ARGUMENT, message.c_str());
     } else {
         std::fprintf(stderr, "[mixexport] %s\n", message.c_str());
     }
