@@ -46,3 +46,22 @@ def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def expert_initializer(graph: ir.Graph, source: ir.Value, expert: int, name: str,
+                       transform: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]) -> ir.Value:
+    """Register one expert's slice of an [E, ...] initializer, re-laid by `transform`, lazily.
+
+    Streamed stacks read only that expert from the checkpoint.
+    """
+    src = source.const_value
+    if isinstance(src, StackedLazyTensor):
+        def make():
+            return ir.tensor(np.ascontiguousarray(transform(src.part(expert))))
+    else:
+        def make():
+            return ir.tensor(np.ascontiguousarray(transform(src.numpy()[expert])))
+    tensor = ir.LazyTensor(make, dtype=src.dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value

@@ -1,9 +1,12 @@
 """Lower `mixexport.MoE` to standard ONNX ops only: the artifact that runs on any runtime, and
 the no-plugin TensorRT baseline.
 
-All experts are computed densely as two batched MatMuls over [E, N, ...] and the routing weights
-(zero for unselected experts) pick the result. That is E/K times the minimum arithmetic, but it
-is shape-static, has no data-dependent control flow, and every ONNX runtime runs it.
+Routing is Softmax + TopK (ties go to the lower index by the ONNX spec). The experts are then
+sparse, as the op is: one `If` per expert runs only when some token chose it, gathers just those
+tokens, runs the expert's two MatMuls on its own weights and scatters the weighted rows back. A
+decode step therefore reads K experts' weights, not E; and because each expert's weights are a
+plain initializer, a runtime can pre-pack them for its GEMM (onnxruntime does) instead of
+gathering weight slices at run time.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.passes.base import derived_initializer
+from mixexport.passes.base import expert_initializer
 from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 
 FLOAT = ir.DataType.FLOAT
@@ -21,10 +24,48 @@ def _const(tape: ir.tape.Tape, array: np.ndarray, name: str) -> ir.Value:
     return tape.op("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
 
 
+def _name_nodes(nodes, prefix: str) -> None:
+    """Name nodes and their outputs after the layer: ONNX wants value names unique across the
+    main graph and every If branch, which per-graph automatic names are not."""
+    for n, node in enumerate(nodes):
+        node.name = node.name or f"{prefix}/{node.op_type}_{n}"
+        for k, value in enumerate(node.outputs):
+            value.name = f"{node.name}:{k}"
+
+
+def _expert_branch(graph: ir.Graph, m: MoEMatch, e: int, x: ir.Value, weight_e: ir.Value, zeros: ir.Value) -> ir.Graph:
+    """The `then` branch of expert e: [N, H] fp32 with the weighted expert output on its tokens."""
+    i, h = m.inter, m.hidden
+    # Pre-transposed per-expert weights: MatMul reads them as they lie.
+    w_gate_up = expert_initializer(graph, m.w_gate_up, e, m.name(f"experts.{e}.w_gate_up_t"),
+                                   lambda w: w.T, (h, 2 * i))
+    w_down = expert_initializer(graph, m.w_down, e, m.name(f"experts.{e}.w_down_t"), lambda w: w.T, (i, h))
+    tape = ir.tape.Tape()
+    prefix = f"experts.{e}"
+    chosen = tape.op("Greater", [weight_e, _const(tape, np.array(0, np.float32), m.name(f"{prefix}.zero"))])
+    rows = tape.op("Squeeze", [tape.op("NonZero", [chosen]),
+                               _const(tape, np.array([0], np.int64), m.name(f"{prefix}.axes0"))])  # [n_e]
+    xe = tape.op("Gather", [x, rows], {"axis": 0})  # [n_e, H]
+    gate, up = tape.op_multi_out("Split", [tape.op("MatMul", [xe, w_gate_up])], {"axis": 1, "num_outputs": 2},
+                                 num_outputs=2)  # [n_e, I] each
+    act = tape.op("Mul", [tape.op("Mul", [gate, tape.op("Sigmoid", [gate])]), up])
+    ye = tape.op("Cast", [tape.op("MatMul", [act, w_down])], {"to": FLOAT})  # [n_e, H] fp32
+    we = tape.op("Unsqueeze", [tape.op("Gather", [weight_e, rows], {"axis": 0}),
+                               _const(tape, np.array([1], np.int64), m.name(f"{prefix}.axes1"))])  # [n_e, 1]
+    indices = tape.op("Unsqueeze", [rows, _const(tape, np.array([1], np.int64), m.name(f"{prefix}.axes1b"))])
+    out = tape.op("ScatterND", [zeros, indices, tape.op("Mul", [ye, we])])  # [N, H]
+    _name_nodes(tape.nodes, m.name(f"portable/{prefix}"))
+    return ir.Graph([], [out], nodes=tape.nodes, name=m.name(f"{prefix}.then"))
+
+
+def _zeros_branch(m: MoEMatch, e: int, zeros: ir.Value) -> ir.Graph:
+    node = ir.node("Identity", [zeros], name=m.name(f"portable/experts.{e}/skip"))
+    _name_nodes([node], "")
+    return ir.Graph([], [node.outputs[0]], nodes=[node], name=m.name(f"experts.{e}.else"))
+
+
 def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
     tape = ir.tape.Tape()
-    e, i, h = m.num_experts, m.inter, m.hidden
-    # Routing, in fp32: p = softmax(logits); TopK breaks ties toward the lower index (ONNX spec).
     probs = tape.op("Softmax", [tape.op("Cast", [m.router_logits], {"to": FLOAT})], {"axis": -1})  # [N, E]
     top_w, top_e = tape.op_multi_out(
         "TopK", [probs, _const(tape, np.array([m.top_k], np.int64), m.name("k"))],
@@ -32,32 +73,27 @@ def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
     if m.normalize:
         axes = _const(tape, np.array([-1], np.int64), m.name("axes_last"))
         top_w = tape.op("Div", [top_w, tape.op("ReduceSum", [top_w, axes], {"keepdims": 1})])
-    zeros = tape.op("ConstantOfShape", [tape.op("Shape", [probs])],
-                    {"value": ir.tensor(np.zeros(1, np.float32))})
-    dense = tape.op("ScatterElements", [zeros, top_e, top_w], {"axis": 1})  # [N, E], 0 where unselected
-    route = tape.op("Unsqueeze", [tape.op("Transpose", [dense], {"perm": [1, 0]}),
-                                  _const(tape, np.array([2], np.int64), m.name("axes_2"))])  # [E, N, 1]
-
-    # Experts, every token through every expert. Weights are stored pre-transposed ([E, H, 2I],
-    # [E, I, H]) so MatMul reads them as they lie, with no runtime Transpose.
-    w_gate_up_t = derived_initializer(graph, m.w_gate_up, m.name("w_gate_up_t"),
-                                      lambda w: w.transpose(0, 2, 1), (e, h, 2 * i))
-    w_down_t = derived_initializer(graph, m.w_down, m.name("w_down_t"),
-                                   lambda w: w.transpose(0, 2, 1), (e, i, h))
-    x = tape.op("Unsqueeze", [m.x, _const(tape, np.array([0], np.int64), m.name("axes_0"))])  # [1, N, H]
-    gate, up = tape.op_multi_out("Split", [tape.op("MatMul", [x, w_gate_up_t])], {"axis": 2, "num_outputs": 2},
-                                 num_outputs=2)  # [E, N, I] each
-    act = tape.op("Mul", [tape.op("Mul", [gate, tape.op("Sigmoid", [gate])]), up])
-    y = tape.op("Cast", [tape.op("MatMul", [act, w_down_t])], {"to": FLOAT})  # [E, N, H] fp32
-    summed = tape.op("ReduceSum", [tape.op("Mul", [y, route]),
-                                   _const(tape, np.array([0], np.int64), m.name("axes_0b"))], {"keepdims": 0})
-    out = tape.op("Cast", [summed], {"to": m.dtype})  # [N, H]
-    for n, node in enumerate(tape.nodes):
-        node.name = node.name or m.name(f"portable/{node.op_type}_{n}")
+    zero_e = tape.op("ConstantOfShape", [tape.op("Shape", [probs])], {"value": ir.tensor(np.zeros(1, np.float32))})
+    dense = tape.op("ScatterElements", [zero_e, top_e, top_w], {"axis": 1})  # [N, E], 0 where unselected
+    # Only tokens that chose expert e have a weight > 0 in column e; ScatterElements wrote exactly those.
+    zeros = tape.op("ConstantOfShape", [tape.op("Shape", [m.x])], {"value": ir.tensor(np.zeros(1, np.float32))})
+    total = None
+    for e in range(m.num_experts):
+        weight_e = tape.op("Gather", [dense, _const(tape, np.array(e, np.int64), m.name(f"experts.{e}.index"))],
+                           {"axis": 1})  # [N]
+        used = tape.op("Greater", [tape.op("ReduceMax", [weight_e], {"keepdims": 0}),
+                                   _const(tape, np.array(0, np.float32), m.name(f"experts.{e}.zero_w"))])
+        branch = tape.op("If", [used], {
+            "then_branch": ir.Attr("then_branch", ir.AttributeType.GRAPH, _expert_branch(graph, m, e, m.x, weight_e, zeros)),
+            "else_branch": ir.Attr("else_branch", ir.AttributeType.GRAPH, _zeros_branch(m, e, zeros)),
+        }, name=m.name(f"portable/experts.{e}/If"))
+        total = branch if total is None else tape.op("Add", [total, branch])
+    out = tape.op("Cast", [total], {"to": m.dtype})  # [N, H]
+    _name_nodes(tape.nodes, m.name("portable"))
     replace_moe(graph, m, list(tape.nodes), out)
 
 
 class LowerMoEToPortable(MoELowering):
-    """Replace every `mixexport.MoE` node with standard ONNX ops."""
+    """Replace every `mixexport.MoE` node with standard ONNX ops (sparse, one If per expert)."""
 
     lower_one = staticmethod(lower_one)

@@ -14,16 +14,35 @@ def test_rewrite_uses_standard_ops_only():
     model = single_moe_model(w_gate_up, w_down, top_k=2, normalize=True, layer=5)
     result = LowerMoEToPortable()(model)
     assert result.modified and result.rewrites == 1
-    nodes = list(model.graph)
+    nodes = list(model.graph.all_nodes())
     assert {n.domain for n in nodes} == {""}
-    ops = [n.op_type for n in nodes]
-    assert ops.count("TopK") == 1 and ops.count("ScatterElements") == 1 and ops.count("Softmax") == 1
+    top = [n.op_type for n in model.graph]
+    assert top.count("TopK") == 1 and top.count("ScatterElements") == 1 and top.count("Softmax") == 1
+    assert top.count("If") == 4  # one branch per expert, run only when a token chose it
     assert all(n.name.startswith("layers.5.moe.") for n in nodes)
-    # expert weights pre-transposed for MatMul, the originals gone
+    # names unique across the main graph and every branch (ONNX requires it)
+    outputs = [v.name for n in nodes for v in n.outputs]
+    assert len(outputs) == len(set(outputs))
+    # each expert's weights are their own initializer, pre-transposed for MatMul; the stacks are gone
     shapes = {name: tuple(v.shape) for name, v in model.graph.initializers.items()}
-    assert shapes == {"layers.5.moe.w_gate_up_t": (4, 8, 12), "layers.5.moe.w_down_t": (4, 6, 8)}
-    np.testing.assert_array_equal(model.graph.initializers["layers.5.moe.w_gate_up_t"].const_value.numpy(),
-                                  w_gate_up.transpose(0, 2, 1))
+    assert shapes == {**{f"layers.5.moe.experts.{e}.w_gate_up_t": (8, 12) for e in range(4)},
+                      **{f"layers.5.moe.experts.{e}.w_down_t": (6, 8) for e in range(4)}}
+    for e in range(4):
+        np.testing.assert_array_equal(model.graph.initializers[f"layers.5.moe.experts.{e}.w_gate_up_t"]
+                                      .const_value.numpy(), w_gate_up[e].T)
+        np.testing.assert_array_equal(model.graph.initializers[f"layers.5.moe.experts.{e}.w_down_t"]
+                                      .const_value.numpy(), w_down[e].T)
+
+
+def test_an_expert_nobody_chose_is_skipped():
+    """Every token on expert 0 (top-1): the other experts take their empty branch, still exact."""
+    w_gate_up, w_down = moe_weights(4, 8, 6)
+    model = single_moe_model(w_gate_up, w_down, top_k=1, normalize=True)
+    LowerMoEToPortable()(model)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    logits = np.tile(np.array([[5.0, 0.0, 0.0, 0.0]], np.float32), (5, 1))
+    np.testing.assert_allclose(run(model, x, logits), reference(x, logits, w_gate_up, w_down, 1, True),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_normalize_off_has_no_division():
