@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -82,10 +83,14 @@ def reference_source(checkpoint: str | Path | None, preset_name: str | None, see
         raise MixexportError("give either a CHECKPOINT directory or --preset NAME")
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint)
-        progress(f"hashing {len(ckpt.files)} checkpoint file(s) ({ckpt.nbytes() / 1e9:.2f} GB) for the manifest")
+        progress(f"hashing {len(ckpt.files)} checkpoint file(s) ({ckpt.nbytes() / 1e9:.2f} GB) for the manifest, "
+                 f"in the background")
         root = ckpt.path.resolve()
-        files = [file_entry(p.resolve(), root) for p in [ckpt.path / "config.json", *ckpt.files]]
-        yield ckpt, {"kind": "checkpoint", "path": str(root), "files": files}
+        # sha256 releases the GIL: hashing overlaps capture and writing; `build` waits for it
+        # before it writes the manifest.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            files = pool.submit(lambda: [file_entry(p.resolve(), root) for p in [ckpt.path / "config.json", *ckpt.files]])
+            yield ckpt, {"kind": "checkpoint", "path": str(root), "files": files}
         return
     config = preset(preset_name).replace(**overrides)
     with tempfile.TemporaryDirectory(prefix="mixexport-preset-") as tmp:
@@ -137,6 +142,8 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
             targets[target] = _build_target(captured, target, config, dtype, tmp, progress)
         if "trt" in targets and options.trt_kernels:
             targets["trt"]["kernels"] = _write_trt_kernels(tmp, dtype, progress)
+        if isinstance(source.get("files"), Future):
+            source = {**source, "files": source["files"].result()}
         manifest = {
             "format": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -175,7 +182,10 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     rewrites = lower_for_target(model, target, config.num_hidden_layers)
     folder = root / target
     folder.mkdir()
-    ir.save(model, folder / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=512 * 1024**2)
+    # Several writer threads overlap reading, re-laying and writing tensors (the work releases the
+    # GIL); the in-flight budget keeps memory bounded (plus one oversized expert stack, itself
+    # written one expert at a time).
+    ir.save(model, folder / ONNX_FILE, external_data=DATA_FILE, max_workers=4, max_in_flight_bytes=512 * 1024**2)
     files = [file_entry(folder / name, root) for name in (ONNX_FILE, DATA_FILE)]
     progress(f"{target}: {config.num_hidden_layers} MoE nodes lowered, {sum(f['bytes'] for f in files) / 1e6:.1f} MB "
              f"written in {time.perf_counter() - start:.1f}s")

@@ -7,12 +7,30 @@ writes one expert at a time, so export memory is bounded by one expert, not one 
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
+
+
+_SAME_SIZE_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of a (transposed, interleaved...) view, made by torch's parallel copy.
+
+    A re-layout is a pure byte shuffle, so the data is viewed as same-size integers (numpy's
+    ml_dtypes bfloat16 included) and copied by torch, about twice as fast as numpy's strided copy
+    for a transpose on 2 cores.
+    """
+    if array.flags.c_contiguous:
+        return array
+    as_int = array.view(_SAME_SIZE_INT[array.itemsize])
+    return torch.from_numpy(as_int).contiguous().numpy().view(array.dtype)
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -36,6 +54,13 @@ class StackedLazyTensor(ir.LazyTensor):
                          name=name)
 
     def tofile(self, file) -> None:
-        for e in range(self.count):
-            array = np.ascontiguousarray(self.part(e))
-            file.write(array.view(np.uint8).data)
+        # Slices are prepared by two threads ahead of the writer (reading, converting and
+        # re-laying release the GIL), at most three slices in memory at a time.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending: deque = deque()
+            for e in range(self.count):
+                pending.append(pool.submit(lambda e=e: contiguous(self.part(e))))
+                if len(pending) > 2:
+                    file.write(pending.popleft().result().view(np.uint8).data)
+            while pending:
+                file.write(pending.popleft().result().view(np.uint8).data)

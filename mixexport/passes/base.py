@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.capture.lazy_weights import StackedLazyTensor
+from mixexport.capture.lazy_weights import StackedLazyTensor, contiguous
 
 
 @dataclasses.dataclass
@@ -41,7 +41,7 @@ def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
         tensor = StackedLazyTensor(lambda e: transform(src.part(e)[None])[0], src.count, src.dtype,
                                    ir.Shape(shape), name=name)
     else:
-        tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(transform(src.numpy()))),
+        tensor = ir.LazyTensor(lambda: ir.tensor(contiguous(transform(src.numpy()))),
                                dtype=src.dtype, shape=ir.Shape(shape), name=name)
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
     graph.register_initializer(value)
@@ -57,10 +57,10 @@ def expert_initializer(graph: ir.Graph, source: ir.Value, expert: int, name: str
     src = source.const_value
     if isinstance(src, StackedLazyTensor):
         def make():
-            return ir.tensor(np.ascontiguousarray(transform(src.part(expert))))
+            return ir.tensor(contiguous(transform(src.part(expert))))
     else:
         def make():
-            return ir.tensor(np.ascontiguousarray(transform(src.numpy()[expert])))
+            return ir.tensor(contiguous(transform(src.numpy()[expert])))
     tensor = ir.LazyTensor(make, dtype=src.dtype, shape=ir.Shape(shape), name=name)
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
     graph.register_initializer(value)
