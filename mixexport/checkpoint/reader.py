@@ -85,10 +85,6 @@ class Checkpoint:
         tensor = read_tensor(info)
         return tensor if dtype is None else tensor.to(torch_dtype(dtype))
 
-    def expert_stack(self, layer: int, which: str, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """One expert matrix (`w1`, `w2` or `w3`) of every expert of a layer, stacked: [E, ...]."""
-        return self.stack_experts(lambda e: self.tensor(names.expert_name(layer, e, which), dtype))
-
     def gate_up_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """[2I, H]: one expert's gate rows (w1) then up rows (w3), the MoE op's layout."""
         return torch.cat([self.tensor(names.expert_name(layer, expert, "w1"), dtype),

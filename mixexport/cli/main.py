@@ -216,7 +216,7 @@ def inspect(path, as_json) -> None:
         click.echo(f"model: {model['num_hidden_layers']} layers, H {model['hidden_size']}, I {model['intermediate_size']}, "
                    f"E {model['num_local_experts']}, top-{model['num_experts_per_tok']}, dtype {m['dtype']}")
         click.echo(f"source: {m['source'].get('path') or m['source'].get('preset')}")
-        click.echo(f"dynamic dims: " + ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in m["dynamic_dims"].items()))
+        click.echo("dynamic dims: " + ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in m["dynamic_dims"].items()))
         if info["validation"]:
             click.echo(f"validation: {'passed' if info['validation']['passed'] else 'FAILED'} "
                        f"{info['validation']['targets']}")
