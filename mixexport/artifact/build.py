@@ -141,7 +141,7 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
         for target in options.targets:
             targets[target] = _build_target(captured, target, config, dtype, tmp, progress)
         if "trt" in targets and options.trt_kernels:
-            targets["trt"]["kernels"] = _write_trt_kernels(tmp, dtype, progress)
+            targets["trt"]["kernels"] = _write_trt_kernels(tmp, config, dtype, progress)
         if isinstance(source.get("files"), Future):
             source = {**source, "files": source["files"].result()}
         manifest = {
@@ -206,13 +206,21 @@ KERNEL_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
 KERNEL_ARCHS = "80,86,89,90"
 
 
-def _write_trt_kernels(root: Path, dtype: str, progress: Progress) -> dict:
+def _write_trt_kernels(root: Path, config: MixtralConfig, dtype: str, progress: Progress) -> dict:
     """AOT-compile the MixtralMoE kernels (cubin + PTX + metadata) into OUT/trt/kernels, which the
     plugin's CMake build embeds (-DMIXEXPORT_AOT_DIR)."""
+    from mixexport.kernels.configs import AOT_MAX_EXPERTS
+
     if dtype not in KERNEL_DTYPES:
         progress(f"trt: no plugin kernels for {dtype} graphs (they exist for float16 and bfloat16); "
                  f"build with --dtype float16 or bfloat16 for a TensorRT engine")
         return {"status": "skipped", "reason": f"no {dtype} kernels"}
+    # The kernels vectorize along H and I and size their routing blocks for at most 64 experts.
+    h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+    if h % 16 or i % 16 or e > AOT_MAX_EXPERTS:
+        progress(f"trt: the plugin's kernels need hidden and intermediate sizes that are multiples of 16 and at "
+                 f"most {AOT_MAX_EXPERTS} experts; this model (H {h}, I {i}, E {e}) cannot use the TensorRT engine")
+        return {"status": "skipped", "reason": f"unsupported shapes (H {h}, I {i}, E {e})"}
     if importlib.util.find_spec("triton") is None:
         progress("trt: kernels not compiled: triton is missing (pip install 'mixexport[kernels]')")
         return {"status": "skipped", "reason": "triton not installed"}
@@ -236,10 +244,13 @@ def _try_engine(root: Path, out: Path, manifest: dict, options: BuildOptions, pr
     from mixexport.targets.trt import engine
 
     entry = manifest["targets"]["trt"]
+    kernels = entry.get("kernels", {})
+    if kernels.get("status") == "skipped":
+        entry["engine"] = {"status": "not built", "missing": f"plugin kernels ({kernels['reason']})"}
+        progress(f"trt: TensorRT-ready ONNX written; no engine for it: {kernels['reason']}")
+        return
     missing = None
-    if entry.get("kernels", {}).get("status") == "skipped":
-        missing = f"plugin kernels ({entry['kernels']['reason']})"
-    elif importlib.util.find_spec("tensorrt") is None:
+    if importlib.util.find_spec("tensorrt") is None:
         missing = "TensorRT"
     elif engine.gpu_name() is None:
         missing = "an NVIDIA GPU"
@@ -251,7 +262,7 @@ def _try_engine(root: Path, out: Path, manifest: dict, options: BuildOptions, pr
     if missing:
         entry["engine"] = {"status": "not built", "missing": missing}
         progress(f"trt: TensorRT-ready ONNX written; no engine here (missing {missing}). On a GPU machine:")
-        for line in engine.finish_instructions(out, entry.get("kernels", {}).get("status") == "compiled"):
+        for line in engine.finish_instructions(out, kernels.get("status") == "compiled"):
             progress(f"    {line}")
         return
     entry["engine"] = engine.build_engine(root, manifest, options.plugin, progress=progress)
