@@ -87,8 +87,13 @@ class Checkpoint:
 
     def gate_up_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """[2I, H]: one expert's gate rows (w1) then up rows (w3), the MoE op's layout."""
-        return torch.cat([self.tensor(names.expert_name(layer, expert, "w1"), dtype),
-                          self.tensor(names.expert_name(layer, expert, "w3"), dtype)])
+        gate = self.tensor(names.expert_name(layer, expert, "w1"))
+        up = self.tensor(names.expert_name(layer, expert, "w3"))
+        # One pass: each half is converted while it is copied into place (no cat, then convert).
+        out = torch.empty((2 * gate.shape[0], gate.shape[1]), dtype=torch_dtype(dtype) if dtype else gate.dtype)
+        out[: gate.shape[0]].copy_(gate)
+        out[gate.shape[0]:].copy_(up)
+        return out
 
     def down_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """[H, I]: one expert's down projection (w2)."""

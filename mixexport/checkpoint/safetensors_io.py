@@ -90,12 +90,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes into a new CPU tensor."""
+    # torch.empty, not bytearray: no zero-fill pass over memory that is overwritten at once.
+    flat = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(info.file, "rb") as f:
         f.seek(info.offset)
-        data = bytearray(info.nbytes)
-        if f.readinto(data) != info.nbytes:
+        if info.nbytes and f.readinto(flat.numpy()) != info.nbytes:
             raise MixexportError(f"{info.file}: truncated while reading a tensor at byte {info.offset}")
-    flat = torch.frombuffer(data, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
     return flat.view(ST_DTYPES[info.dtype]).reshape(info.shape)
 
 
