@@ -15,6 +15,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 from mixexport.capture.moe_op import MOE_DOMAIN
 from mixexport.errors import InternalError
 from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
+from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
 from mixexport.passes.lower_moe_ort import LowerMoEToOrt
 from mixexport.passes.lower_moe_portable import LowerMoEToPortable
 from mixexport.passes.lower_moe_trt import LowerMoEToTrtPlugin
@@ -37,6 +38,10 @@ def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str,
         ("name_graph", NameGraph()),  # contract dim names, router logits names
         ("fold_weight_transpose", FoldWeightTranspose()),  # Linear weights stored transposed
         (f"lower_moe_{target}", LOWERINGS[target]()),  # the one MoE node per layer -> target ops
+    ]
+    if target == "ort":  # opset-23 Attention + RotaryEmbedding: not for portable/trt (TensorRT 10)
+        steps.append(("fuse_attention_ort", FuseAttentionOrt(num_layers)))
+    steps += [
         ("remove_unused", RemoveUnusedNodesPass()),  # leftovers of the rewrites
         ("remove_unused_opsets", RemoveUnusedOpsetsPass()),  # drops the `mixexport` domain import
     ]
@@ -47,6 +52,10 @@ def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str,
     lowered = report[f"lower_moe_{target}"]
     if lowered != num_layers:
         raise InternalError(f"{target} lowering rewrote {lowered} MoE nodes, expected one per layer ({num_layers})")
+    if target == "ort" and report["fuse_attention_ort"] != num_layers:
+        reason = dict(steps)["fuse_attention_ort"].reason
+        raise InternalError(f"ort attention fusion fused {report['fuse_attention_ort']} layers, expected one per "
+                            f"layer ({num_layers}): {reason}")
     leftover = [n.name for n in model.graph if n.domain == MOE_DOMAIN]
     if leftover:
         raise InternalError(f"{target} graph still holds mixexport nodes: {leftover[:3]}")

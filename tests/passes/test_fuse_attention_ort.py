@@ -1,0 +1,136 @@
+"""fuse_attention_ort: the ops it leaves, and numerics against the unfused ort graph in onnxruntime.
+
+The decoder has a sliding window shorter than the sequences below, so window, padding and causal
+masking all matter; the left-padded prefill has fully masked query rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from artifact.shared import captured_with_weights
+from mixexport.checkpoint import MixtralConfig
+from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
+from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
+from mixexport.passes.lower_moe_ort import LowerMoEToOrt
+from mixexport.passes.name_graph import NameGraph
+from mixexport.passes.pipeline import lower_for_target
+from mixexport.errors import InternalError
+
+# GQA (4 query heads on 2 KV heads), head_dim != hidden/heads, and a window shorter than the sequences.
+CONFIG = MixtralConfig(
+    hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+    vocab_size=97, rope_theta=1e4, dtype="float32", max_position_embeddings=256, sliding_window=4)
+LAYERS = CONFIG.num_hidden_layers
+
+
+@pytest.fixture(scope="module")
+def captured(checkpoint_factory):
+    model, _ = captured_with_weights(checkpoint_factory(CONFIG))
+    return model
+
+
+def unfused(model: ir.Model) -> ir.Model:
+    """The ort pipeline without the fusion."""
+    model = model.clone()
+    for step in (NameGraph(), FoldWeightTranspose(), LowerMoEToOrt(), RemoveUnusedNodesPass()):
+        step(model)
+    return model
+
+
+def session(model: ir.Model, path):
+    import onnxruntime as ort
+
+    ir.save(model, str(path), external_data=path.name + ".data")
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def sessions(captured, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuse_attention")
+    fused = captured.clone()
+    lower_for_target(fused, "ort", LAYERS)
+    return session(unfused(captured), root / "unfused.onnx"), session(fused, root / "fused.onnx")
+
+
+def test_rewrite_leaves_fused_ops(captured):
+    model = captured.clone()
+    report = lower_for_target(model, "ort", LAYERS)
+    assert report["fuse_attention_ort"] == LAYERS
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["Attention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
+    assert ops["Softmax"] == 0 and ops["Where"] == 0 and ops["Neg"] == 0
+    assert model.opset_imports[""] == 23
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert attention.name == "layers.0.self_attn.ort/attention"
+    assert {k: a.value for k, a in attention.attributes.items()} == {
+        "q_num_heads": CONFIG.num_attention_heads, "kv_num_heads": CONFIG.num_key_value_heads,
+        "scale": pytest.approx(CONFIG.head_dim ** -0.5)}
+    assert [v.name for v in attention.outputs[1:]] == ["present.0.key", "present.0.value"]
+    # weights were re-wired, not read: still the lazy tensors capture attached
+    assert isinstance(model.graph.initializers["layers.0.self_attn.q_proj.weight_t"].const_value, ir.LazyTensor)
+
+
+def test_portable_and_trt_are_not_fused(captured):
+    for target in ("portable", "trt"):
+        model = captured.clone()
+        report = lower_for_target(model, target, LAYERS)
+        assert "fuse_attention_ort" not in report
+        assert model.opset_imports[""] == 18
+        assert not any(n.op_type in ("Attention", "RotaryEmbedding") for n in model.graph)
+
+
+def test_declines_with_reason_and_pipeline_fails(captured):
+    model = unfused(captured)
+    model.graph.initializers["layers.1.self_attn.k_proj.weight_t"].name = "renamed"
+    fusion = FuseAttentionOrt(LAYERS)
+    result = fusion(model)
+    assert result.rewrites == 0 and not result.modified
+    assert "no initializer layers.1.self_attn.k_proj.weight_t" in fusion.reason
+    assert not any(n.op_type == "Attention" for n in model.graph)  # all or nothing: layer 0 untouched
+    broken = captured.clone()
+    broken.graph.initializers["layers.1.self_attn.k_proj.weight"].name = "renamed"
+    with pytest.raises(InternalError, match=r"ort attention fusion fused 0 layers, expected one per layer \(2\): "
+                                            r"no initializer layers.1.self_attn.k_proj.weight_t"):
+        lower_for_target(broken, "ort", LAYERS)
+
+
+def feeds_for(batch: int, seq: int, past: int, pad: int, rng) -> dict[str, np.ndarray]:
+    """Row 0 is full; rows 1.. are left-padded by `pad` over past + current."""
+    total = past + seq
+    mask = np.ones((batch, total), np.int64)
+    mask[1:, :pad] = 0
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, past:]
+    feed = {"input_ids": rng.integers(0, CONFIG.vocab_size, (batch, seq)), "attention_mask": mask,
+            "position_ids": positions}
+    shape = (batch, CONFIG.num_key_value_heads, past, CONFIG.head_dim)
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+@pytest.mark.parametrize("batch,seq,past,pad", [
+    (2, 7, 0, 3),  # left-padded prefill: padding queries see no key at all
+    (2, 1, 7, 3),  # decode
+    (1, 1, 9, 0),  # decode, batch 1, past longer than the window
+    (2, 3, 5, 2),  # chunked prefill with a past, batch > 1 (what ORT's CPU GroupQueryAttention refuses)
+    (3, 4, 6, 7),  # a row whose whole past and first new token are padding
+])
+def test_numerics_match_unfused(sessions, batch, seq, past, pad):
+    reference, fused = sessions
+    feed = feeds_for(batch, seq, past, pad, np.random.default_rng(batch * 100 + seq * 10 + past))
+    names = [o.name for o in reference.get_outputs()]
+    want = dict(zip(names, reference.run(None, feed)))
+    got = dict(zip([o.name for o in fused.get_outputs()], fused.run(None, feed)))
+    assert set(got) == set(want)
+    for name in names:
+        assert got[name].shape == want[name].shape, name
+        assert not np.isnan(got[name]).any(), name
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-4, err_msg=name)
