@@ -58,7 +58,9 @@ def capture_decoder(config: MixtralConfig, dtype: str, max_batch: int = 64, max_
         model = _CaptureDecoder(config, moe_impl=torch.ops.mixexport.moe).to(torch_dtype(dtype)).eval()
     batch = torch.export.Dim(graph_io.BATCH, min=1, max=max_batch)
     seq = torch.export.Dim(graph_io.SEQUENCE, min=1, max=max_sequence)
-    past = torch.export.Dim(graph_io.PAST, min=0, max=max_total)
+    # A past of max_total leaves no room for a new token; a max of max_total fails torch.export's
+    # first attempt (guard past <= max_total - 1) and costs a second full trace.
+    past = torch.export.Dim(graph_io.PAST, min=0, max=max(1, max_total - 1))
     # Dim + Dim is refused, so the mask's length has its own Dim rather than past + sequence.
     total = torch.export.Dim(graph_io.TOTAL, min=1, max=max_total)
 
