@@ -248,3 +248,30 @@ def test_wrong_dtype(tiny_checkpoint, checkpoint_copy):
 def test_unknown_tensor_name_read_on_demand(tiny_checkpoint):
     with pytest.raises(MixexportError, match=r"tensor model\.layers\.9\.mlp\.gate\.weight is not in the checkpoint"):
         Checkpoint(tiny_checkpoint).tensor("model.layers.9.mlp.gate.weight")
+
+
+# -- weights fingerprint ----------------------------------------------------------------------------
+
+def test_weights_fingerprint_ignores_read_order_and_sharding_of_reads(tiny_checkpoint):
+    fresh = Checkpoint(tiny_checkpoint).weights_sha256()
+    partly_read = Checkpoint(tiny_checkpoint)
+    for name in sorted(partly_read.tensors, reverse=True)[:5]:
+        partly_read.tensor(name, "float16")  # digests are of the stored bytes, not the conversion
+    assert partly_read.weights_sha256() == fresh
+    assert list(fresh) == ["model.safetensors"]
+
+
+def test_weights_fingerprint_names_the_shard_whose_tensor_changed(tiny_sharded_checkpoint, checkpoint_copy):
+    before = Checkpoint(tiny_sharded_checkpoint).weights_sha256()
+    copy = checkpoint_copy(tiny_sharded_checkpoint)
+    shard = shard_of(copy, EXPERT)
+    rewrite(copy / shard, lambda t: t[EXPERT].add_(1e-3))
+    after = Checkpoint(copy).weights_sha256()
+    assert set(after) == set(before) and len(after) > 2
+    assert [f for f in after if after[f] != before[f]] == [shard]
+
+
+def test_weights_fingerprint_ignores_header_metadata(tiny_checkpoint, checkpoint_copy):
+    copy = checkpoint_copy(tiny_checkpoint)
+    save_file(load_file(copy / "model.safetensors"), copy / "model.safetensors", metadata={"format": "pt", "x": "y"})
+    assert Checkpoint(copy).weights_sha256() == Checkpoint(tiny_checkpoint).weights_sha256()

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +21,9 @@ from typing import Any, Callable, Iterator
 import onnx_ir as ir
 
 from mixexport import graph_io
-from mixexport.artifact.manifest import FORMAT_VERSION, file_entry, tool_versions, write_manifest
+from mixexport.artifact.manifest import (FORMAT_VERSION, checkpoint_entries, file_entry, tool_versions,
+                                         write_manifest)
+from mixexport.artifact.save import ONNX_FILE, save_model
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
 from mixexport.checkpoint.reader import Checkpoint
@@ -36,7 +37,6 @@ TARGETS = tuple(LOWERINGS)
 TARGET_DTYPES = {"portable": ("float32", "float16", "bfloat16"), "ort": ("float32", "float16"),
                  "trt": ("float32", "float16", "bfloat16")}
 MOE_OPS = {"portable": None, "ort": "com.microsoft.MoE", "trt": "trt.plugins.MixtralMoE"}
-ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 
 Progress = Callable[[str], None]
 
@@ -78,19 +78,13 @@ def resolve_dtype(config: MixtralConfig, requested: str | None, targets: tuple[s
 def reference_source(checkpoint: str | Path | None, preset_name: str | None, seed: int,
                      overrides: dict[str, Any], progress: Progress) -> Iterator[tuple[Checkpoint, dict]]:
     """Open the checkpoint to export, writing a random one for `--preset`; yields it with the
-    manifest's `source` record (how validation finds the same weights again)."""
+    manifest's `source` record (how validation finds the same weights again). A checkpoint's
+    `files` are filled in by `build`, from the digests of the tensors its export reads."""
     if (checkpoint is None) == (preset_name is None):
         raise MixexportError("give either a CHECKPOINT directory or --preset NAME")
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint)
-        progress(f"hashing {len(ckpt.files)} checkpoint file(s) ({ckpt.nbytes() / 1e9:.2f} GB) for the manifest, "
-                 f"in the background")
-        root = ckpt.path.resolve()
-        # sha256 releases the GIL: hashing overlaps capture and writing; `build` waits for it
-        # before it writes the manifest.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            files = pool.submit(lambda: [file_entry(p.resolve(), root) for p in [ckpt.path / "config.json", *ckpt.files]])
-            yield ckpt, {"kind": "checkpoint", "path": str(root), "files": files}
+        yield ckpt, {"kind": "checkpoint", "path": str(ckpt.path.resolve()), "files": None}
         return
     config = preset(preset_name).replace(**overrides)
     with tempfile.TemporaryDirectory(prefix="mixexport-preset-") as tmp:
@@ -142,8 +136,9 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
             targets[target] = _build_target(captured, target, config, dtype, tmp, progress)
         if "trt" in targets and options.trt_kernels:
             targets["trt"]["kernels"] = _write_trt_kernels(tmp, config, dtype, progress)
-        if isinstance(source.get("files"), Future):
-            source = {**source, "files": source["files"].result()}
+        if source["kind"] == "checkpoint":
+            # Every weight was read (and hashed) by the export; nothing is read a second time.
+            source = {**source, "files": checkpoint_entries(ckpt)}
         manifest = {
             "format": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -182,11 +177,7 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     rewrites = lower_for_target(model, target, config.num_hidden_layers)
     folder = root / target
     folder.mkdir()
-    # Several writer threads overlap reading, re-laying and writing tensors (the work releases the
-    # GIL); the in-flight budget keeps memory bounded (plus one oversized expert stack, itself
-    # written one expert at a time).
-    ir.save(model, folder / ONNX_FILE, external_data=DATA_FILE, max_workers=4, max_in_flight_bytes=512 * 1024**2)
-    files = [file_entry(folder / name, root) for name in (ONNX_FILE, DATA_FILE)]
+    files = save_model(model, folder, root, target, progress)
     progress(f"{target}: {config.num_hidden_layers} MoE nodes lowered, {sum(f['bytes'] for f in files) / 1e6:.1f} MB "
              f"written in {time.perf_counter() - start:.1f}s")
     return {
@@ -269,7 +260,15 @@ def _try_engine(root: Path, out: Path, manifest: dict, options: BuildOptions, pr
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Put the finished artifact at OUT; an old OUT is removed only after the new one is in place."""
+    """Put the finished artifact at OUT; an old OUT is removed only after the new one is in place.
+
+    Every file is flushed to disk before the rename (the weights already are), so a crash never
+    leaves an OUT whose files are empty or partly written.
+    """
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

@@ -9,10 +9,13 @@ import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from mixexport import __version__
 from mixexport.errors import MixexportError
+
+if TYPE_CHECKING:
+    from mixexport.checkpoint.reader import Checkpoint
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -30,7 +33,7 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def sha256_file(path: Path, progress: Callable[[str], None] | None = None) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(16 * 1024 * 1024):
@@ -38,8 +41,39 @@ def sha256_file(path: Path, progress: Callable[[str], None] | None = None) -> st
     return digest.hexdigest()
 
 
-def file_entry(path: Path, root: Path) -> dict[str, Any]:
-    return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def file_entry(path: Path, root: Path, sha256: str | None = None) -> dict[str, Any]:
+    """The manifest record of one file; `sha256` when the writer already hashed what it wrote."""
+    return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256 or sha256_file(path)}
+
+
+def checkpoint_entries(ckpt: "Checkpoint") -> list[dict[str, Any]]:
+    """The manifest record of a checkpoint's files: config.json by its sha256, each safetensors
+    file by its size and the fingerprint of the weights the model uses in it
+    (`Checkpoint.weights_sha256`, which reuses the digests of tensors already read)."""
+    root = ckpt.path.resolve()
+    weights = ckpt.weights_sha256()
+    return [file_entry(root / "config.json", root),
+            *({"path": f.name, "bytes": f.stat().st_size, "weights_sha256": weights[f.name]}
+              for f in ckpt.files if f.name in weights)]
+
+
+def verify_checkpoint(ckpt: "Checkpoint", entries: list[dict[str, Any]], what: str) -> None:
+    """Check that a checkpoint holds the weights a build recorded (`checkpoint_entries`).
+
+    Raises:
+        MixexportError: naming the first file that is missing or whose weights changed.
+    """
+    root = ckpt.path.resolve()
+    verify_files(root, [e for e in entries if "sha256" in e], what)
+    weights = None
+    for entry in (e for e in entries if "weights_sha256" in e):
+        path = root / entry["path"]
+        if not path.exists():
+            raise MixexportError(f"{what}: {path} is missing")
+        weights = weights or ckpt.weights_sha256()
+        if path.stat().st_size != entry["bytes"] or weights.get(entry["path"]) != entry["weights_sha256"]:
+            raise MixexportError(f"{what}: the weights in {path} have changed since the build "
+                                 f"(size or tensor sha256 differ)")
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:

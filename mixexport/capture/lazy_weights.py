@@ -1,14 +1,13 @@
 """Lazy initializer values that stream from the checkpoint when the model is saved.
 
 Expert stacks are the large tensors (Mixtral 8x7B: 1.9 GB per layer for gate/up in fp16).
-`StackedLazyTensor` never builds one: `ir.save` calls its `tofile`, which reads, converts and
-writes one expert at a time, so export memory is bounded by one expert, not one layer.
+`StackedLazyTensor` never builds one: the build's writer (`mixexport.artifact.save`) takes it
+expert by expert, and so does its `tofile` (what `ir.save` calls), so export memory is bounded by
+a few experts, not one layer.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import ml_dtypes
@@ -44,7 +43,7 @@ class StackedLazyTensor(ir.LazyTensor):
     """A lazy [E, ...] tensor defined by its expert slices `part(e)` (numpy arrays).
 
     `numpy()`/`tobytes()` build the whole stack (small models, tests); `tofile()`, which `ir.save`
-    uses for external data, writes it slice by slice.
+    uses for external data, writes it slice by slice, as the build's writer does.
     """
 
     def __init__(self, part: Callable[[int], np.ndarray], count: int, dtype: ir.DataType, shape: ir.Shape,
@@ -54,13 +53,5 @@ class StackedLazyTensor(ir.LazyTensor):
                          name=name)
 
     def tofile(self, file) -> None:
-        # Slices are prepared by two threads ahead of the writer (reading, converting and
-        # re-laying release the GIL), at most three slices in memory at a time.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending: deque = deque()
-            for e in range(self.count):
-                pending.append(pool.submit(lambda e=e: contiguous(self.part(e))))
-                if len(pending) > 2:
-                    file.write(pending.popleft().result().view(np.uint8).data)
-            while pending:
-                file.write(pending.popleft().result().view(np.uint8).data)
+        for e in range(self.count):
+            file.write(contiguous(self.part(e)).view(np.uint8).data)

@@ -3,10 +3,15 @@
 A `Checkpoint` knows every tensor's file, dtype and shape from the safetensors headers, checks
 them against the config up front, and reads tensors one at a time on demand (positioned reads, no memory map), so
 later stages can stream a layer, or a single expert stack, without the model in memory.
+
+Every tensor is hashed (sha256 of its bytes as stored) the first time it is read, so a build
+fingerprints the weights it exported from the one read it makes anyway, instead of reading the
+whole checkpoint a second time to hash its files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -43,6 +48,7 @@ class Checkpoint:
             raise MixexportError(f"checkpoint directory {self.path} does not exist")
         self.config = MixtralConfig.from_file(self.path / "config.json")
         self.tensors: dict[str, TensorInfo] = _index_tensors(self.path)
+        self._digests: dict[str, str] = {}  # tensor name -> sha256 of its stored bytes, once read
         if validate:
             self.validate()
 
@@ -83,6 +89,8 @@ class Checkpoint:
         if info is None:
             raise MixexportError(f"{self.path}: tensor {name} is not in the checkpoint")
         tensor = read_tensor(info)
+        if name not in self._digests:  # sha256 releases the GIL: reader threads hash in parallel
+            self._digests[name] = hashlib.sha256(tensor.view(-1).view(torch.uint8).numpy()).hexdigest()
         return tensor if dtype is None else tensor.to(torch_dtype(dtype))
 
     def gate_up_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
@@ -120,6 +128,22 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
+
+    def weights_sha256(self) -> dict[str, str]:
+        """A fingerprint of the weights per safetensors file: file name -> sha256.
+
+        Each file's digest covers the model's tensors in it (name, dtype, shape and the sha256
+        of the stored bytes, in name order); tensors the model does not use and the header's
+        metadata are not part of it. Tensors already read are not read again.
+        """
+        per_file: dict[str, list[str]] = {}
+        for name in sorted(names.expected_shapes(self.config)):
+            info = self.tensors[name]
+            if name not in self._digests:
+                self.tensor(name)
+            per_file.setdefault(info.file.name, []).append(
+                f"{name} {info.dtype} {list(info.shape)} {self._digests[name]}\n")
+        return {file: hashlib.sha256("".join(lines).encode()).hexdigest() for file, lines in sorted(per_file.items())}
 
 
 def _index_tensors(path: Path) -> dict[str, TensorInfo]:

@@ -27,7 +27,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
-from mixexport.artifact.manifest import read_manifest, verify_files
+from mixexport.artifact.manifest import read_manifest, verify_checkpoint, verify_files
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
@@ -280,8 +280,9 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         if not path.is_dir():
             raise MixexportError(f"reference checkpoint {path} (recorded at build time) is gone; "
                                  f"pass --checkpoint DIR with the same files")
-        verify_files(path, source["files"], f"reference checkpoint {path}")
-        report = validate_artifact(root, manifest, Checkpoint(path), progress)
+        ckpt = Checkpoint(path)
+        verify_checkpoint(ckpt, source["files"], f"reference checkpoint {path}")
+        report = validate_artifact(root, manifest, ckpt, progress)
     else:
         if checkpoint is not None:
             raise MixexportError(f"{out} was built from preset {source['preset']!r} (seed {source['seed']}); "

@@ -91,8 +91,8 @@ def test_validate_refuses_a_changed_checkpoint(hf_model, hf_artifact, tmp_path):
     data[-8:] = bytes(8)
     (moved / "model.safetensors").write_bytes(bytes(data))
     line = error_line(run_cli("validate", out, "--checkpoint", moved))
-    assert line == (f"error: reference checkpoint {moved}: {moved / 'model.safetensors'} has changed since the "
-                    f"build (size or sha256 differ)")
+    assert line == (f"error: reference checkpoint {moved}: the weights in {moved / 'model.safetensors'} have "
+                    f"changed since the build (size or tensor sha256 differ)")
 
 
 def test_validate_refuses_a_gone_checkpoint(hf_artifact, tmp_path):
