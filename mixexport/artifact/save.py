@@ -47,7 +47,9 @@ def _chunks(tensor: ir.TensorProtocol) -> Iterator[Chunk]:
         each = tensor.nbytes // tensor.count
         for e in range(tensor.count):
             yield each, lambda e=e: contiguous(tensor.part(e))
-    else:
+    elif tensor.dtype.bitwidth % 8 == 0:
+        yield tensor.nbytes, lambda: contiguous(tensor.numpy())  # its own buffer, no bytes copy
+    else:  # sub-byte types: only tobytes() packs them
         yield tensor.nbytes, tensor.tobytes
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from mixexport.capture.lazy_weights import contiguous
 from mixexport.passes.base import derived_initializer
 from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 
@@ -19,7 +20,9 @@ ORT_DOMAIN = "com.microsoft"
 def interleave_gate_up(w):
     """[E, 2I, H] gate rows then up rows -> [E, 2I, H] with row 2j = gate j, row 2j+1 = up j."""
     e, two_i, h = w.shape
-    return w.reshape(e, 2, two_i // 2, h).transpose(0, 2, 1, 3).reshape(e, two_i, h)
+    # Laid out by torch's parallel copy, then reshaped for free; numpy's reshape of the transposed
+    # view would copy on one thread.
+    return contiguous(w.reshape(e, 2, two_i // 2, h).transpose(0, 2, 1, 3)).reshape(e, two_i, h)
 
 
 def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
