@@ -46,7 +46,7 @@ def _chunks(tensor: ir.TensorProtocol) -> Iterator[Chunk]:
     if isinstance(tensor, StackedLazyTensor):
         each = tensor.nbytes // tensor.count
         for e in range(tensor.count):
-            yield each, lambda e=e: contiguous(tensor.part(e))
+            yield each, lambda e=e: tensor.slice(e)
     elif tensor.dtype.bitwidth % 8 == 0:
         yield tensor.nbytes, lambda: contiguous(tensor.numpy())  # its own buffer, no bytes copy
     else:  # sub-byte types: only tobytes() packs them

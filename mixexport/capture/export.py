@@ -96,7 +96,8 @@ def capture_decoder(config: MixtralConfig, dtype: str, max_batch: int = 64, max_
 def attach_checkpoint_weights(model: ir.Model, checkpoint, dtype: str) -> int:
     """Give every initializer a lazy tensor read from `checkpoint` when the model is saved.
 
-    Expert stacks get a `StackedLazyTensor`, streamed one expert at a time.
+    Expert stacks get a `StackedLazyTensor`, streamed one expert at a time; their slices stay in
+    the checkpoint's dtype until written (see `materialize`).
 
     Args:
         model: a captured model (initializers named as the reference model's parameters).
@@ -115,7 +116,7 @@ def attach_checkpoint_weights(model: ir.Model, checkpoint, dtype: str) -> int:
         if name in stacked:
             count, part = stacked[name]
             value.const_value = StackedLazyTensor(
-                lambda e, part=part: to_numpy(part(checkpoint, dtype, e)), count, value.dtype, value.shape, name)
+                lambda e, part=part: to_numpy(part(checkpoint, None, e)), count, value.dtype, value.shape, name)
         elif name in sources:
             value.const_value = ir.LazyTensor(
                 lambda source=sources[name]: ir.tensor(to_numpy(source(checkpoint, dtype))),

@@ -83,24 +83,34 @@ class Checkpoint:
 
     def tensor(self, name: str, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor, converted to `dtype` when given."""
+        tensor = self._read(name)
+        return tensor if dtype is None else tensor.to(torch_dtype(dtype))
+
+    def _read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor as stored (into `out` when given), hashing it the first time."""
         if name == "lm_head.weight" and name not in self.tensors and self.config.tie_word_embeddings:
             name = "model.embed_tokens.weight"
         info = self.tensors.get(name)
         if info is None:
             raise MixexportError(f"{self.path}: tensor {name} is not in the checkpoint")
-        tensor = read_tensor(info)
+        tensor = read_tensor(info, out)
         if name not in self._digests:  # sha256 releases the GIL: reader threads hash in parallel
             self._digests[name] = hashlib.sha256(tensor.view(-1).view(torch.uint8).numpy()).hexdigest()
-        return tensor if dtype is None else tensor.to(torch_dtype(dtype))
+        return tensor
 
     def gate_up_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """[2I, H]: one expert's gate rows (w1) then up rows (w3), the MoE op's layout."""
-        gate = self.tensor(names.expert_name(layer, expert, "w1"))
-        up = self.tensor(names.expert_name(layer, expert, "w3"))
+        gate_name, up_name = (names.expert_name(layer, expert, w) for w in ("w1", "w3"))
+        (i, h), stored = self.tensors[gate_name].shape, ST_DTYPES[self.tensors[gate_name].dtype]
+        if dtype is None or torch_dtype(dtype) == stored:
+            out = torch.empty((2 * i, h), dtype=stored)  # both halves read straight into place
+            self._read(gate_name, out[:i])
+            self._read(up_name, out[i:])
+            return out
         # One pass: each half is converted while it is copied into place (no cat, then convert).
-        out = torch.empty((2 * gate.shape[0], gate.shape[1]), dtype=torch_dtype(dtype) if dtype else gate.dtype)
-        out[: gate.shape[0]].copy_(gate)
-        out[gate.shape[0]:].copy_(up)
+        out = torch.empty((2 * i, h), dtype=torch_dtype(dtype))
+        out[:i].copy_(self._read(gate_name))
+        out[i:].copy_(self._read(up_name))
         return out
 
     def down_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:

@@ -88,10 +88,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes into a new CPU tensor."""
-    # torch.empty, not bytearray: no zero-fill pass over memory that is overwritten at once.
-    flat = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes into a new CPU tensor, or into `out` (contiguous, same byte count)."""
+    if out is None:
+        # torch.empty, not bytearray: no zero-fill pass over memory that is overwritten at once.
+        flat = torch.empty(info.nbytes, dtype=torch.uint8)
+    elif out.is_contiguous() and out.numel() * out.element_size() == info.nbytes:
+        flat = out.view(-1).view(torch.uint8)
+    else:
+        raise InternalError(f"cannot read {info.nbytes} bytes into a {tuple(out.shape)} {out.dtype} tensor")
     with open(info.file, "rb") as f:
         f.seek(info.offset)
         if info.nbytes and f.readinto(flat.numpy()) != info.nbytes:

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.capture.lazy_weights import StackedLazyTensor, contiguous
+from mixexport.capture.lazy_weights import StackedLazyTensor, materialize
 
 
 @dataclasses.dataclass
@@ -30,9 +30,11 @@ def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
         graph: graph to register the new initializer in.
         source: an initializer whose `const_value` holds (possibly lazy) data.
         name: the new initializer's name.
-        transform: numpy array -> numpy array, same dtype; for an expert stack it must act on
-            each expert independently (it is applied to [1, ...] slices).
-        shape: the transform's output shape.
+        transform: numpy array -> a view of it (transpose, reshape, ...) whose C-order elements
+            are the new tensor's; it is laid out (and converted to the source's dtype) afterwards
+            by one copy, `materialize`. For an expert stack it must act on each expert
+            independently (it is applied to [1, ...] slices of the unconverted checkpoint data).
+        shape: the new tensor's shape.
     """
     src = source.const_value
     if isinstance(src, StackedLazyTensor):
@@ -41,7 +43,7 @@ def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
         tensor = StackedLazyTensor(lambda e: transform(src.part(e)[None])[0], src.count, src.dtype,
                                    ir.Shape(shape), name=name)
     else:
-        tensor = ir.LazyTensor(lambda: ir.tensor(contiguous(transform(src.numpy()))),
+        tensor = ir.LazyTensor(lambda: ir.tensor(materialize(transform(src.numpy()), src.dtype, shape)),
                                dtype=src.dtype, shape=ir.Shape(shape), name=name)
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
     graph.register_initializer(value)
@@ -57,10 +59,10 @@ def expert_initializer(graph: ir.Graph, source: ir.Value, expert: int, name: str
     src = source.const_value
     if isinstance(src, StackedLazyTensor):
         def make():
-            return ir.tensor(contiguous(transform(src.part(expert))))
+            return ir.tensor(materialize(transform(src.part(expert)), src.dtype, shape))
     else:
         def make():
-            return ir.tensor(contiguous(transform(src.numpy()[expert])))
+            return ir.tensor(materialize(transform(src.numpy()[expert]), src.dtype, shape))
     tensor = ir.LazyTensor(make, dtype=src.dtype, shape=ir.Shape(shape), name=name)
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
     graph.register_initializer(value)

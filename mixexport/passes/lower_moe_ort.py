@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from mixexport.capture.lazy_weights import contiguous
 from mixexport.passes.base import derived_initializer
 from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 
@@ -18,11 +17,10 @@ ORT_DOMAIN = "com.microsoft"
 
 
 def interleave_gate_up(w):
-    """[E, 2I, H] gate rows then up rows -> [E, 2I, H] with row 2j = gate j, row 2j+1 = up j."""
+    """[E, 2I, H] gate rows then up rows -> the [E, I, 2, H] view whose flattening is [E, 2I, H]
+    with row 2j = gate j, row 2j+1 = up j (a view: the writer lays it out while converting)."""
     e, two_i, h = w.shape
-    # Laid out by torch's parallel copy, then reshaped for free; numpy's reshape of the transposed
-    # view would copy on one thread.
-    return contiguous(w.reshape(e, 2, two_i // 2, h).transpose(0, 2, 1, 3)).reshape(e, two_i, h)
+    return w.reshape(e, 2, two_i // 2, h).transpose(0, 2, 1, 3)
 
 
 def lower_one(graph: ir.Graph, m: MoEMatch) -> None:

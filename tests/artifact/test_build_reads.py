@@ -12,7 +12,7 @@ def test_a_checkpoint_build_reads_each_tensor_once(tiny_checkpoint, tmp_path, mo
 
     reads: list[str] = []
     real = reader.read_tensor
-    monkeypatch.setattr(reader, "read_tensor", lambda info: reads.append(info.offset) or real(info))
+    monkeypatch.setattr(reader, "read_tensor", lambda info, out=None: reads.append(info.offset) or real(info, out))
     with reference_source(tiny_checkpoint, None, 0, {}, lambda _: None) as (ckpt, source):
         manifest = build(ckpt, source, tmp_path / "out", BuildOptions(targets=("ort",), validate=False, **RANGES),
                          lambda _: None)

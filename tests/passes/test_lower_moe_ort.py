@@ -13,8 +13,9 @@ from passes.single_moe import moe_weights, reference, run, single_moe_model, tie
 def test_interleave_layout():
     e, i, h = 3, 4, 2
     w = np.arange(e * 2 * i * h, dtype=np.float32).reshape(e, 2 * i, h)
-    out = interleave_gate_up(w)
-    assert out.shape == (e, 2 * i, h)
+    view = interleave_gate_up(w)
+    assert np.shares_memory(view, w)  # a view: the writer lays it out while it converts
+    out = view.reshape(e, 2 * i, h)
     for j in range(i):
         np.testing.assert_array_equal(out[:, 2 * j], w[:, j])  # gate row j
         np.testing.assert_array_equal(out[:, 2 * j + 1], w[:, i + j])  # up row j
@@ -37,7 +38,8 @@ def test_rewrite_emits_one_contrib_node():
     assert node.inputs[2].name == "layers.3.moe.fc1_interleaved"
     # the original gate/up initializer is replaced by the interleaved one; w_down stays as captured
     assert set(model.graph.initializers) == {"layers.3.moe.fc1_interleaved", "layers.3.moe.w_down"}
-    np.testing.assert_array_equal(node.inputs[2].const_value.numpy(), interleave_gate_up(w_gate_up))
+    np.testing.assert_array_equal(node.inputs[2].const_value.numpy(),
+                                  interleave_gate_up(w_gate_up).reshape(w_gate_up.shape))
     assert model.opset_imports["com.microsoft"] == 1
 
 
