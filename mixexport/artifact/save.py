@@ -6,13 +6,13 @@ second 93 GB pass over the disk. Here the weights are written strictly in order,
 memory as they are written:
 
     checkpoint ──read, convert, re-lay── chunk ──▶ ordered queue ──▶ write ──────▶ fsync
-                (2 threads, ahead of the writer,            └─▶ sha256 (beside the write)
+                (2-8 threads, ahead of the writer,          └─▶ sha256 (beside the write)
                  at most MAX_IN_FLIGHT bytes)
 
 A chunk is one expert of an expert stack, or one whole other tensor, so memory stays bounded by
 the in-flight budget plus two chunks whatever the model's size. Each chunk is hashed by one more
 thread while it is written. Reading, converting, writing and hashing all release the GIL, so
-the threads overlap on 2 cores.
+the threads overlap.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from mixexport.errors import InternalError
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 INLINE_BYTES = 256  # tensors up to this size stay inside the ONNX file (as ir.save does)
 MAX_IN_FLIGHT = 512 * 1024**2  # bytes prepared ahead of the writer
-PREPARE_THREADS = 2
+# Reading, hashing and converting scale with cores; the writer and its hash are one stream each.
+PREPARE_THREADS = min(8, max(2, os.cpu_count() or 2))
 PROGRESS_SECONDS = 15.0
 
 Chunk = tuple[int, Callable[[], "np.ndarray | bytes"]]  # (byte count, make the bytes)
