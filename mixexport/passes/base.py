@@ -67,3 +67,8 @@ def expert_initializer(graph: ir.Graph, source: ir.Value, expert: int, name: str
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def require_opset(model: ir.Model, version: int) -> None:
+    """Import at least `version` of the default domain (a fusion emitting a newer standard op)."""
+    model.opset_imports[""] = max(model.opset_imports.get("", version), version)

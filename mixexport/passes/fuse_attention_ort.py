@@ -32,7 +32,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.passes.base import RewriteResult
+from mixexport.passes.base import RewriteResult, require_opset
 
 OPSET = 23  # the first standard opset with Attention and RotaryEmbedding
 
@@ -175,9 +175,12 @@ class FuseAttentionOrt(ir.passes.InPlacePass):
     `reason` says why (the pipeline turns that into an error).
     """
 
+    sites = "one per layer"
+
     def __init__(self, num_layers: int):
         super().__init__()
         self.num_layers = num_layers
+        self.expected = num_layers
         self.reason: str | None = None
 
     def call(self, model: ir.Model) -> RewriteResult:
@@ -226,5 +229,5 @@ class FuseAttentionOrt(ir.passes.InPlacePass):
                 name, old.name = old.name, None
                 new.name, new.shape, new.type = name, old.shape, old.type
                 graph.outputs[index] = new
-        model.opset_imports[""] = max(model.opset_imports.get("", OPSET), OPSET)
+        require_opset(model, OPSET)
         return RewriteResult(model, bool(matches), rewrites=len(matches))

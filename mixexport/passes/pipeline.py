@@ -2,7 +2,9 @@
 
 A short, linear list. Each pass reports how many rewrites it made; the MoE lowering must make
 exactly one per decoder layer, or the build stops (a lowering that silently matched nothing would
-ship a graph with an op no runtime has).
+ship a graph with an op no runtime has). The ort fusions are all-or-nothing passes that say how
+many rewrites they expect (`expected`) and, when they decline, why (`reason`); the build stops on
+a shortfall too, so a capture change can never silently ship an unfused ort graph.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mixexport.capture.moe_op import MOE_DOMAIN
 from mixexport.errors import InternalError
 from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
 from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
+from mixexport.passes.fuse_rms_norm_ort import FuseRMSNormOrt
 from mixexport.passes.lower_moe_ort import LowerMoEToOrt
 from mixexport.passes.lower_moe_portable import LowerMoEToPortable
 from mixexport.passes.lower_moe_trt import LowerMoEToTrtPlugin
@@ -39,8 +42,11 @@ def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str,
         ("fold_weight_transpose", FoldWeightTranspose()),  # Linear weights stored transposed
         (f"lower_moe_{target}", LOWERINGS[target]()),  # the one MoE node per layer -> target ops
     ]
-    if target == "ort":  # opset-23 Attention + RotaryEmbedding: not for portable/trt (TensorRT 10)
-        steps.append(("fuse_attention_ort", FuseAttentionOrt(num_layers)))
+    if target == "ort":  # onnxruntime's fused ops; opset 23 is not for portable/trt (TensorRT 10)
+        steps += [
+            ("fuse_attention_ort", FuseAttentionOrt(num_layers)),  # RotaryEmbedding + Attention
+            ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
+        ]
     steps += [
         ("remove_unused", RemoveUnusedNodesPass()),  # leftovers of the rewrites
         ("remove_unused_opsets", RemoveUnusedOpsetsPass()),  # drops the `mixexport` domain import
@@ -52,10 +58,11 @@ def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str,
     lowered = report[f"lower_moe_{target}"]
     if lowered != num_layers:
         raise InternalError(f"{target} lowering rewrote {lowered} MoE nodes, expected one per layer ({num_layers})")
-    if target == "ort" and report["fuse_attention_ort"] != num_layers:
-        reason = dict(steps)["fuse_attention_ort"].reason
-        raise InternalError(f"ort attention fusion fused {report['fuse_attention_ort']} layers, expected one per "
-                            f"layer ({num_layers}): {reason}")
+    for name, step in steps:
+        expected = getattr(step, "expected", None)
+        if expected is not None and report[name] != expected:
+            raise InternalError(f"{name} made {report[name]} rewrites, expected {expected} ({step.sites}): "
+                                f"{step.reason}")
     leftover = [n.name for n in model.graph if n.domain == MOE_DOMAIN]
     if leftover:
         raise InternalError(f"{target} graph still holds mixexport nodes: {leftover[:3]}")

@@ -11,16 +11,13 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from artifact.shared import captured_with_weights
 from mixexport.checkpoint import MixtralConfig
-from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
-from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
-from mixexport.passes.lower_moe_ort import LowerMoEToOrt
-from mixexport.passes.name_graph import NameGraph
-from mixexport.passes.pipeline import lower_for_target
 from mixexport.errors import InternalError
+from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
+from mixexport.passes.pipeline import lower_for_target
+from passes.ort_graphs import decoder_feeds, ort_graph, run_both, session
 
 # GQA (4 query heads on 2 KV heads), head_dim != hidden/heads, and a window shorter than the sequences.
 CONFIG = MixtralConfig(
@@ -36,27 +33,11 @@ def captured(checkpoint_factory):
     return model
 
 
-def unfused(model: ir.Model) -> ir.Model:
-    """The ort pipeline without the fusion."""
-    model = model.clone()
-    for step in (NameGraph(), FoldWeightTranspose(), LowerMoEToOrt(), RemoveUnusedNodesPass()):
-        step(model)
-    return model
-
-
-def session(model: ir.Model, path):
-    import onnxruntime as ort
-
-    ir.save(model, str(path), external_data=path.name + ".data")
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 @pytest.fixture(scope="module")
 def sessions(captured, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuse_attention")
-    fused = captured.clone()
-    lower_for_target(fused, "ort", LAYERS)
-    return session(unfused(captured), root / "unfused.onnx"), session(fused, root / "fused.onnx")
+    return (session(ort_graph(captured), root / "unfused.onnx"),
+            session(ort_graph(captured, FuseAttentionOrt(LAYERS)), root / "fused.onnx"))
 
 
 def test_rewrite_leaves_fused_ops(captured):
@@ -87,7 +68,7 @@ def test_portable_and_trt_are_not_fused(captured):
 
 
 def test_declines_with_reason_and_pipeline_fails(captured):
-    model = unfused(captured)
+    model = ort_graph(captured)
     model.graph.initializers["layers.1.self_attn.k_proj.weight_t"].name = "renamed"
     fusion = FuseAttentionOrt(LAYERS)
     result = fusion(model)
@@ -96,24 +77,9 @@ def test_declines_with_reason_and_pipeline_fails(captured):
     assert not any(n.op_type == "Attention" for n in model.graph)  # all or nothing: layer 0 untouched
     broken = captured.clone()
     broken.graph.initializers["layers.1.self_attn.k_proj.weight"].name = "renamed"
-    with pytest.raises(InternalError, match=r"ort attention fusion fused 0 layers, expected one per layer \(2\): "
+    with pytest.raises(InternalError, match=r"fuse_attention_ort made 0 rewrites, expected 2 \(one per layer\): "
                                             r"no initializer layers.1.self_attn.k_proj.weight_t"):
         lower_for_target(broken, "ort", LAYERS)
-
-
-def feeds_for(batch: int, seq: int, past: int, pad: int, rng) -> dict[str, np.ndarray]:
-    """Row 0 is full; rows 1.. are left-padded by `pad` over past + current."""
-    total = past + seq
-    mask = np.ones((batch, total), np.int64)
-    mask[1:, :pad] = 0
-    positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, past:]
-    feed = {"input_ids": rng.integers(0, CONFIG.vocab_size, (batch, seq)), "attention_mask": mask,
-            "position_ids": positions}
-    shape = (batch, CONFIG.num_key_value_heads, past, CONFIG.head_dim)
-    for i in range(LAYERS):
-        for kind in ("key", "value"):
-            feed[f"past_key_values.{i}.{kind}"] = rng.standard_normal(shape).astype(np.float32)
-    return feed
 
 
 @pytest.mark.parametrize("batch,seq,past,pad", [
@@ -124,13 +90,9 @@ def feeds_for(batch: int, seq: int, past: int, pad: int, rng) -> dict[str, np.nd
     (3, 4, 6, 7),  # a row whose whole past and first new token are padding
 ])
 def test_numerics_match_unfused(sessions, batch, seq, past, pad):
-    reference, fused = sessions
-    feed = feeds_for(batch, seq, past, pad, np.random.default_rng(batch * 100 + seq * 10 + past))
-    names = [o.name for o in reference.get_outputs()]
-    want = dict(zip(names, reference.run(None, feed)))
-    got = dict(zip([o.name for o in fused.get_outputs()], fused.run(None, feed)))
-    assert set(got) == set(want)
-    for name in names:
+    feed = decoder_feeds(CONFIG, batch, seq, past, pad, np.random.default_rng(batch * 100 + seq * 10 + past))
+    want, got = run_both(*sessions, feed)
+    for name in want:
         assert got[name].shape == want[name].shape, name
         assert not np.isnan(got[name]).any(), name
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-4, err_msg=name)

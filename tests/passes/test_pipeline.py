@@ -24,7 +24,7 @@ def test_report_counts(captured, target):
     layers = config.num_hidden_layers
     lowered = model.clone()
     report = lower_for_target(lowered, target, layers)
-    fusions = ["fuse_attention_ort"] if target == "ort" else []
+    fusions = ["fuse_attention_ort", "fuse_rms_norm_ort"] if target == "ort" else []
     assert list(report) == ["name_graph", "fold_weight_transpose", f"lower_moe_{target}", *fusions, "remove_unused",
                             "remove_unused_opsets"]
     assert report[f"lower_moe_{target}"] == layers

@@ -1,0 +1,138 @@
+"""fuse_rms_norm_ort: the ops it removes, declines with a reason, numerics against the unfused graph.
+
+Both graph dtypes: in float16 the captured norm also holds a Cast on each side (fp32 statistics).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from artifact.shared import captured_once
+from mixexport.errors import InternalError
+from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
+from mixexport.passes.fuse_rms_norm_ort import FuseRMSNormOrt
+from mixexport.passes.pipeline import lower_for_target
+from passes.ort_graphs import decoder_feeds, ort_graph, run_both, session
+
+# fused vs unfused: fp32 to round-off; fp16 differs by the one rounding the fused op leaves out
+# (seen: 2.4e-4 at most; validation allows 2e-2 against the reference).
+TOLERANCES = {"float32": (1e-5, 1e-4), "float16": (2e-3, 2e-3)}
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def captured(request, checkpoint_factory, tiny_config):
+    config = tiny_config.replace(dtype=request.param)
+    model, _ = captured_once(checkpoint_factory(config))
+    return model, config
+
+
+def norms(config) -> int:
+    return 2 * config.num_hidden_layers + 1
+
+
+def test_rewrite_replaces_each_norm(captured):
+    model, config = captured
+    layers = config.num_hidden_layers
+    before = ort_graph(model, FuseAttentionOrt(layers))
+    fusion = FuseRMSNormOrt(layers)
+    after = ort_graph(model, FuseAttentionOrt(layers), fusion)
+    ops_before, ops_after = Counter(n.op_type for n in before.graph), Counter(n.op_type for n in after.graph)
+    n = norms(config)
+    assert fusion.expected == n and fusion.reason is None
+    assert ops_after["RMSNormalization"] == n
+    removed = {"Pow": n, "ReduceMean": n, "Sqrt": n, "Reciprocal": n, "Add": n, "Mul": 2 * n}
+    if config.dtype == "float16":
+        removed["Cast"] = 2 * n  # to fp32 for the statistics, back before the weight multiply
+    gone = ops_before - ops_after
+    assert {op: gone[op] for op in removed} == removed
+    assert set(gone) - set(removed) <= {"Constant", "Reshape"}  # the pattern's exponent, axes and eps
+    assert ops_after["ReduceMean"] == ops_after["Sqrt"] == 0  # RoPE's inverse frequencies keep one Pow
+    fused = [node for node in after.graph if node.op_type == "RMSNormalization"]
+    assert [node.name for node in fused[:2]] == ["layers.0.input_layernorm.ort/rms_norm",
+                                                 "layers.0.post_attention_layernorm.ort/rms_norm"]
+    assert fused[-1].name == "norm.ort/rms_norm" and fused[-1].inputs[1].name == "norm.weight"
+    attributes = {k: a.value for k, a in fused[0].attributes.items()}
+    assert attributes == {"axis": -1, "epsilon": pytest.approx(config.rms_norm_eps), "stash_type": 1}
+    assert fused[0].inputs[0].dtype == fused[0].outputs[0].dtype == ir.DataType.from_numpy(np.dtype(config.dtype))
+    assert after.opset_imports[""] == 23
+    # weights were re-wired, not read: still the lazy tensors capture attached
+    assert isinstance(after.graph.initializers["norm.weight"].const_value, ir.LazyTensor)
+
+
+def test_pipeline_runs_it_for_ort_only(captured):
+    model, config = captured
+    for target in ("ort", "portable"):
+        lowered = model.clone()
+        report = lower_for_target(lowered, target, config.num_hidden_layers)
+        fused = sum(n.op_type == "RMSNormalization" for n in lowered.graph)
+        assert (report.get("fuse_rms_norm_ort"), fused) == ((norms(config),) * 2 if target == "ort" else (None, 0))
+
+
+def declined(model: ir.Model, layers: int) -> str:
+    fusion = FuseRMSNormOrt(layers)
+    result = fusion(model)
+    assert result.rewrites == 0 and not result.modified
+    assert not any(n.op_type == "RMSNormalization" for n in model.graph)  # all or nothing
+    return fusion.reason
+
+
+def test_declines_missing_weight_and_pipeline_fails(captured):
+    model, config = captured
+    layers = config.num_hidden_layers
+    graph = ort_graph(model)
+    graph.graph.initializers["layers.1.post_attention_layernorm.weight"].name = "renamed"
+    assert declined(graph, layers) == "no initializer layers.1.post_attention_layernorm.weight"
+    broken = model.clone()
+    broken.graph.initializers["norm.weight"].name = "renamed"
+    with pytest.raises(InternalError, match=r"fuse_rms_norm_ort made 0 rewrites, expected 5 \(two per layer and "
+                                            r"the final norm\): no initializer norm.weight"):
+        lower_for_target(broken, "ort", layers)
+
+
+def test_declines_a_weight_used_twice(captured):
+    model, config = captured
+    graph = ort_graph(model)
+    weight = graph.graph.initializers["layers.0.input_layernorm.weight"]
+    graph.graph.append(ir.node("Mul", [weight, weight], name="extra_use"))
+    assert declined(graph, config.num_hidden_layers) == "layers.0.input_layernorm.weight is not an input of exactly one Mul"
+
+
+def test_declines_another_exponent(captured):
+    model, config = captured
+    graph = ort_graph(model)
+    pow_ = next(n for n in graph.graph if n.op_type == "Pow" and n.inputs[0].shape is not None
+                and n.inputs[0].shape[-1] == config.hidden_size)
+    cube = ir.Value(name="three", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
+                    const_value=ir.tensor(np.array(3, np.float32), name="three"))  # statistics are fp32
+    graph.graph.register_initializer(cube)
+    pow_.replace_input_with(1, cube)
+    assert declined(graph, config.num_hidden_layers) == "layers.0.input_layernorm.weight: Pow exponent is not 2"
+
+
+@pytest.fixture(scope="module")
+def sessions(captured, tmp_path_factory):
+    model, config = captured
+    layers = config.num_hidden_layers
+    root = tmp_path_factory.mktemp(f"fuse_rms_norm_{config.dtype}")
+    return (session(ort_graph(model, FuseAttentionOrt(layers)), root / "unfused.onnx"),
+            session(ort_graph(model, FuseAttentionOrt(layers), FuseRMSNormOrt(layers)), root / "fused.onnx"))
+
+
+@pytest.mark.parametrize("batch,seq,past,pad", [
+    (1, 1, 9, 0),  # decode, batch 1
+    (2, 7, 0, 3),  # left-padded prefill
+    (3, 2, 5, 2),  # chunked prefill with a past
+])
+def test_numerics_match_unfused(captured, sessions, batch, seq, past, pad):
+    _, config = captured
+    feed = decoder_feeds(config, batch, seq, past, pad, np.random.default_rng(batch * 100 + seq * 10 + past))
+    want, got = run_both(*sessions, feed)
+    atol, rtol = TOLERANCES[config.dtype]
+    for name in want:
+        assert got[name].dtype == want[name].dtype and not np.isnan(got[name]).any(), name
+        np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=atol, rtol=rtol,
+                                   err_msg=name)
