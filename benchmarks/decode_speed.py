@@ -16,9 +16,9 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
 
 torch uses 2 threads, onnxruntime intra_op_num_threads=2. Decode ms is the median over --steps
 steps (after 3 warmup steps), one new token per sequence per step. "x limit" compares with the
-bandwidth limit of one step: active weight bytes / DRAM read bandwidth (numpy sum over a 2 GiB
-buffer, best of 5). At batch B the active expert bytes assume uniform routing: each layer reads
-E * (1 - (1 - k/E)^B) distinct experts.
+bandwidth limit of one step: active weight bytes / DRAM read bandwidth (torch sum over a 2 GiB
+buffer with 1 and 2 threads, best of 5). At batch B the active expert bytes assume uniform
+routing: each layer reads E * (1 - (1 - k/E)^B) distinct experts.
 """
 
 from __future__ import annotations
@@ -60,13 +60,18 @@ def make_config(name: str):
 
 
 def dram_bandwidth() -> float:
-    """Read bandwidth in bytes/s: best of 5 numpy sums over a 2 GiB buffer."""
-    buf = np.ones(2 * 1024**3 // 8, dtype=np.float64)
+    """Read bandwidth in bytes/s: the best of 5 torch sums over a 2 GiB fp32 buffer, with 1 and 2
+    threads. (numpy's pairwise sum is compute-bound on this VM, ~20 GB/s, and would make a "limit"
+    that the artifacts beat.)"""
+    buf = torch.ones(2 * 1024**3 // 4, dtype=torch.float32)
     best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
+    for threads in (1, THREADS):
+        torch.set_num_threads(threads)
+        for _ in range(5):
+            t = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(THREADS)
     del buf
     return 2 * 1024**3 / best
 
@@ -324,7 +329,8 @@ def main() -> int:
     torch.set_num_threads(THREADS)
     print(machine_info())
     bw = dram_bandwidth()
-    print(f"DRAM read bandwidth (numpy sum, 2 GiB, best of 5): {bw / 1e9:.2f} GB/s", flush=True)
+    print(f"DRAM read bandwidth (torch sum over 2 GiB, 1 and {THREADS} threads, best of 5): {bw / 1e9:.2f} GB/s",
+          flush=True)
     work = Path(tempfile.mkdtemp(prefix="mixexport-decode-", dir=args.workdir))
     try:
         for name in args.configs:
