@@ -262,8 +262,8 @@ def _try_engine(root: Path, out: Path, manifest: dict, options: BuildOptions, pr
 def _install(tmp: Path, out: Path) -> None:
     """Put the finished artifact at OUT; an old OUT is removed only after the new one is in place.
 
-    Every file is flushed to disk before the rename (the weights already are), so a crash never
-    leaves an OUT whose files are empty or partly written.
+    Every file is flushed to disk before the rename (the weights already are) and the directory
+    after it, so a crash never leaves an OUT whose files are empty or partly written.
     """
     for path in sorted(tmp.rglob("*")):
         if path.is_file():
@@ -276,3 +276,8 @@ def _install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         os.replace(tmp, out)
+    parent = os.open(out.parent, os.O_RDONLY)  # the rename itself is durable once its directory is
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
