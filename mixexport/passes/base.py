@@ -18,6 +18,38 @@ class RewriteResult(ir.passes.PassResult):
     rewrites: int = 0
 
 
+class AllOrNothingFusion(ir.passes.InPlacePass):
+    """A fusion that rewrites every one of its `expected` sites, or none.
+
+    Subclasses set `sites` (what `expected` counts, for messages) and give `match(model)`, one
+    match or reason string per site, and `rewrite(model, matches)`. When any site declines nothing
+    is rewritten, `rewrites` is 0 and `reason` is the first reason; the pipeline turns a shortfall
+    against `expected` into an error.
+    """
+
+    sites = ""
+
+    def __init__(self, expected: int):
+        super().__init__()
+        self.expected = expected
+        self.reason: str | None = None
+
+    def match(self, model: ir.Model) -> list:
+        raise NotImplementedError
+
+    def rewrite(self, model: ir.Model, matches: list) -> None:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> RewriteResult:
+        matches = self.match(model)
+        reasons = [m for m in matches if isinstance(m, str)]
+        if reasons:
+            self.reason = reasons[0]
+            return RewriteResult(model, False, rewrites=0)
+        self.rewrite(model, matches)
+        return RewriteResult(model, bool(matches), rewrites=len(matches))
+
+
 def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
                         transform: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]) -> ir.Value:
     """Register an initializer computed from another one when the model is saved.

@@ -32,7 +32,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.passes.base import RewriteResult, require_opset
+from mixexport.passes.base import AllOrNothingFusion, require_opset
 
 OPSET = 23  # the first standard opset with Attention and RotaryEmbedding
 
@@ -168,29 +168,22 @@ class _Builder:
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
 
-class FuseAttentionOrt(ir.passes.InPlacePass):
-    """Rewrite every layer's attention into RotaryEmbedding x2 + Attention (opset 23).
-
-    All or nothing: when any layer does not match, nothing is rewritten, `rewrites` is 0 and
-    `reason` says why (the pipeline turns that into an error).
-    """
+class FuseAttentionOrt(AllOrNothingFusion):
+    """Rewrite every layer's attention into RotaryEmbedding x2 + Attention (opset 23)."""
 
     sites = "one per layer"
 
     def __init__(self, num_layers: int):
-        super().__init__()
+        super().__init__(num_layers)
         self.num_layers = num_layers
-        self.expected = num_layers
-        self.reason: str | None = None
 
-    def call(self, model: ir.Model) -> RewriteResult:
+    def match(self, model: ir.Model) -> list[AttentionMatch | str]:
+        mask = find_mask(model.graph, self.num_layers)
+        return [mask] if isinstance(mask, str) else [match_attention(model.graph, i) for i in range(self.num_layers)]
+
+    def rewrite(self, model: ir.Model, matches: list[AttentionMatch]) -> None:
         graph = model.graph
         mask = find_mask(graph, self.num_layers)
-        matches = [mask] if isinstance(mask, str) else [match_attention(graph, i) for i in range(self.num_layers)]
-        reasons = [m for m in matches if isinstance(m, str)]
-        if reasons:
-            self.reason = reasons[0]
-            return RewriteResult(model, False, rewrites=0)
         b = _Builder(graph)
         # Shared by all layers: the mask with no fully masked row, the zero-query flag, half tables.
         at = matches[0].o_proj  # layers are in graph order
@@ -230,4 +223,3 @@ class FuseAttentionOrt(ir.passes.InPlacePass):
                 new.name, new.shape, new.type = name, old.shape, old.type
                 graph.outputs[index] = new
         require_opset(model, OPSET)
-        return RewriteResult(model, bool(matches), rewrites=len(matches))

@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.passes.base import RewriteResult, require_opset
+from mixexport.passes.base import AllOrNothingFusion, require_opset
 
 OPSET = 23  # the first standard opset with RMSNormalization
 
@@ -129,34 +129,24 @@ def match_rms_norm(graph: ir.Graph, weight_name: str) -> NormMatch | str:
     return NormMatch(weight, x, scale.outputs[0], scale, float(eps.item()))
 
 
-class FuseRMSNormOrt(ir.passes.InPlacePass):
-    """Rewrite every RMSNorm (2 per layer and the final norm) into `RMSNormalization`.
-
-    All or nothing: when any norm does not match, nothing is rewritten, `rewrites` is 0 and
-    `reason` says why (the pipeline turns that into an error).
-    """
+class FuseRMSNormOrt(AllOrNothingFusion):
+    """Rewrite every RMSNorm (2 per layer and the final norm) into `RMSNormalization`."""
 
     sites = "two per layer and the final norm"
 
     def __init__(self, num_layers: int):
-        super().__init__()
-        self.expected = 2 * num_layers + 1
+        super().__init__(2 * num_layers + 1)
         self.weights = norm_weights(num_layers)
-        self.reason: str | None = None
 
-    def call(self, model: ir.Model) -> RewriteResult:
-        graph = model.graph
-        matches = [match_rms_norm(graph, name) for name in self.weights]
-        reasons = [m for m in matches if isinstance(m, str)]
-        if reasons:
-            self.reason = reasons[0]
-            return RewriteResult(model, False, rewrites=0)
+    def match(self, model: ir.Model) -> list[NormMatch | str]:
+        return [match_rms_norm(model.graph, name) for name in self.weights]
+
+    def rewrite(self, model: ir.Model, matches: list[NormMatch]) -> None:
         for m in matches:
             node = ir.node("RMSNormalization", [m.x, m.weight], name=m.name("rms_norm"),
                            attributes={"axis": -1, "epsilon": m.epsilon, "stash_type": 1})
-            graph.insert_before(m.at, node)
+            model.graph.insert_before(m.at, node)
             out = node.outputs[0]
             out.name, out.shape, out.type = m.name("rms_norm"), m.out.shape, m.out.type
             ir.convenience.replace_all_uses_with(m.out, out)
         require_opset(model, OPSET)
-        return RewriteResult(model, True, rewrites=len(matches))
