@@ -1,13 +1,15 @@
 """`mixexport build`: checkpoint -> captured graph -> one lowered graph per target -> OUT.
 
-The artifact is assembled in a temporary directory beside OUT and renamed into place at the end,
-so an interrupted or failed build never leaves a half artifact and never replaces a good one.
+The artifact is assembled in a staging directory beside OUT and installed with one atomic rename
+at the end (`mixexport.artifact.install`), so an interrupted or failed build never leaves a half
+artifact and never replaces a good one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -21,57 +23,110 @@ from typing import Any, Callable, Iterator
 import onnx_ir as ir
 
 from mixexport import graph_io
+from mixexport.artifact.install import (check_destination, collect_stale, install, keep_failed, make_staging,
+                                        output_lock)
 from mixexport.artifact.manifest import (FORMAT_VERSION, checkpoint_entries, file_entry, tool_versions,
                                          write_manifest)
 from mixexport.artifact.save import ONNX_FILE, save_model
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
+from mixexport.checkpoint.names import expected_shapes
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
+from mixexport.dtypes import torch_dtype
 from mixexport.errors import InternalError, MixexportError
+from mixexport.kernels.configs import AOT_MAX_EXPERTS
 from mixexport.passes.pipeline import LOWERINGS, lower_for_target
+from mixexport.targets.trt.contract import plugin_contract
+from mixexport.validate.parity import validate_artifact
 
 TARGETS = tuple(LOWERINGS)
 # What each target's runtime runs. onnxruntime's CPU kernels have no bfloat16 for most ops (and
-# com.microsoft.MoE has none), so the ort target refuses it; TensorRT and plain ONNX accept it.
+# com.microsoft.MoE has none), so the ort target refuses it; plain ONNX takes every dtype; the
+# TensorRT plugin has kernels only for the dtypes its contract lists (fp32 tiles do not fit in
+# shared memory).
 TARGET_DTYPES = {"portable": ("float32", "float16", "bfloat16"), "ort": ("float32", "float16"),
-                 "trt": ("float32", "float16", "bfloat16")}
+                 "trt": tuple(plugin_contract()["dtypes"])}
 MOE_OPS = {"portable": None, "ort": "com.microsoft.MoE", "trt": "trt.plugins.MixtralMoE"}
+DEFAULT_MAX_SEQUENCE, DEFAULT_MAX_CONTEXT = 2048, 8192
 
 Progress = Callable[[str], None]
 
 
 @dataclasses.dataclass
 class BuildOptions:
-    targets: tuple[str, ...] = TARGETS
-    dtype: str | None = None  # None: the checkpoint's, where every target supports it
+    targets: tuple[str, ...] | None = None  # None: every target that can serve the model and dtype
+    dtype: str | None = None  # None: the checkpoint's (a bfloat16 checkpoint builds float16)
     max_batch: int = 8
-    max_sequence: int = 2048  # new tokens per call (prefill length)
+    max_sequence: int | None = None  # new tokens per call; default min(2048, the context)
     max_context: int | None = None  # past + new; default: max_position_embeddings capped at 8192
     force: bool = False
     validate: bool = True
+    allow_not_validated: bool = False  # accept targets this machine cannot run (exit 0)
     plugin: str | None = None  # MixtralMoE plugin library, for the trt engine
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
 
 
-def resolve_dtype(config: MixtralConfig, requested: str | None, targets: tuple[str, ...],
-                  progress: Progress) -> str:
+def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progress) -> str:
     """The one dtype of every graph in this build.
 
     A bfloat16 checkpoint builds float16 by default: one dtype that every target, onnxruntime's
     CPU kernels included, runs and validates. `--dtype bfloat16` keeps bf16 for portable and trt.
     """
     if requested:
-        for target in targets:
-            if requested not in TARGET_DTYPES[target]:
-                raise MixexportError(f"--dtype {requested} is not supported by target {target} "
-                                     f"(supported: {', '.join(TARGET_DTYPES[target])})")
         return requested
     if config.dtype == "bfloat16":
         progress("checkpoint is bfloat16; building float16, which onnxruntime's CPU kernels run "
                  "(--dtype bfloat16 keeps bf16 for the portable and trt targets, --dtype float32 is exact)")
         return "float16"
     return config.dtype
+
+
+def target_refusal(target: str, config: MixtralConfig, dtype: str) -> str | None:
+    """Why `target` cannot serve this model in `dtype`, or None when it can."""
+    if dtype not in TARGET_DTYPES[target]:
+        why = {"ort": "onnxruntime's MoE kernels have no bfloat16",
+               "trt": "the MixtralMoE plugin has no float32 kernels (their tiles do not fit in shared memory)"}
+        return (f"{why.get(target, 'unsupported')}; it supports {', '.join(TARGET_DTYPES[target])}")
+    if target == "trt":
+        # The kernels vectorize along H and I and size their routing blocks for at most 64 experts.
+        h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+        if h % 16 or i % 16 or e > AOT_MAX_EXPERTS:
+            return (f"the MixtralMoE plugin's kernels need hidden and intermediate sizes that are multiples of 16 "
+                    f"and at most {AOT_MAX_EXPERTS} experts; this model has H {h}, I {i}, E {e}")
+    return None
+
+
+def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dtype: str,
+                    progress: Progress) -> tuple[str, ...]:
+    """The targets to build: those asked for (each must be able to serve the model), or by
+    default every target that can, saying why any other is left out.
+
+    Raises:
+        MixexportError: for an unknown, repeated or unsupported target, or an empty list.
+    """
+    if requested is None:
+        chosen = []
+        for target in TARGETS:
+            reason = target_refusal(target, config, dtype)
+            if reason:
+                progress(f"{target}: not built for {dtype}: {reason} (--target {target} --dtype ... to choose)")
+            else:
+                chosen.append(target)
+        if not chosen:
+            raise MixexportError(f"no target can serve this model in {dtype}")
+        return tuple(chosen)
+    if not requested:
+        raise MixexportError(f"--target names no target; choose from {', '.join(TARGETS)}")
+    for target in requested:
+        if target not in TARGETS:
+            raise MixexportError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        if requested.count(target) > 1:
+            raise MixexportError(f"--target names {target} more than once")
+        reason = target_refusal(target, config, dtype)
+        if reason:
+            raise MixexportError(f"target {target} cannot be built for {dtype}: {reason}")
+    return requested
 
 
 @contextmanager
@@ -95,11 +150,54 @@ def reference_source(checkpoint: str | Path | None, preset_name: str | None, see
 
 
 def dynamic_ranges(options: BuildOptions, config: MixtralConfig) -> dict[str, list[int]]:
-    total = options.max_context or min(config.max_position_embeddings, 8192)
-    if options.max_sequence > total:
-        raise MixexportError(f"--max-sequence {options.max_sequence} exceeds the context length {total}")
-    return {graph_io.BATCH: [1, options.max_batch], graph_io.SEQUENCE: [1, options.max_sequence],
+    """The ranges of the graphs' dynamic dimensions, defaults derived from the model's context."""
+    total = options.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    sequence = options.max_sequence or min(DEFAULT_MAX_SEQUENCE, total)
+    if sequence > total:
+        raise MixexportError(f"--max-sequence {sequence} exceeds the context length {total} "
+                             f"(--max-context, default min(max_position_embeddings, {DEFAULT_MAX_CONTEXT}))")
+    return {graph_io.BATCH: [1, options.max_batch], graph_io.SEQUENCE: [1, sequence],
             graph_io.PAST: [0, total - 1], graph_io.TOTAL: [1, total]}
+
+
+def weight_bytes(ckpt: Checkpoint, dtype: str) -> int:
+    """Bytes of the model's weights in `dtype`: what each target's external data file holds."""
+    itemsize = torch_dtype(dtype).itemsize
+    return sum(math.prod(shape) for shape in expected_shapes(ckpt.config).values()) * itemsize
+
+
+def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out: Path, validate: bool,
+                     progress: Progress) -> None:
+    """Say what the build will need, and refuse up front what cannot fit (not after an hour)."""
+    per_target = weight_bytes(ckpt, dtype)
+    need = per_target * len(targets) + 64 * 1024**2
+    free = shutil.disk_usage(out.parent).free
+    progress(f"writing {len(targets)} target(s) of {per_target / 1e9:.2f} GB each to {out} "
+             f"({free / 1e9:.1f} GB free there)")
+    if need > free:
+        raise MixexportError(f"not enough disk space for {out}: {len(targets)} target(s) need about "
+                             f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free on the filesystem of {out.parent}")
+    if validate:
+        # Whole-model validation holds the reference and one onnxruntime session at a time; on CPU
+        # onnxruntime keeps fp32 copies of fp16 weights for most ops.
+        ram = per_target * (2 + (dtype != "float32")) + 1024**3
+        available = memory_available()
+        if available is not None and ram > available:
+            raise MixexportError(
+                f"validating this model in memory needs about {ram / 1e9:.0f} GB of RAM (the PyTorch reference plus "
+                f"one onnxruntime session), {available / 1e9:.0f} GB are available: build with --no-validate here "
+                f"and validate on a machine with more memory")
+
+
+def memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no /proc)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions, progress: Progress) -> dict:
@@ -109,65 +207,87 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
         the manifest (with the validation summary when validation ran).
 
     Raises:
-        MixexportError: for an existing OUT without force, an unsupported dtype, a parity failure.
+        MixexportError: for an OUT that must not be written, an unsupported target or dtype, too
+            little disk or memory, a parity failure, or (unless `allow_not_validated`) a target that
+            could not be validated here; in the last case OUT has been written.
     """
     out = Path(out)
-    if out.exists() and not options.force:
-        raise MixexportError(f"{out} already exists; pass --force to replace it")
-    for target in options.targets:
-        if target not in TARGETS:
-            raise MixexportError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     config = ckpt.config
-    dtype = resolve_dtype(config, options.dtype, options.targets, progress)
+    dtype = resolve_dtype(config, options.dtype, progress)
+    targets = resolve_targets(options.targets, config, dtype, progress)
     ranges = dynamic_ranges(options, config)
-
+    protected = {"the checkpoint": ckpt.path}
+    check_destination(out, options.force, protected)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        start = time.perf_counter()
-        progress(f"capturing the decoder ({config.num_hidden_layers} layers, {dtype})")
-        captured = capture_decoder(config, dtype, max_batch=ranges[graph_io.BATCH][1],
-                                   max_sequence=ranges[graph_io.SEQUENCE][1],
-                                   max_total=ranges[graph_io.TOTAL][1])
-        attach_checkpoint_weights(captured, ckpt, dtype)
-        progress(f"captured in {time.perf_counter() - start:.1f}s")
-        targets = {}
-        for target in options.targets:
-            targets[target] = _build_target(captured, target, config, dtype, tmp, progress)
-        if "trt" in targets and options.trt_kernels:
-            targets["trt"]["kernels"] = _write_trt_kernels(tmp, config, dtype, progress)
-        if source["kind"] == "checkpoint":
-            # Every weight was read (and hashed) by the export; nothing is read a second time.
-            source = {**source, "files": checkpoint_entries(ckpt)}
-        manifest = {
-            "format": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tools": tool_versions(),
-            "model": config.summary(),
-            "dtype": dtype,
-            "source": source,
-            "dynamic_dims": ranges,
-            "targets": targets,
-        }
-        if "trt" in targets:
-            _try_engine(tmp, out, manifest, options, progress)
-        write_manifest(tmp, manifest)
-        if options.validate:
-            from mixexport.validate.parity import validate_artifact
+    with output_lock(out):
+        check_destination(out, options.force, protected)  # again, now that no other build can change it
+        collect_stale(out, progress)
+        _check_resources(ckpt, dtype, targets, out, options.validate, progress)
+        staging = make_staging(out)
+        try:
+            manifest = _build_into(staging, ckpt, source, out, targets, dtype, ranges, options, progress)
+            report = None
+            if options.validate:
+                report = validate_artifact(staging, manifest, ckpt, progress=progress)
+                manifest["validation"] = report["summary"]
+                write_manifest(staging, manifest)
+                if report["summary"]["failed_targets"]:
+                    kept = keep_failed(staging, out)
+                    raise MixexportError(f"parity validation failed ({report['summary']['failed_targets']}); the "
+                                         f"artifact was kept for inspection in {kept}, {out} was not touched")
+            install(staging, out, replace=options.force)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when installed or kept
+    not_validated = report["summary"]["not_validated"] if report else []
+    if not_validated and not options.allow_not_validated:
+        reasons = "; ".join(f"{t}: {report['targets'][t]['reason']}" for t in not_validated)
+        others = "the others passed" if report["summary"]["compared"] else "nothing was compared"
+        raise NotValidatedError(f"{out} was written, but {', '.join(not_validated)} could not be validated on this "
+                                f"machine ({reasons}); {others}. Validate where they can run, or pass "
+                                f"--allow-not-validated to accept this", manifest)
+    if not_validated:
+        progress(f"NOT validated (accepted with --allow-not-validated): {', '.join(not_validated)}")
+    return manifest
 
-            report = validate_artifact(tmp, manifest, ckpt, progress=progress)
-            manifest["validation"] = report["summary"]
-            write_manifest(tmp, manifest)
-            if not report["passed"]:
-                failed = out.with_name(out.name + ".failed")
-                shutil.rmtree(failed, ignore_errors=True)
-                os.replace(tmp, failed)
-                raise MixexportError(f"parity validation failed ({report['summary']['failed_targets']}); "
-                                     f"the artifact was kept for inspection in {failed}, {out} was not touched")
-        _install(tmp, out)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+class NotValidatedError(MixexportError):
+    """The artifact was installed, but some of its targets could not be compared on this machine."""
+
+    def __init__(self, message: str, manifest: dict) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+
+def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: tuple[str, ...], dtype: str,
+                ranges: dict[str, list[int]], options: BuildOptions, progress: Progress) -> dict:
+    """Capture once, lower and write every target into `root`; returns the manifest (written)."""
+    config = ckpt.config
+    start = time.perf_counter()
+    progress(f"capturing the decoder ({config.num_hidden_layers} layers, {dtype})")
+    captured = capture_decoder(config, dtype, max_batch=ranges[graph_io.BATCH][1],
+                               max_sequence=ranges[graph_io.SEQUENCE][1], max_total=ranges[graph_io.TOTAL][1])
+    attach_checkpoint_weights(captured, ckpt, dtype)
+    progress(f"captured in {time.perf_counter() - start:.1f}s")
+    entries = {target: _build_target(captured, target, config, dtype, root, progress) for target in targets}
+    if "trt" in entries and options.trt_kernels:
+        entries["trt"]["kernels"] = _write_trt_kernels(root, dtype, progress)
+    if source["kind"] == "checkpoint":
+        # Every weight was read (and hashed) by the export; nothing is read a second time.
+        source = {**source, "files": checkpoint_entries(ckpt)}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tools": tool_versions(),
+        "model": config.summary(),
+        "dtype": dtype,
+        "source": source,
+        "dynamic_dims": ranges,
+        "targets": entries,
+    }
+    if "trt" in entries:
+        _try_engine(root, out, manifest, options, progress)
+    write_manifest(root, manifest)
+    return manifest
 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
@@ -192,26 +312,15 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     }
 
 
-# The plugin's Triton kernels exist for these graph dtypes (fp32 tiles do not fit shared memory).
+# The AOT compiler's names of the plugin's dtypes.
 KERNEL_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
 KERNEL_ARCHS = "80,86,89,90"
 
 
-def _write_trt_kernels(root: Path, config: MixtralConfig, dtype: str, progress: Progress) -> dict:
+def _write_trt_kernels(root: Path, dtype: str, progress: Progress) -> dict:
     """AOT-compile the MixtralMoE kernels (cubin + PTX + metadata) into OUT/trt/kernels, which the
-    plugin's CMake build embeds (-DMIXEXPORT_AOT_DIR)."""
-    from mixexport.kernels.configs import AOT_MAX_EXPERTS
-
-    if dtype not in KERNEL_DTYPES:
-        progress(f"trt: no plugin kernels for {dtype} graphs (they exist for float16 and bfloat16); "
-                 f"build with --dtype float16 or bfloat16 for a TensorRT engine")
-        return {"status": "skipped", "reason": f"no {dtype} kernels"}
-    # The kernels vectorize along H and I and size their routing blocks for at most 64 experts.
-    h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
-    if h % 16 or i % 16 or e > AOT_MAX_EXPERTS:
-        progress(f"trt: the plugin's kernels need hidden and intermediate sizes that are multiples of 16 and at "
-                 f"most {AOT_MAX_EXPERTS} experts; this model (H {h}, I {i}, E {e}) cannot use the TensorRT engine")
-        return {"status": "skipped", "reason": f"unsupported shapes (H {h}, I {i}, E {e})"}
+    plugin's CMake build embeds (-DMIXEXPORT_AOT_DIR). `target_refusal` has checked the dtype and
+    shapes already."""
     if importlib.util.find_spec("triton") is None:
         progress("trt: kernels not compiled: triton is missing (pip install 'mixexport[kernels]')")
         return {"status": "skipped", "reason": "triton not installed"}
@@ -257,27 +366,3 @@ def _try_engine(root: Path, out: Path, manifest: dict, options: BuildOptions, pr
             progress(f"    {line}")
         return
     entry["engine"] = engine.build_engine(root, manifest, options.plugin, progress=progress)
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Put the finished artifact at OUT; an old OUT is removed only after the new one is in place.
-
-    Every file is flushed to disk before the rename (the weights already are) and the directory
-    after it, so a crash never leaves an OUT whose files are empty or partly written.
-    """
-    for path in sorted(tmp.rglob("*")):
-        if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, out)
-    parent = os.open(out.parent, os.O_RDONLY)  # the rename itself is durable once its directory is
-    try:
-        os.fsync(parent)
-    finally:
-        os.close(parent)

@@ -48,7 +48,8 @@ def capture_decoder(config: MixtralConfig, dtype: str, max_batch: int = 64, max_
         config: model shapes.
         dtype: weights and KV-cache dtype.
         max_batch, max_sequence, max_total: upper bounds of the dynamic dimensions (batch, new
-            tokens, past + new tokens); recorded in the graph as the ranges torch.export checks.
+            tokens, past + new tokens), any value >= 1; torch.export checks the trace against them
+            (widened to hold its example sizes). The graph's dimensions stay symbolic.
 
     Returns:
         the captured model: one `mixexport.MoE` node per layer, I/O named per `graph_io`.
@@ -56,16 +57,19 @@ def capture_decoder(config: MixtralConfig, dtype: str, max_batch: int = 64, max_
     max_total = max_total or max(max_sequence, config.max_position_embeddings)
     with torch.device("meta"):
         model = _CaptureDecoder(config, moe_impl=torch.ops.mixexport.moe).to(torch_dtype(dtype)).eval()
-    batch = torch.export.Dim(graph_io.BATCH, min=1, max=max_batch)
-    seq = torch.export.Dim(graph_io.SEQUENCE, min=1, max=max_sequence)
-    # A past of max_total leaves no room for a new token; a max of max_total fails torch.export's
-    # first attempt (guard past <= max_total - 1) and costs a second full trace.
-    past = torch.export.Dim(graph_io.PAST, min=0, max=max(1, max_total - 1))
-    # Dim + Dim is refused, so the mask's length has its own Dim rather than past + sequence.
-    total = torch.export.Dim(graph_io.TOTAL, min=1, max=max_total)
-
     # Example sizes are distinct and > 1 so torch.export does not specialise any of them.
     b, s, p = 2, 3, 5
+    # The Dims' bounds only limit what torch.export checks while tracing: the graph's dimensions stay
+    # symbolic whatever they are (the manifest records the user's ranges). So each bound is widened
+    # to hold the example sizes, which makes every range from 1 up valid (--max-batch 1 included).
+    batch = torch.export.Dim(graph_io.BATCH, min=1, max=max(max_batch, b + 1))
+    seq = torch.export.Dim(graph_io.SEQUENCE, min=1, max=max(max_sequence, s + 1))
+    # A past of max_total leaves no room for a new token; a max of max_total fails torch.export's
+    # first attempt (guard past <= max_total - 1) and costs a second full trace.
+    past = torch.export.Dim(graph_io.PAST, min=0, max=max(max_total - 1, p + 1))
+    # Dim + Dim is refused, so the mask's length has its own Dim rather than past + sequence.
+    total = torch.export.Dim(graph_io.TOTAL, min=1, max=max(max_total, p + s + 1))
+
     ids = torch.zeros(b, s, dtype=torch.int64, device="meta")
     mask = torch.zeros(b, p + s, dtype=torch.int64, device="meta")
     kv_shape = (b, config.num_key_value_heads, p, config.head_dim)

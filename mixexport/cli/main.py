@@ -6,7 +6,10 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import sys
 import time
 import traceback
@@ -46,13 +49,47 @@ class _Group(click.Group):
             sys.exit(1)
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C, so every `finally` that removes
+        # this run's staging files runs.
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except MixexportError as exc:
-            if ctx.obj and ctx.obj.get("verbose"):
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            _fail(ctx, str(exc))
+        except OSError as exc:  # the machine's doing (full disk, read-only or missing path), not a bug
+            _fail(ctx, _os_error_message(exc))
+        except MemoryError:
+            _fail(ctx, "out of memory; see the memory estimate printed at the start, or use a machine with more RAM")
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted; files this run was writing were removed", status=130)
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _fail(ctx: click.Context, message: str, status: int = 1):
+    if ctx.obj and ctx.obj.get("verbose"):
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(status)
+
+
+_OS_HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "the filesystem is read-only; write elsewhere",
+             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+             errno.ENAMETOOLONG: "use a shorter path"}
+
+
+def _os_error_message(exc: OSError) -> str:
+    what = os.strerror(exc.errno) if exc.errno else str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{where}{what}" + (f" ({hint})" if hint and hint.lower() != what.lower() else "")
 
 
 def dtype_option(help_text: str, default=None):
@@ -104,32 +141,44 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
 @click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)),
               help="Build a random checkpoint of this preset instead of CHECKPOINT.")
 @click.option("--seed", default=0, show_default=True, help="Weights seed for --preset.")
-@click.option("--target", "targets", default="portable,ort,trt", show_default=True,
-              help="Comma-separated targets: portable, ort, trt.")
+@click.option("--target", "targets",
+              help="Comma-separated targets: portable, ort, trt (default: every target that can serve the model "
+                   "in the build's dtype; the others are named with the reason).")
 @dtype_option("Graph dtype (default: the checkpoint's; a bfloat16 checkpoint builds float16).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Largest batch.")
-@click.option("--max-sequence", default=2048, show_default=True, type=click.IntRange(min=1),
-              help="Most new tokens per call (prefill length).")
-@click.option("--max-context", type=click.IntRange(min=1),
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1, max=2**31 - 1),
+              help="Largest batch.")
+@click.option("--max-sequence", type=click.IntRange(min=1, max=2**31 - 1),
+              help="Most new tokens per call (prefill length; default: min(2048, the context length)).")
+@click.option("--max-context", type=click.IntRange(min=1, max=2**31 - 1),
               help="Most past + new tokens (default: max_position_embeddings, at most 8192).")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against the PyTorch reference.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT (only once the new build succeeded).")
+@click.option("--allow-not-validated", is_flag=True,
+              help="Exit 0 even when a target could not be validated on this machine (failures still exit 1).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing OUT that is a mixexport artifact (only once the new build succeeded).")
 @click.option("--plugin", type=click.Path(dir_okay=False),
               help="MixtralMoE plugin library for the trt engine (default: $MIXEXPORT_PLUGIN_LIB or "
                    "build/plugins/moe/libmixexport_plugins.so).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
-          force, plugin) -> None:
+          allow_not_validated, force, plugin) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
-    from mixexport.artifact.build import BuildOptions, build as run_build, reference_source
+    from mixexport.artifact.build import BuildOptions, NotValidatedError, build as run_build, reference_source
+    from mixexport.artifact.install import check_destination
 
-    options = BuildOptions(targets=tuple(t.strip() for t in targets.split(",") if t.strip()), dtype=dtype,
-                           max_batch=max_batch, max_sequence=max_sequence, max_context=max_context, force=force,
-                           validate=not no_validate, plugin=plugin)
-    if Path(out).exists() and not force:  # before any slow step
-        raise MixexportError(f"{out} already exists; pass --force to replace it")
+    options = BuildOptions(targets=None if targets is None else tuple(t.strip() for t in targets.split(",")
+                                                                      if t.strip()),
+                           dtype=dtype, max_batch=max_batch, max_sequence=max_sequence, max_context=max_context,
+                           force=force, validate=not no_validate, allow_not_validated=allow_not_validated,
+                           plugin=plugin)
+    # Before any slow step (build checks again, under OUT's lock).
+    check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
     with reference_source(checkpoint, preset_name, seed, {}, progress) as (ckpt, source):
-        manifest = run_build(ckpt, source, out, options, progress)
+        try:
+            manifest = run_build(ckpt, source, out, options, progress)
+        except NotValidatedError as exc:
+            _print_build_summary(out, exc.manifest, time.perf_counter() - start)
+            raise
     _print_build_summary(out, manifest, time.perf_counter() - start)
 
 
@@ -137,12 +186,16 @@ def _print_build_summary(out, manifest, seconds) -> None:
     validation = manifest.get("validation")
     rows = [("target", "moe op", "MoE nodes", "size MB", "parity", "router agreement")]
     for target, entry in manifest["targets"].items():
-        status = validation["targets"].get(target, "-") if validation else "not run"
+        status = validation["targets"].get(target, "-") if validation else "not run (--no-validate)"
         agreement = validation["router_agreement"].get(target) if validation else None
         rows.append((target, entry["moe_op"] or "standard ONNX", str(entry["moe_nodes"]),
                      f"{sum(f['bytes'] for f in entry['files']) / 1e6:.1f}", status,
                      "-" if agreement is None else f"{agreement:.1%}"))
     _print_table(rows)
+    engine = manifest["targets"].get("trt", {}).get("engine")
+    if engine and engine.get("status") == "not built":
+        click.echo(f"trt engine: not built here (missing {engine['missing']}); build it on a GPU machine as shown "
+                   f"above")
     click.echo(f"built {out} ({manifest['dtype']}) in {seconds:.1f}s")
 
 

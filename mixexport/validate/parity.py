@@ -236,6 +236,7 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
     failed = [t for t, s in statuses.items() if s == "fail"]
     report["passed"] = not failed
     report["summary"] = {"passed": not failed, "targets": statuses, "failed_targets": failed,
+                         "not_validated": [t for t, s in statuses.items() if s == "skipped"], "compared": len(names),
                          "router_agreement": {t: r.get("router_agreement") for t, r in report["targets"].items()}}
     (root / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -26,6 +26,12 @@ RANGES = dict(max_batch=4, max_sequence=32, max_context=64)
 _builds: dict[str, tuple[Path, dict, list[str]]] = {}
 
 
+def targets_of(name: str) -> tuple[str, ...]:
+    """The targets a default build of CONFIGS[name] makes: trt only for float16 (the plugin has no
+    float32 kernels)."""
+    return ("portable", "ort", "trt") if CONFIGS[name][2] == "float16" else ("portable", "ort")
+
+
 def overrides(name: str) -> dict:
     experts, top_k, dtype = CONFIGS[name]
     return {"num_local_experts": experts, "num_experts_per_tok": top_k, "dtype": dtype}

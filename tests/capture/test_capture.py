@@ -55,3 +55,18 @@ def test_every_parameter_gets_a_lazy_checkpoint_tensor(tiny_checkpoint):
     got = inits["layers.1.moe.w_down"].const_value.numpy()
     want = ckpt.down(1, ckpt.config.dtype).numpy()
     assert (got == want).all()
+
+
+def _node_signature(model: ir.Model) -> list:
+    return [(n.op_type, n.domain, sorted((k, str(a.value)) for k, a in n.attributes.items())) for n in model.graph]
+
+
+def test_ranges_down_to_one_capture_the_same_graph(tiny_checkpoint):
+    """The trace bounds are widened to hold the example sizes, so ranges of 1 (`--max-batch 1`,
+    `--max-sequence 1`, a context of 1) trace, and into the very graph that the default ranges give."""
+    from mixexport.capture.export import capture_decoder
+
+    model, ckpt = captured_once(tiny_checkpoint)
+    for bounds in [(1, 1, 1), (1, 1, 2), (8, 2048, 8192)]:
+        other = capture_decoder(ckpt.config, ckpt.config.dtype, *bounds)
+        assert _node_signature(other) == _node_signature(model), bounds

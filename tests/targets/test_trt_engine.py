@@ -60,12 +60,6 @@ def test_fp16_build_writes_plugin_kernels(tmp_path_factory):
     assert all((out / f["path"]).is_file() for f in kernels["files"])
 
 
-def test_fp32_build_says_the_plugin_has_no_fp32_kernels(tmp_path_factory):
-    _, manifest, progress = _manifest(tmp_path_factory, "e4-k2-float32")
-    assert manifest["targets"]["trt"]["kernels"] == {"status": "skipped", "reason": "no float32 kernels"}
-    assert any("no plugin kernels for float32" in line for line in progress)
-
-
 @pytest.mark.skipif(HAS_TENSORRT and HAS_GPU, reason="TensorRT and a GPU are present: the engine is built")
 def test_without_tensorrt_the_build_says_how_to_finish(tmp_path_factory):
     out, manifest, progress = _manifest(tmp_path_factory)
