@@ -180,7 +180,7 @@ def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out
     if validate:
         # Whole-model validation holds the reference and one onnxruntime session at a time; on CPU
         # onnxruntime keeps fp32 copies of fp16 weights for most ops.
-        ram = per_target * (2 + (dtype != "float32")) + 1024**3
+        ram = per_target * (2 + (dtype != "float32")) + 512 * 1024**2
         available = memory_available()
         if available is not None and ram > available:
             raise MixexportError(

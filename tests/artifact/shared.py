@@ -75,7 +75,8 @@ def forced_unvalidated_ort_build(tmp_path_factory) -> tuple[Path, dict]:
     already held a stale file. Shared: copy before damaging."""
     if "ort" not in _forced:
         out = tmp_path_factory.mktemp("forced") / "out"
-        out.mkdir()
+        out.mkdir()  # an older artifact (--force replaces only artifacts)
+        (out / "manifest.json").write_text('{"format": 1, "tools": {"mixexport": "0.0"}, "targets": {}}\n')
         (out / STALE_MARKER).write_text("old artifact\n")
         with reference_source(None, "tiny", SEED, overrides("e4-k2-float32"), lambda _: None) as (ckpt, source):
             manifest = build(ckpt, source, out, BuildOptions(targets=("ort",), force=True, validate=False, **RANGES),
