@@ -35,6 +35,12 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
+def router_logits_name(layer: int) -> str:
+    """The value feeding layer `layer`'s MoE block in every target graph (not a graph output:
+    validation exposes it to measure router-decision agreement)."""
+    return f"layers.{layer}.moe.router_logits"
+
+
 def inputs(config: MixtralConfig, dtype: str) -> list[Binding]:
     """Graph inputs in their positional order: ids, mask, positions, then (key, value) per layer."""
     kv = (BATCH, config.num_key_value_heads, PAST, config.head_dim)

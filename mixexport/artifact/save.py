@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mixexport.artifact.manifest import file_entry
-from mixexport.capture.lazy_weights import StackedLazyTensor, contiguous
+from mixexport.capture import StackedLazyTensor, contiguous
 from mixexport.errors import InternalError
 
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"

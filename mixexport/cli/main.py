@@ -162,7 +162,7 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
           allow_not_validated, force, plugin) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
-    from mixexport.artifact.build import BuildOptions, NotValidatedError, build as run_build, reference_source
+    from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
 
     options = BuildOptions(targets=None if targets is None else tuple(t.strip() for t in targets.split(",")
@@ -213,7 +213,7 @@ def _print_table(rows) -> None:
               "tensorrt.timing.cache"), show_default=True, help="TensorRT timing cache, reused across builds.")
 def engine(out, plugin, timing_cache) -> None:
     """Build OUT/trt/model.engine (needs TensorRT >= 10, an NVIDIA GPU and the plugin library)."""
-    from mixexport.artifact.manifest import read_manifest, write_manifest
+    from mixexport.artifact.manifest import file_entry, read_manifest, write_manifest
     from mixexport.targets.trt.engine import build_engine
 
     root = Path(out)
@@ -221,7 +221,8 @@ def engine(out, plugin, timing_cache) -> None:
     if "trt" not in manifest["targets"]:
         raise MixexportError(f"{out} has no trt target; rebuild with --target trt")
     start = time.perf_counter()
-    manifest["targets"]["trt"]["engine"] = build_engine(root, manifest, plugin, timing_cache, progress)
+    manifest["targets"]["trt"]["engine"] = build_engine(root, manifest, lambda path: file_entry(path, root), plugin,
+                                                        timing_cache, progress)
     manifest.pop("validation", None)  # the engine has not been validated yet
     write_manifest(root, manifest)
     click.echo(f"wrote {root / 'trt' / 'model.engine'} in {time.perf_counter() - start:.1f}s; "

@@ -62,6 +62,8 @@ ALIGN_BLOCK_C = 64  # chunk histograms read per step when a program scans the ot
 REDUCE_BLOCK_H = 512  # hidden columns per reduction program
 # The AOT kernels hold one register lane per expert; 64 covers every Mixtral-family router.
 AOT_MAX_EXPERTS = 64
+# The kernels are compiled assuming H and I are multiples of this (vectorized loads along them).
+SHAPE_MULTIPLE = 16
 AOT_NUM_WARPS = 4
 
 # Launch grids (1-D) per kernel, over N, H, I, E, K and each kernel's constexprs.
@@ -133,3 +135,13 @@ def gemm_tile(arch: int, num_slots: int) -> tuple[str, GemmTile]:
     known = 90 if arch in (90, 100, 103) else max(a for a in ARCHS if a <= arch and a != 90)
     name = "small_m" if num_slots <= SMALL_M_MAX_SLOTS else "large_m"
     return name, GEMM_TILES[known][name]
+
+
+def kernel_shape_refusal(hidden: int, intermediate: int, experts: int) -> str | None:
+    """Why the AOT kernels cannot serve a model of these shapes, or None when they can: the one
+    statement of the shape limits, read by the trt backend and (through the AOT metadata) the plugin."""
+    if hidden % SHAPE_MULTIPLE or intermediate % SHAPE_MULTIPLE or experts > AOT_MAX_EXPERTS:
+        return (f"the MixtralMoE plugin's kernels need hidden and intermediate sizes that are multiples of "
+                f"{SHAPE_MULTIPLE} and at most {AOT_MAX_EXPERTS} experts; this model has H {hidden}, "
+                f"I {intermediate}, E {experts}")
+    return None

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.capture.lazy_weights import StackedLazyTensor, materialize
+from mixexport.capture import StackedLazyTensor, materialize
 
 
 @dataclasses.dataclass

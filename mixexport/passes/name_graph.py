@@ -15,10 +15,6 @@ from mixexport.passes.base import RewriteResult
 from mixexport.passes.moe_nodes import find_moe
 
 
-def router_logits_name(layer: int) -> str:
-    return f"layers.{layer}.moe.router_logits"
-
-
 class NameGraph(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> RewriteResult:
         rewrites = 0
@@ -31,7 +27,7 @@ class NameGraph(ir.passes.InPlacePass):
                 value.shape = ir.Shape(dims)
                 rewrites += 1
         for m in find_moe(model.graph):
-            name = router_logits_name(m.layer)
+            name = graph_io.router_logits_name(m.layer)
             if m.router_logits.name != name:
                 m.router_logits.name = name
                 rewrites += 1

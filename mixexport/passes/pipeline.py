@@ -1,15 +1,14 @@
 """The pass pipeline: from the captured graph to one target's graph.
 
-A short, linear list. Each pass reports how many rewrites it made; the MoE lowering must make
-exactly one per decoder layer, or the build stops (a lowering that silently matched nothing would
-ship a graph with an op no runtime has). The ort fusions are all-or-nothing passes that say how
-many rewrites they expect (`expected`) and, when they decline, why (`reason`); the build stops on
-a shortfall too, so a capture change can never silently ship an unfused ort graph.
+A short, linear list: the common passes, the target's own (`Backend.lowering`), the clean-up.
+Each pass reports how many rewrites it made; the MoE lowering must make exactly one per decoder
+layer, or the build stops (a lowering that silently matched nothing would ship a graph with an op
+no runtime has). Fusions are all-or-nothing passes that say how many rewrites they expect
+(`expected`) and, when they decline, why (`reason`); the build stops on a shortfall too, so a
+capture change can never silently ship an unfused graph.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
@@ -17,22 +16,19 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 from mixexport.capture.moe_op import MOE_DOMAIN
 from mixexport.errors import InternalError
 from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
-from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
-from mixexport.passes.fuse_rms_norm_ort import FuseRMSNormOrt
-from mixexport.passes.lower_moe_ort import LowerMoEToOrt
-from mixexport.passes.lower_moe_portable import LowerMoEToPortable
-from mixexport.passes.lower_moe_trt import LowerMoEToTrtPlugin
 from mixexport.passes.name_graph import NameGraph
 
-LOWERINGS: dict[str, Callable[[], ir.passes.InPlacePass]] = {
-    "portable": LowerMoEToPortable,
-    "ort": LowerMoEToOrt,
-    "trt": LowerMoEToTrtPlugin,
-}
+Step = tuple[str, ir.passes.PassBase]  # (name in the rewrite report, pass)
 
 
-def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str, int]:
-    """Run the pipeline in place on `model` (a clone of the captured graph).
+def run_pipeline(model: ir.Model, target: str, lowering: list[Step], num_layers: int) -> dict[str, int]:
+    """Run the common passes around a target's `lowering` in place on `model` (a clone of the
+    captured graph).
+
+    Args:
+        target: the target's name; its MoE lowering step is named `lower_moe_<target>`.
+        lowering: the target's passes, in order.
+        num_layers: decoder layers: the MoE lowering must rewrite one node per layer.
 
     Returns:
         rewrites per pass, in order.
@@ -40,14 +36,7 @@ def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str,
     steps = [
         ("name_graph", NameGraph()),  # contract dim names, router logits names
         ("fold_weight_transpose", FoldWeightTranspose()),  # Linear weights stored transposed
-        (f"lower_moe_{target}", LOWERINGS[target]()),  # the one MoE node per layer -> target ops
-    ]
-    if target == "ort":  # onnxruntime's fused ops; opset 23 is not for portable/trt (TensorRT 10)
-        steps += [
-            ("fuse_attention_ort", FuseAttentionOrt(num_layers)),  # RotaryEmbedding + Attention
-            ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
-        ]
-    steps += [
+        *lowering,  # the one MoE node per layer -> target ops, then the target's fusions
         ("remove_unused", RemoveUnusedNodesPass()),  # leftovers of the rewrites
         ("remove_unused_opsets", RemoveUnusedOpsetsPass()),  # drops the `mixexport` domain import
     ]
@@ -55,7 +44,7 @@ def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str,
     for name, step in steps:
         result = step(model)
         report[name] = getattr(result, "rewrites", int(result.modified))
-    lowered = report[f"lower_moe_{target}"]
+    lowered = report.get(f"lower_moe_{target}")
     if lowered != num_layers:
         raise InternalError(f"{target} lowering rewrote {lowered} MoE nodes, expected one per layer ({num_layers})")
     for name, step in steps:

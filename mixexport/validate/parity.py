@@ -27,6 +27,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
+from mixexport.graph_io import router_logits_name
 from mixexport.artifact.manifest import read_manifest, verify_checkpoint, verify_files
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.reader import Checkpoint
@@ -35,7 +36,8 @@ from mixexport.dtypes import torch_dtype
 from mixexport.errors import MixexportError
 from mixexport.model.decoder import load_reference
 from mixexport.model.moe import route
-from mixexport.passes.name_graph import router_logits_name
+from mixexport.targets import backend
+from mixexport.targets.trt.engine import gpu_name, require_tensorrt
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
 
 Progress = Callable[[str], None]
@@ -50,8 +52,6 @@ TOLERANCES = {
 }
 # Below this share of matching (token, layer) top-k sets a target fails even within tolerance.
 MIN_ROUTER_AGREEMENT = 0.98
-# onnxruntime's CPU kernels do not run these graph dtypes.
-CPU_UNRUNNABLE = ("bfloat16",)
 
 
 def output_group(name: str) -> str:
@@ -100,39 +100,14 @@ def validation_copy(root: Path, target: str, entry: dict, num_layers: int) -> Pa
     """
     src = root / entry["onnx"]
     model = onnx.load(str(src), load_external_data=False)
-    elem = model.graph.input[3].type.tensor_type.elem_type if num_layers else onnx.TensorProto.FLOAT
+    past_key = graph_io.past_names(0)[0]
+    elem = next((v.type.tensor_type.elem_type for v in model.graph.input if v.name == past_key), onnx.TensorProto.FLOAT)
     for i in range(num_layers):
         model.graph.output.append(onnx.helper.make_tensor_value_info(router_logits_name(i), elem, None))
-    if target == "trt":
-        _use_cpu_plugin(model, elem)
+    backend(target).prepare_validation_model(model, elem)
     path = src.with_name(f".validation-{os.getpid()}-{src.name}")
     onnx.save(model, str(path))
     return path
-
-
-def _use_cpu_plugin(model: onnx.ModelProto, elem: int) -> None:
-    """Point the plugin nodes at the onnxruntime-extensions stand-in (float32 only: cast around)."""
-    from mixexport.targets.trt.cpu_plugin import CONTRIB_DOMAIN
-    from mixexport.targets.trt.contract import plugin_contract
-
-    contract = plugin_contract()
-    nodes = []
-    for node in model.graph.node:
-        if node.op_type == contract["op_type"] and node.domain == contract["domain"]:
-            node.domain = CONTRIB_DOMAIN
-            if elem != onnx.TensorProto.FLOAT:
-                cast_in = [f"{name}/as_float" for name in node.input]
-                nodes += [onnx.helper.make_node("Cast", [a], [b], to=onnx.TensorProto.FLOAT)
-                          for a, b in zip(node.input, cast_in)]
-                out = node.output[0]
-                node.input[:] = cast_in
-                node.output[0] = f"{out}/as_float"
-                nodes += [node, onnx.helper.make_node("Cast", [node.output[0]], [out], to=elem)]
-                continue
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
 
 
 def _session_loader(path: Path, target: str):
@@ -140,17 +115,12 @@ def _session_loader(path: Path, target: str):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if target == "trt":
-            from mixexport.targets.trt.cpu_plugin import register
-
-            options.register_custom_ops_library(register())
+        backend(target).configure_session(options)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return load
 
 
 def _engine_skip_reason() -> str | None:
-    from mixexport.targets.trt.engine import gpu_name, require_tensorrt
-
     try:
         require_tensorrt()
     except MixexportError as exc:
@@ -198,9 +168,9 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
     runners, names, copies = [reference], [], []
     try:
         for target, entry in manifest["targets"].items():
-            if dtype in CPU_UNRUNNABLE:
-                report["targets"][target] = {"status": "skipped",
-                                             "reason": f"onnxruntime's CPU kernels do not run {dtype} graphs"}
+            refusal = backend(target).validation_refusal(dtype)
+            if refusal:
+                report["targets"][target] = {"status": "skipped", "reason": refusal}
                 continue
             copies.append(validation_copy(root, target, entry, num_layers))
             runners.append(OnnxrtRunner(_session_loader(copies[-1], target), name=target))

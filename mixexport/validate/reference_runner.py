@@ -18,7 +18,7 @@ from polygraphy.common import TensorMetadata
 from mixexport import graph_io
 from mixexport.dtypes import canonical_dtype
 from mixexport.model.moe import moe_reference
-from mixexport.passes.name_graph import router_logits_name
+from mixexport.graph_io import router_logits_name
 
 
 class RecordingMoE:

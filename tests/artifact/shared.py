@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from mixexport.artifact.build import BuildOptions, build, reference_source
+from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.reader import Checkpoint
 

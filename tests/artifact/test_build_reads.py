@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from artifact.shared import RANGES
-from mixexport.artifact.build import BuildOptions, build, reference_source
+from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.checkpoint.reader import Checkpoint
 
 

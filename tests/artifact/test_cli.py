@@ -9,7 +9,7 @@ import pytest
 
 from artifact.shared import (RANGES, SEED, STALE_MARKER, built, error_line, forced_unvalidated_ort_build, overrides,
                              run_cli)
-from mixexport.artifact.build import BuildOptions, build, reference_source
+from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.errors import MixexportError
 
 
@@ -108,7 +108,7 @@ def test_parity_failure_keeps_failed_dir_and_old_out(tmp_path_factory, tmp_path,
     good, _, _ = built("e4-k2-float32", tmp_path_factory)
     out = shutil.copytree(good, tmp_path / "out")
     before = (out / "manifest.json").read_bytes()
-    monkeypatch.setattr("mixexport.passes.lower_moe_ort.interleave_gate_up", lambda w: w)
+    monkeypatch.setattr("mixexport.targets.ort.lowering.interleave_gate_up", lambda w: w)
     with reference_source(None, "tiny", SEED, overrides("e4-k2-float32"), lambda _: None) as (ckpt, source):
         with pytest.raises(MixexportError) as err:
             build(ckpt, source, out, BuildOptions(targets=("ort",), force=True, **RANGES), lambda _: None)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from mixexport.capture.lazy_weights import StackedLazyTensor, materialize
-from mixexport.passes.lower_moe_ort import interleave_gate_up
+from mixexport.targets.ort.lowering import interleave_gate_up
 
 
 @pytest.mark.parametrize("stored", [np.float32, np.float16, ml_dtypes.bfloat16])

@@ -14,7 +14,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from mixexport.checkpoint import MixtralConfig
 from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
-from mixexport.passes.lower_moe_ort import LowerMoEToOrt
+from mixexport.targets.ort.lowering import LowerMoEToOrt
 from mixexport.passes.name_graph import NameGraph
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from mixexport import graph_io
-from mixexport.passes.name_graph import NameGraph, router_logits_name
+from mixexport.graph_io import router_logits_name
+from mixexport.passes.name_graph import NameGraph
 from passes.single_moe import moe_weights, single_moe_model
 
 

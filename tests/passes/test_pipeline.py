@@ -6,7 +6,7 @@ import pytest
 
 from artifact.shared import captured_once
 from mixexport.errors import InternalError
-from mixexport.passes.pipeline import lower_for_target
+from mixexport.targets import backend
 from passes.single_moe import moe_weights, single_moe_model
 
 TARGETS = ["portable", "ort", "trt"]
@@ -23,7 +23,7 @@ def test_report_counts(captured, target):
     model, config = captured
     layers = config.num_hidden_layers
     lowered = model.clone()
-    report = lower_for_target(lowered, target, layers)
+    report = backend(target).lower(lowered, layers)
     fusions = ["fuse_attention_ort", "fuse_rms_norm_ort"] if target == "ort" else []
     assert list(report) == ["name_graph", "fold_weight_transpose", f"lower_moe_{target}", *fusions, "remove_unused",
                             "remove_unused_opsets"]
@@ -42,15 +42,15 @@ def test_raises_when_rewrites_differ_from_layers(captured, target):
     layers = config.num_hidden_layers
     with pytest.raises(InternalError, match=rf"{target} lowering rewrote {layers} MoE nodes, expected one per "
                                             rf"layer \({layers + 1}\)"):
-        lower_for_target(model.clone(), target, num_layers=layers + 1)
+        backend(target).lower(model.clone(), layers + 1)
 
 
 def test_raises_when_lowering_matches_nothing():
     model = single_moe_model(*moe_weights(4, 8, 6), top_k=2, normalize=True)
     # portable: the ort pipeline would also (rightly) stop on the missing attention
-    lower_for_target(model, "portable", num_layers=1)
+    backend("portable").lower(model, 1)
     with pytest.raises(InternalError, match=r"portable lowering rewrote 0 MoE nodes, expected one per layer \(1\)"):
-        lower_for_target(model, "portable", num_layers=1)
+        backend("portable").lower(model, 1)
 
 
 def test_unlowerable_moe_node_is_an_internal_error():
@@ -58,5 +58,5 @@ def test_unlowerable_moe_node_is_an_internal_error():
     node = model.graph.node(0)
     model.graph.initializers["layers.0.moe.w_down"].const_value = None  # weights no longer a constant
     with pytest.raises(InternalError, match="cannot lower MoE node: .*layers.0.moe.w_down are not an initializer"):
-        lower_for_target(model, "portable", num_layers=1)
+        backend("portable").lower(model, 1)
     assert node.domain == "mixexport"

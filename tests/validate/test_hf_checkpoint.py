@@ -15,7 +15,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from artifact.shared import error_line, run_cli
 from mixexport import graph_io
-from mixexport.artifact.build import BuildOptions, build, reference_source
+from mixexport.driver.build import BuildOptions, build, reference_source
 
 H, KVH, D, LAYERS, VOCAB = 48, 2, 16, 2, 97
 

@@ -1,1 +1,1 @@
-"""TensorRT target: the MixtralMoE plugin contract, and (lazily) engine building."""
+"""The `trt` target: the MixtralMoE TensorRT plugin node, its CPU stand-in, kernels and engine."""

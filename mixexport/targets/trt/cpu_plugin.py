@@ -61,3 +61,30 @@ def register() -> str:
 
         _registered = True
     return get_library_path()
+
+
+def use_cpu_plugin(model, elem_type: int) -> None:
+    """Point a trt graph's plugin nodes at the stand-in, in place (an onnx.ModelProto copy).
+
+    The Python op API takes float32 only: for another graph dtype each node gets Casts around it.
+    """
+    import onnx
+
+    contract = plugin_contract()
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == contract["op_type"] and node.domain == contract["domain"]:
+            node.domain = CONTRIB_DOMAIN
+            if elem_type != onnx.TensorProto.FLOAT:
+                cast_in = [f"{name}/as_float" for name in node.input]
+                nodes += [onnx.helper.make_node("Cast", [a], [b], to=onnx.TensorProto.FLOAT)
+                          for a, b in zip(node.input, cast_in)]
+                out = node.output[0]
+                node.input[:] = cast_in
+                node.output[0] = f"{out}/as_float"
+                nodes += [node, onnx.helper.make_node("Cast", [node.output[0]], [out], to=elem_type)]
+                continue
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))

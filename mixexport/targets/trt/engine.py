@@ -110,10 +110,13 @@ def finish_instructions(out: Path, with_kernels: bool) -> list[str]:
     ]
 
 
-def build_engine(out: str | Path, manifest: dict[str, Any], plugin: str | Path | None = None,
-                 timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
+def build_engine(out: str | Path, manifest: dict[str, Any], record: Callable[[Path], dict],
+                 plugin: str | Path | None = None, timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
                  progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Build OUT/trt/model.engine with both profiles and copy the plugin library beside it.
+
+    Args:
+        record: a written file -> its manifest file entry (the artifact format's).
 
     Returns:
         the manifest entry describing the engine (also to be stored under targets.trt.engine).
@@ -145,11 +148,9 @@ def build_engine(out: str | Path, manifest: dict[str, Any], plugin: str | Path |
     engine_bytes = EngineBytesFromNetwork(network, config, save_timing_cache=str(timing_cache) if timing_cache else None)()
     (folder / ENGINE_FILE).write_bytes(bytes(engine_bytes))
     shutil.copy2(library, folder / PLUGIN_LIBRARY)
-    from mixexport.artifact.manifest import file_entry
-
     return {
         "file": f"trt/{ENGINE_FILE}",
-        "files": [file_entry(folder / name, out) for name in (ENGINE_FILE, PLUGIN_LIBRARY)],
+        "files": [record(folder / name) for name in (ENGINE_FILE, PLUGIN_LIBRARY)],
         "tensorrt": trt.__version__,
         "gpu": gpu,
         "profiles": [{"name": name, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mixexport.passes.lower_moe_ort import LowerMoEToOrt, interleave_gate_up
+from mixexport.targets.ort.lowering import LowerMoEToOrt, interleave_gate_up
 from passes.single_moe import moe_weights, reference, run, single_moe_model, tied_logits
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from artifact.shared import captured_once
 from mixexport.errors import InternalError
-from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
-from mixexport.passes.fuse_rms_norm_ort import FuseRMSNormOrt
-from mixexport.passes.pipeline import lower_for_target
+from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
+from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
+from mixexport.targets import backend
 from passes.ort_graphs import decoder_feeds, ort_graph, run_both, session
 
 # fused vs unfused: fp32 to round-off; fp16 differs by the one rounding the fused op leaves out
@@ -67,7 +67,7 @@ def test_pipeline_runs_it_for_ort_only(captured):
     model, config = captured
     for target in ("ort", "portable"):
         lowered = model.clone()
-        report = lower_for_target(lowered, target, config.num_hidden_layers)
+        report = backend(target).lower(lowered, config.num_hidden_layers)
         fused = sum(n.op_type == "RMSNormalization" for n in lowered.graph)
         assert (report.get("fuse_rms_norm_ort"), fused) == ((norms(config),) * 2 if target == "ort" else (None, 0))
 
@@ -90,7 +90,7 @@ def test_declines_missing_weight_and_pipeline_fails(captured):
     broken.graph.initializers["norm.weight"].name = "renamed"
     with pytest.raises(InternalError, match=r"fuse_rms_norm_ort made 0 rewrites, expected 5 \(two per layer and "
                                             r"the final norm\): no initializer norm.weight"):
-        lower_for_target(broken, "ort", layers)
+        backend("ort").lower(broken, layers)
 
 
 def test_declines_a_weight_used_twice(captured):

@@ -15,8 +15,8 @@ import pytest
 from artifact.shared import captured_with_weights
 from mixexport.checkpoint import MixtralConfig
 from mixexport.errors import InternalError
-from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
-from mixexport.passes.pipeline import lower_for_target
+from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
+from mixexport.targets import backend
 from passes.ort_graphs import decoder_feeds, ort_graph, run_both, session
 
 # GQA (4 query heads on 2 KV heads), head_dim != hidden/heads, and a window shorter than the sequences.
@@ -42,7 +42,7 @@ def sessions(captured, tmp_path_factory):
 
 def test_rewrite_leaves_fused_ops(captured):
     model = captured.clone()
-    report = lower_for_target(model, "ort", LAYERS)
+    report = backend("ort").lower(model, LAYERS)
     assert report["fuse_attention_ort"] == LAYERS
     ops = Counter(n.op_type for n in model.graph)
     assert ops["Attention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
@@ -61,7 +61,7 @@ def test_rewrite_leaves_fused_ops(captured):
 def test_portable_and_trt_are_not_fused(captured):
     for target in ("portable", "trt"):
         model = captured.clone()
-        report = lower_for_target(model, target, LAYERS)
+        report = backend(target).lower(model, LAYERS)
         assert "fuse_attention_ort" not in report
         assert model.opset_imports[""] == 18
         assert not any(n.op_type in ("Attention", "RotaryEmbedding") for n in model.graph)
@@ -79,7 +79,7 @@ def test_declines_with_reason_and_pipeline_fails(captured):
     broken.graph.initializers["layers.1.self_attn.k_proj.weight"].name = "renamed"
     with pytest.raises(InternalError, match=r"fuse_attention_ort made 0 rewrites, expected 2 \(one per layer\): "
                                             r"no initializer layers.1.self_attn.k_proj.weight_t"):
-        lower_for_target(broken, "ort", LAYERS)
+        backend("ort").lower(broken, LAYERS)
 
 
 @pytest.mark.parametrize("batch,seq,past,pad", [

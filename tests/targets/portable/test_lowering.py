@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixexport.passes.lower_moe_portable import LowerMoEToPortable
+from mixexport.targets.portable.lowering import LowerMoEToPortable
 from passes.single_moe import moe_weights, reference, run, single_moe_model, tied_logits
 
 

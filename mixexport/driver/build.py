@@ -8,12 +8,8 @@ artifact and never replaces a good one.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -34,20 +30,10 @@ from mixexport.checkpoint.names import expected_shapes
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
 from mixexport.dtypes import torch_dtype
-from mixexport.errors import InternalError, MixexportError
-from mixexport.kernels.configs import AOT_MAX_EXPERTS
-from mixexport.passes.pipeline import LOWERINGS, lower_for_target
-from mixexport.targets.trt.contract import plugin_contract
+from mixexport.errors import MixexportError
+from mixexport.targets import BACKENDS, TARGETS, backend
 from mixexport.validate.parity import validate_artifact
 
-TARGETS = tuple(LOWERINGS)
-# What each target's runtime runs. onnxruntime's CPU kernels have no bfloat16 for most ops (and
-# com.microsoft.MoE has none), so the ort target refuses it; plain ONNX takes every dtype; the
-# TensorRT plugin has kernels only for the dtypes its contract lists (fp32 tiles do not fit in
-# shared memory).
-TARGET_DTYPES = {"portable": ("float32", "float16", "bfloat16"), "ort": ("float32", "float16"),
-                 "trt": tuple(plugin_contract()["dtypes"])}
-MOE_OPS = {"portable": None, "ort": "com.microsoft.MoE", "trt": "trt.plugins.MixtralMoE"}
 DEFAULT_MAX_SEQUENCE, DEFAULT_MAX_CONTEXT = 2048, 8192
 
 Progress = Callable[[str], None]
@@ -82,21 +68,6 @@ def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progre
     return config.dtype
 
 
-def target_refusal(target: str, config: MixtralConfig, dtype: str) -> str | None:
-    """Why `target` cannot serve this model in `dtype`, or None when it can."""
-    if dtype not in TARGET_DTYPES[target]:
-        why = {"ort": "onnxruntime's MoE kernels have no bfloat16",
-               "trt": "the MixtralMoE plugin has no float32 kernels (their tiles do not fit in shared memory)"}
-        return (f"{why.get(target, 'unsupported')}; it supports {', '.join(TARGET_DTYPES[target])}")
-    if target == "trt":
-        # The kernels vectorize along H and I and size their routing blocks for at most 64 experts.
-        h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
-        if h % 16 or i % 16 or e > AOT_MAX_EXPERTS:
-            return (f"the MixtralMoE plugin's kernels need hidden and intermediate sizes that are multiples of 16 "
-                    f"and at most {AOT_MAX_EXPERTS} experts; this model has H {h}, I {i}, E {e}")
-    return None
-
-
 def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dtype: str,
                     progress: Progress) -> tuple[str, ...]:
     """The targets to build: those asked for (each must be able to serve the model), or by
@@ -108,7 +79,7 @@ def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dt
     if requested is None:
         chosen = []
         for target in TARGETS:
-            reason = target_refusal(target, config, dtype)
+            reason = BACKENDS[target].refusal(config, dtype)
             if reason:
                 progress(f"{target}: not built for {dtype}: {reason} (--target {target} --dtype ... to choose)")
             else:
@@ -119,11 +90,9 @@ def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dt
     if not requested:
         raise MixexportError(f"--target names no target; choose from {', '.join(TARGETS)}")
     for target in requested:
-        if target not in TARGETS:
-            raise MixexportError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        reason = backend(target).refusal(config, dtype)
         if requested.count(target) > 1:
             raise MixexportError(f"--target names {target} more than once")
-        reason = target_refusal(target, config, dtype)
         if reason:
             raise MixexportError(f"target {target} cannot be built for {dtype}: {reason}")
     return requested
@@ -269,8 +238,6 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
     attach_checkpoint_weights(captured, ckpt, dtype)
     progress(f"captured in {time.perf_counter() - start:.1f}s")
     entries = {target: _build_target(captured, target, config, dtype, root, progress) for target in targets}
-    if "trt" in entries and options.trt_kernels:
-        entries["trt"]["kernels"] = _write_trt_kernels(root, dtype, progress)
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
         source = {**source, "files": checkpoint_entries(ckpt)}
@@ -284,8 +251,8 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
         "dynamic_dims": ranges,
         "targets": entries,
     }
-    if "trt" in entries:
-        _try_engine(root, out, manifest, options, progress)
+    for target in targets:
+        BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress)
     write_manifest(root, manifest)
     return manifest
 
@@ -294,7 +261,7 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
                   progress: Progress) -> dict:
     start = time.perf_counter()
     model = captured.clone()
-    rewrites = lower_for_target(model, target, config.num_hidden_layers)
+    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers)
     folder = root / target
     folder.mkdir()
     files = save_model(model, folder, root, target, progress)
@@ -306,63 +273,7 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
         "onnx": f"{target}/{ONNX_FILE}",
         "inputs": [b.as_dict() for b in graph_io.inputs(config, dtype)],
         "outputs": [b.as_dict() for b in graph_io.outputs(config, dtype)],
-        "moe_op": MOE_OPS[target],
+        "moe_op": BACKENDS[target].moe_op,
         "moe_nodes": rewrites[f"lower_moe_{target}"],
         "passes": rewrites,
     }
-
-
-# The AOT compiler's names of the plugin's dtypes.
-KERNEL_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
-KERNEL_ARCHS = "80,86,89,90"
-
-
-def _write_trt_kernels(root: Path, dtype: str, progress: Progress) -> dict:
-    """AOT-compile the MixtralMoE kernels (cubin + PTX + metadata) into OUT/trt/kernels, which the
-    plugin's CMake build embeds (-DMIXEXPORT_AOT_DIR). `target_refusal` has checked the dtype and
-    shapes already."""
-    if importlib.util.find_spec("triton") is None:
-        progress("trt: kernels not compiled: triton is missing (pip install 'mixexport[kernels]')")
-        return {"status": "skipped", "reason": "triton not installed"}
-    start = time.perf_counter()
-    folder = root / "trt" / "kernels"
-    # A subprocess, without TRITON_INTERPRET: the AOT compile must see real GPU targets.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "mixexport.kernels.aot", "--arch", KERNEL_ARCHS,
-                          "--dtype", KERNEL_DTYPES[dtype], "-o", str(folder)], env=env, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise InternalError(f"AOT kernel compile failed:\n{run.stderr[-2000:]}")
-    files = sorted(folder.iterdir())
-    progress(f"trt: {len(files)} kernel files for sm_{KERNEL_ARCHS.replace(',', ', sm_')} compiled in "
-             f"{time.perf_counter() - start:.1f}s")
-    return {"status": "compiled", "dir": "trt/kernels", "archs": [int(a) for a in KERNEL_ARCHS.split(",")],
-            "dtype": KERNEL_DTYPES[dtype], "files": [file_entry(f, root) for f in files]}
-
-
-def _try_engine(root: Path, out: Path, manifest: dict, options: BuildOptions, progress: Progress) -> None:
-    """Build the TensorRT engine where TensorRT, a GPU and the plugin are at hand; otherwise say how."""
-    from mixexport.targets.trt import engine
-
-    entry = manifest["targets"]["trt"]
-    kernels = entry.get("kernels", {})
-    if kernels.get("status") == "skipped":
-        entry["engine"] = {"status": "not built", "missing": f"plugin kernels ({kernels['reason']})"}
-        progress(f"trt: TensorRT-ready ONNX written; no engine for it: {kernels['reason']}")
-        return
-    missing = None
-    if importlib.util.find_spec("tensorrt") is None:
-        missing = "TensorRT"
-    elif engine.gpu_name() is None:
-        missing = "an NVIDIA GPU"
-    else:
-        try:
-            engine.find_plugin_library(options.plugin)
-        except MixexportError:
-            missing = "the MixtralMoE plugin library"
-    if missing:
-        entry["engine"] = {"status": "not built", "missing": missing}
-        progress(f"trt: TensorRT-ready ONNX written; no engine here (missing {missing}). On a GPU machine:")
-        for line in engine.finish_instructions(out, kernels.get("status") == "compiled"):
-            progress(f"    {line}")
-        return
-    entry["engine"] = engine.build_engine(root, manifest, options.plugin, progress=progress)

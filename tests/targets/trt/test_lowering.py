@@ -7,7 +7,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from mixexport.passes.lower_moe_trt import LowerMoEToTrtPlugin
+from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin
 from mixexport.targets.trt.contract import attribute_names, input_names, plugin_contract
 from mixexport.targets.trt.cpu_plugin import CONTRIB_DOMAIN, check_plugin_inputs, register
 from passes.single_moe import moe_weights, reference, run, single_moe_model, tied_logits

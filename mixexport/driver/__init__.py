@@ -1,0 +1,1 @@
+"""The driver: the build orchestration above every stage it drives (checkpoint -> ... -> validate)."""

@@ -1,0 +1,83 @@
+"""What a target backend declares: the one interface the driver, validation and inspection use.
+
+A backend is a deployment target (`portable`, `ort`, `trt`). It says:
+- which graph dtypes its runtime serves, and whether it can serve a model at all (`refusal`, a
+  capability check that returns the reason when it declines, as torch-tensorrt's converter
+  registry does);
+- the passes that lower the captured graph for it (`lowering`), run by `lower`;
+- how validation runs its graph on this machine (`validation_refusal`, `prepare_validation_model`,
+  `configure_session`), always onnxruntime's CPU provider;
+- what else it writes into the artifact after its graph (`finish`: kernels, engine).
+
+Adding a target is a folder `targets/<name>/` with `backend.py` and `lowering.py` and one line in
+the registry (`mixexport.targets`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import onnx_ir as ir
+
+from mixexport.passes.pipeline import Step, run_pipeline
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+    from mixexport.checkpoint.config import MixtralConfig
+
+Progress = Callable[[str], None]
+
+
+class Backend:
+    """A deployment target. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    # Graph dtypes the target's runtime serves, and why others are refused.
+    dtypes: ClassVar[tuple[str, ...]]
+    dtype_reason: ClassVar[str] = ""
+    # "domain.op_type" of the fused node its lowering emits per MoE block; None: standard ONNX ops.
+    moe_op: ClassVar[str | None] = None
+
+    def refusal(self, config: "MixtralConfig", dtype: str) -> str | None:
+        """Why this target cannot serve `config` in `dtype`, or None when it can."""
+        if dtype not in self.dtypes:
+            return f"{self.dtype_reason or 'unsupported'}; it supports {', '.join(self.dtypes)}"
+        return None
+
+    def lowering(self, num_layers: int) -> list[Step]:
+        """(report name, pass) that lower a captured graph of `num_layers` decoder layers, the MoE
+        lowering (`lower_moe_<name>`) first; the pipeline adds the common passes around them."""
+        raise NotImplementedError
+
+    def lower(self, model: ir.Model, num_layers: int) -> dict[str, int]:
+        """Lower a clone of the captured graph in place; returns the rewrites per pass."""
+        return run_pipeline(model, self.name, self.lowering(num_layers), num_layers)
+
+    # -- validation on this machine (onnxruntime, CPU) --------------------------------------------
+
+    def validation_refusal(self, dtype: str) -> str | None:
+        """Why onnxruntime's CPU provider cannot run this target's graph in `dtype`, or None."""
+        if dtype == "bfloat16":
+            return "onnxruntime's CPU kernels do not run bfloat16 graphs"
+        return None
+
+    def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
+        """Adapt validation's in-memory copy of the graph so onnxruntime's CPU provider runs it."""
+
+    def configure_session(self, options: "onnxruntime.SessionOptions") -> None:
+        """Session options validation's onnxruntime session needs (custom-op libraries)."""
+
+    # -- artifact ---------------------------------------------------------------------------------
+
+    def finish(self, root: Path, out: Path, manifest: dict[str, Any], options: Any, record: Callable[[Path], dict],
+               progress: Progress) -> None:
+        """Write what the target needs beyond its graph into `root` (the artifact being built,
+        installed at `out`) and record it in its entry of `manifest`.
+
+        Args:
+            options: the build's options (the driver's BuildOptions).
+            record: a written file -> its manifest file entry (path, bytes, sha256).
+        """

@@ -1,0 +1,16 @@
+"""The `portable` target: standard ONNX ops only, for any ONNX runtime (and the no-plugin
+TensorRT baseline)."""
+
+from __future__ import annotations
+
+from mixexport.passes.pipeline import Step
+from mixexport.targets.base import Backend
+from mixexport.targets.portable.lowering import LowerMoEToPortable
+
+
+class PortableBackend(Backend):
+    name = "portable"
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def lowering(self, num_layers: int) -> list[Step]:
+        return [("lower_moe_portable", LowerMoEToPortable())]

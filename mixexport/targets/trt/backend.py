@@ -1,0 +1,113 @@
+"""The `trt` target: one MixtralMoE plugin node per MoE block, for TensorRT with the mixexport
+plugin; the build also AOT-compiles the plugin's Triton kernels and, where TensorRT and a GPU are
+present, builds the engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from mixexport.errors import InternalError, MixexportError
+from mixexport.kernels.configs import kernel_shape_refusal
+from mixexport.passes.pipeline import Step
+from mixexport.targets.base import Backend, Progress
+from mixexport.targets.trt import engine
+from mixexport.targets.trt.contract import plugin_contract
+from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+    from mixexport.checkpoint.config import MixtralConfig
+
+# The AOT compiler's names of the plugin's dtypes, and the GPU architectures it compiles for.
+KERNEL_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
+KERNEL_ARCHS = "80,86,89,90"
+
+
+class TrtBackend(Backend):
+    name = "trt"
+    # The plugin has kernels only for the dtypes its contract lists (fp32 tiles do not fit in
+    # shared memory).
+    dtypes = tuple(plugin_contract()["dtypes"])
+    dtype_reason = "the MixtralMoE plugin has no float32 kernels (their tiles do not fit in shared memory)"
+    moe_op = f"{plugin_contract()['domain']}.{plugin_contract()['op_type']}"
+
+    def refusal(self, config: "MixtralConfig", dtype: str) -> str | None:
+        return super().refusal(config, dtype) or kernel_shape_refusal(
+            config.hidden_size, config.intermediate_size, config.num_local_experts)
+
+    def lowering(self, num_layers: int) -> list[Step]:
+        return [("lower_moe_trt", LowerMoEToTrtPlugin())]
+
+    def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
+        from mixexport.targets.trt.cpu_plugin import use_cpu_plugin
+
+        use_cpu_plugin(model, elem_type)
+
+    def configure_session(self, options: "onnxruntime.SessionOptions") -> None:
+        from mixexport.targets.trt.cpu_plugin import register
+
+        options.register_custom_ops_library(register())
+
+    def finish(self, root: Path, out: Path, manifest: dict[str, Any], options: Any, record: Callable[[Path], dict],
+               progress: Progress) -> None:
+        entry = manifest["targets"]["trt"]
+        if options.trt_kernels:
+            entry["kernels"] = _write_kernels(root, manifest["dtype"], record, progress)
+        _try_engine(root, out, manifest, options, record, progress)
+
+
+def _write_kernels(root: Path, dtype: str, record: Callable[[Path], dict], progress: Progress) -> dict:
+    """AOT-compile the MixtralMoE kernels (cubin + PTX + metadata) into OUT/trt/kernels, which the
+    plugin's CMake build embeds (-DMIXEXPORT_AOT_DIR). `refusal` has checked dtype and shapes."""
+    if importlib.util.find_spec("triton") is None:
+        progress("trt: kernels not compiled: triton is missing (pip install 'mixexport[kernels]')")
+        return {"status": "skipped", "reason": "triton not installed"}
+    start = time.perf_counter()
+    folder = root / "trt" / "kernels"
+    # A subprocess, without TRITON_INTERPRET: the AOT compile must see real GPU targets.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "mixexport.kernels.aot", "--arch", KERNEL_ARCHS,
+                          "--dtype", KERNEL_DTYPES[dtype], "-o", str(folder)], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise InternalError(f"AOT kernel compile failed:\n{run.stderr[-2000:]}")
+    files = sorted(folder.iterdir())
+    progress(f"trt: {len(files)} kernel files for sm_{KERNEL_ARCHS.replace(',', ', sm_')} compiled in "
+             f"{time.perf_counter() - start:.1f}s")
+    return {"status": "compiled", "dir": "trt/kernels", "archs": [int(a) for a in KERNEL_ARCHS.split(",")],
+            "dtype": KERNEL_DTYPES[dtype], "files": [record(f) for f in files]}
+
+
+def _try_engine(root: Path, out: Path, manifest: dict, options: Any, record: Callable[[Path], dict],
+                progress: Progress) -> None:
+    """Build the TensorRT engine where TensorRT, a GPU and the plugin are at hand; otherwise say how."""
+    entry = manifest["targets"]["trt"]
+    kernels = entry.get("kernels", {})
+    if kernels.get("status") == "skipped":
+        entry["engine"] = {"status": "not built", "missing": f"plugin kernels ({kernels['reason']})"}
+        progress(f"trt: TensorRT-ready ONNX written; no engine for it: {kernels['reason']}")
+        return
+    missing = None
+    if importlib.util.find_spec("tensorrt") is None:
+        missing = "TensorRT"
+    elif engine.gpu_name() is None:
+        missing = "an NVIDIA GPU"
+    else:
+        try:
+            engine.find_plugin_library(options.plugin)
+        except MixexportError:
+            missing = "the MixtralMoE plugin library"
+    if missing:
+        entry["engine"] = {"status": "not built", "missing": missing}
+        progress(f"trt: TensorRT-ready ONNX written; no engine here (missing {missing}). On a GPU machine:")
+        for line in engine.finish_instructions(out, kernels.get("status") == "compiled"):
+            progress(f"    {line}")
+        return
+    entry["engine"] = engine.build_engine(root, manifest, record, options.plugin, progress=progress)
