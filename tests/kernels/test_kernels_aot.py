@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,44 @@ def test_params_match_kernel_signature_and_ptx(built):
         assert ptx_types == ["u64" if p["c_type"] == "CUdeviceptr" else "u32" for p in meta["params"]], meta["name"]
         cubin = (out / meta["cubin"]).read_bytes()
         assert cubin[:4] == b"\x7fELF" and hashlib.sha256(cubin).hexdigest() == meta["cubin_sha256"]
+
+
+def test_metadata_records_the_ptxas_and_the_driver_it_needs(built):
+    out, index = built
+    for entry in index["variants"]:
+        meta = _metadata(out, entry)
+        toolkit = meta["toolkit"]
+        assert os.path.isfile(toolkit["ptxas"]), meta["name"]
+        major = toolkit["ptxas_version"].split(".")[0]
+        assert re.fullmatch(r"\d+\.\d+", toolkit["ptxas_version"])
+        assert toolkit["cuda_for_cubin"] == f"{major}.0" and toolkit["cuda_for_ptx"] == toolkit["ptxas_version"]
+        ptx = (out / meta["ptx"]).read_text()
+        assert re.search(rf"^\.version {re.escape(toolkit['ptx_isa'])}$", ptx, re.M), meta["name"]
+
+
+def test_toolkit_requirements():
+    assert aot.toolkit_requirements("12.9", ".version 8.8\n.target sm_80") == {
+        "ptxas_version": "12.9", "ptx_isa": "8.8", "cuda_for_cubin": "12.0", "cuda_for_ptx": "12.9"}
+    with pytest.raises(MixexportError, match="cannot read the CUDA version"):
+        aot.toolkit_requirements("unknown", ".version 8.8")
+
+
+def test_cli_refuses_a_ptxas_triton_would_not_run(tmp_path):
+    result = _run_cli("--arch", "80", "--dtype", "fp16", "--ptxas", str(tmp_path / "ptxas"), "-o", str(tmp_path / "o"))
+    assert result.returncode == 1 and "triton does not run it for sm_80" in result.stderr
+
+
+LOCAL_PTXAS = shutil.which("ptxas")
+
+
+@pytest.mark.skipif(LOCAL_PTXAS is None, reason="no CUDA toolkit ptxas on PATH to compile with")
+def test_cli_compiles_with_another_ptxas(tmp_path):
+    result = _run_cli("--arch", "80", "--dtype", "fp16", "--ptxas", LOCAL_PTXAS, "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    version = re.search(r"release (\d+\.\d+)", subprocess.run([LOCAL_PTXAS, "--version"], capture_output=True,
+                                                                text=True).stdout).group(1)
+    meta = json.loads((tmp_path / "routing_fp16_sm80.json").read_text())
+    assert os.path.samefile(meta["toolkit"]["ptxas"], LOCAL_PTXAS) and meta["toolkit"]["ptxas_version"] == version
 
 
 def test_shared_memory_within_arch_limit(built):

@@ -71,7 +71,14 @@ def test_plugin_source_reads_every_contract_field_through_the_generated_enum():
     # No field or plugin name spelled out by hand: they come from the contract.
     for name in [*attribute_names(), plugin_contract()["op_type"]]:
         assert f'"{name}"' not in source, name
-    assert "IPluginV3OneRuntime" in source and "REGISTER_TENSORRT_PLUGIN" in source
+    assert "IPluginV3OneRuntime" in source
+    # Registered under the contract's namespace (REGISTER_TENSORRT_PLUGIN would use ""), and the
+    # entry points of IPluginRegistry::loadLibrary; test_trt_plugin checks both on the built library.
+    assert "registerCreator(gCreator, kPluginNamespace)" in source
+    assert "REGISTER_TENSORRT_PLUGIN(" not in source
+    assert re.search(r"MIXEXPORT_EXPORT void setLoggerFinder\(nvinfer1::ILoggerFinder\* finder\)", source)
+    assert re.search(r"MIXEXPORT_EXPORT nvinfer1::IPluginCreatorInterface\* const\* getCreators\(int32_t& nbCreators\)",
+                     source)
 
 
 def test_generator_refuses_unknown_formula_names(aot_dir, tmp_path):

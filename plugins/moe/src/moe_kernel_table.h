@@ -62,6 +62,9 @@ struct VariantSpec {
     const char* ptx;
     bool ptx_portable;  // false for arch-specific PTX (sm_90a): not JIT-able for another GPU
     const char* cubin_sha256;
+    const char* ptxas_version;  // CUDA release of the ptxas that compiled it, e.g. "13.4"
+    int cuda_for_cubin;         // driver CUDA version (cuDriverGetVersion) the cubin needs: 13000 = 13.0, R580
+    int cuda_for_ptx;           // driver CUDA version that can JIT its PTX ISA
 };
 
 struct TileSpec {

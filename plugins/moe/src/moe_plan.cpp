@@ -164,29 +164,59 @@ std::string makePlanFor(const Problem& p, int build_arch, Tile tile, bool use_cu
     return {};
 }
 
-std::string makePlan(const Problem& p, const Device& device, Plan* plan) {
+std::string chooseBuild(const Device& device, int* build_arch, bool* use_cubin) {
     if (device.arch < 80)
         return "MixtralMoE: the compiled MoE kernels need an sm_80 or newer GPU, this one is sm_" +
                std::to_string(device.arch);
-    // The exact arch runs its cubin. Otherwise the newest older build whose PTX the driver can JIT
-    // for this GPU (arch-specific PTX such as sm_90a cannot move to another GPU).
-    int build_arch = 0;
-    bool use_cubin = archBuilt(device.arch);
-    if (use_cubin) {
-        build_arch = device.arch;
-    } else {
-        for (int arch : kBuiltArchs) {
-            if (arch > device.arch || arch <= build_arch) continue;
-            bool portable = true;
-            for (const VariantSpec& v : kVariants)
-                if (v.arch == arch && (v.dtype == DType::kAny || v.dtype == p.dtype)) portable &= v.ptx_portable;
-            if (portable) build_arch = arch;
-        }
-        if (!build_arch)
-            return "MixtralMoE: no kernels for this sm_" + std::to_string(device.arch) + " GPU (built: " +
-                   builtArchList() + "); rebuild with -DMIXEXPORT_CUDA_ARCHS including " +
-                   std::to_string(device.arch);
+    if (archBuilt(device.arch)) {
+        *build_arch = device.arch;
+        *use_cubin = true;
+        return {};
     }
+    // Arch-specific PTX (sm_90a) cannot move to another GPU; every dtype's variants must be portable
+    // because the kernels are loaded before the plugin sees its tensors' dtype.
+    int best = 0;
+    for (int arch : kBuiltArchs) {
+        if (arch > device.arch || arch <= best) continue;
+        bool portable = true;
+        for (const VariantSpec& v : kVariants)
+            if (v.arch == arch) portable &= v.ptx_portable;
+        if (portable) best = arch;
+    }
+    if (!best)
+        return "MixtralMoE: no kernels for this sm_" + std::to_string(device.arch) + " GPU (built: " + builtArchList() +
+               "); rebuild with -DMIXEXPORT_CUDA_ARCHS including " + std::to_string(device.arch);
+    *build_arch = best;
+    *use_cubin = false;
+    return {};
+}
+
+std::string checkDriver(int driver_version, int build_arch, bool use_cubin) {
+    int needed = 0;
+    const char* ptxas = "";
+    for (const VariantSpec& v : kVariants) {
+        if (v.arch != build_arch) continue;
+        const int version = use_cubin ? v.cuda_for_cubin : v.cuda_for_ptx;
+        if (version > needed) {
+            needed = version;
+            ptxas = v.ptxas_version;
+        }
+    }
+    if (driver_version >= needed) return {};
+    auto show = [](int version) { return std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10); };
+    // The first driver branch of each CUDA major release (what minor version compatibility needs for a cubin).
+    const char* branch = needed == 13000 ? " (driver R580 or newer)" : needed == 12000 ? " (driver R525 or newer)" : "";
+    return std::string("MixtralMoE: the sm_") + std::to_string(build_arch) + (use_cubin ? " cubins" : " PTX") +
+           " were compiled by ptxas " + ptxas + " and need a driver for CUDA " + show(needed) + branch +
+           ", this one supports CUDA " + show(driver_version) +
+           "; update the NVIDIA driver or rebuild the kernels with an older ptxas (-DMIXEXPORT_PTXAS=, see "
+           "plugins/moe/README.md)";
+}
+
+std::string makePlan(const Problem& p, const Device& device, Plan* plan) {
+    int build_arch = 0;
+    bool use_cubin = true;
+    if (std::string error = chooseBuild(device, &build_arch, &use_cubin); !error.empty()) return error;
     const Tile tile = p.N * p.K <= kSmallMMaxSlots ? Tile::kSmallM : Tile::kLargeM;
     if (std::string error = makePlanFor(p, build_arch, tile, use_cubin, plan); !error.empty()) return error;
     if (device.max_shared_optin > 0) {

@@ -97,7 +97,16 @@ const char* dtypeName(DType dtype);
 // Problem checks shared by the plugin's build-time and run-time paths. Empty string: ok.
 std::string checkProblem(const Problem& problem);
 
-// Picks the variants for `device`, the tile for N*K, grids and the workspace layout.
+// Which AOT build runs on `device`: the cubins of its exact arch, else the PTX of the newest older
+// arch whose every variant the driver can JIT for it. Empty string on success.
+std::string chooseBuild(const Device& device, int* build_arch, bool* use_cubin);
+
+// Whether a driver that reports `driver_version` (cuDriverGetVersion: 1000 * major + 10 * minor)
+// can load the kernels of `build_arch` as cubin or PTX. Empty string on success, else one line that
+// says which driver is needed.
+std::string checkDriver(int driver_version, int build_arch, bool use_cubin);
+
+// Picks the variants for `device` (chooseBuild), the tile for N*K, grids and the workspace layout.
 // Returns an empty string on success, else a message that says what to change.
 std::string makePlan(const Problem& problem, const Device& device, Plan* plan);
 
