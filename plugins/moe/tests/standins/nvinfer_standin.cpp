@@ -157,6 +157,9 @@ RecordingLogger& globalLogger() {
 extern "C" {
 nvinfer1::IPluginRegistry* getPluginRegistry() noexcept { return &standin::registry(); }
 nvinfer1::ILogger* getLogger() noexcept { return &standin::globalLogger(); }
+// There is no runtime to create here: the C++ example, linked to the stand-in, gets TensorRT's
+// failure value and must say so (its tests check the messages before and at that point).
+void* createInferRuntime_INTERNAL(void*, int32_t) noexcept { return nullptr; }
 // MIXEXPORT_STANDIN_TRT_VERSION pretends to be another TensorRT (e.g. 110100 for 11.1.0).
 int32_t getInferLibVersion() noexcept {
     const char* pretend = std::getenv("MIXEXPORT_STANDIN_TRT_VERSION");
