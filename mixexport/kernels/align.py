@@ -68,8 +68,10 @@ def align_scatter_kernel(
     # Place this chunk's slots: the rank of a slot among the chunk's slots of the same expert is an
     # inclusive prefix count down the one-hot columns, so the order inside an expert is slot order.
     slots = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    slot_ok = slots < num_slots
-    experts = tl.load(topk_ids_ptr + slots, mask=slot_ok, other=-1)
+    experts = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=-1)
+    # Routing only writes ids in [0, E); a slot with any other id would have no row of its own, so
+    # it writes nothing (rather than over the first row).
+    slot_ok = (slots < num_slots) & (experts >= 0) & (experts < E)
     one_hot = (experts[:, None] == lanes[None, :]).to(tl.int32)
     rank = tl.sum(one_hot * (tl.cumsum(one_hot, axis=0) - 1), axis=1)
     base = tl.sum(one_hot * (start + before)[None, :], axis=1)

@@ -78,6 +78,42 @@ def test_exact_router_ties(moe_inputs):
     assert _max_abs_error(out, _reference(x, logits, w_gate_up, w_down, 2)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_router_logits(moe_inputs, dtype):
+    # A token without a softmax (NaN, +inf, all -inf) comes out NaN in every column, as the
+    # reference says; every other token is exactly as without it, and no id leaves [0, E).
+    x, logits, w_gate_up, w_down = moe_inputs(40, 44, 52, 8, dtype)
+    logits = logits.to(dtype)
+    clean = fused_moe(x, logits, w_gate_up, w_down, 2)
+    logits[3, 1] = float("nan")
+    logits[20, 7] = float("inf")
+    logits[33] = float("-inf")
+    logits[35, 0] = float("-inf")  # probability 0 only
+    out = fused_moe(x, logits, w_gate_up, w_down, 2)
+    ref = _reference(x, logits, w_gate_up, w_down, 2)
+    bad = [3, 20, 33]
+    assert out[bad].isnan().all() and ref[bad].isnan().all()
+    good = [n for n in range(40) if n not in bad]
+    assert out[good].isfinite().all()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    assert _relative_error(out[good], ref[good]) <= tolerance
+    changed = [n for n in good if n != 35]
+    assert torch.equal(out[changed], clean[changed])
+    _, ids = launch_routing(logits, 2, True)
+    assert ((ids >= 0) & (ids < 8)).all()
+
+
+def test_alignment_never_writes_for_an_out_of_range_id():
+    # Defence in depth: routing writes ids in [0, E) only; a slot with any other id has no row to go
+    # to and must not land on another slot's row (slot 1 would overwrite row 0, slot 4 too).
+    topk_ids = torch.tensor([[0, 9], [1, 0], [-1, 1]], dtype=torch.int32)
+    sorted_ids, expert_ids = launch_align(topk_ids, 8, INTERPRETER_TILE.block_m)
+    block, sentinel = INTERPRETER_TILE.block_m, topk_ids.numel()
+    assert sorted_ids[:block].tolist() == [0, 3] + [sentinel] * (block - 2)
+    assert sorted_ids[block:2 * block].tolist() == [2, 5] + [sentinel] * (block - 2)
+    assert expert_ids[:2].tolist() == [0, 1] and (expert_ids[2:] == -1).all()
+
+
 def test_deterministic(moe_inputs):
     args = moe_inputs(64, 44, 52, 8, torch.float16)
     assert torch.equal(fused_moe(*args, 2), fused_moe(*args, 2))
