@@ -108,8 +108,9 @@ KERNELS = {
         Param("topk_weights_ptr", "*fp32", "workspace:topk_weights"), Param("y_ptr", "*fp32", "workspace:y"),
         Param("num_slots", "i32", "N*K"), Param("H", "i32", "H"), Param("I", "i32", "I")), GRIDS["down"], True),
     "topk_reduce": KernelSpec("mixexport.kernels.reduce", "topk_reduce_kernel", (
-        Param("y_ptr", "*fp32", "workspace:y"), Param("out_ptr", "*DT", "output:out"), Param("H", "i32", "H"),
-        Param("K", "i32", "K")), GRIDS["topk_reduce"], True),
+        Param("y_ptr", "*fp32", "workspace:y"), Param("out_ptr", "*DT", "output:out"),
+        Param("num_slots", "i32", "N*K"), Param("H", "i32", "H"), Param("K", "i32", "K"),
+        Param("split_k", "i32", "SPLIT_K")), GRIDS["topk_reduce"], True),
 }
 # Launch order of one MoE forward.
 PIPELINE = ("routing", "align_count", "align_scatter", "gate_up", "down", "topk_reduce")
@@ -159,7 +160,7 @@ def variants(archs: list[int], dtypes: list[str]) -> list[Variant]:
             for dtype in (dtypes if spec.per_dtype else [None]):
                 if kernel in ("gate_up", "down"):
                     for tile_name, tile in GEMM_TILES[arch].items():
-                        out.append(Variant(kernel, arch, dtype, tile_name, {**tile.constexprs(), "UPCAST": False},
+                        out.append(Variant(kernel, arch, dtype, tile_name, {**tile.constexprs(kernel), "UPCAST": False},
                                            tile.num_warps, tile.num_stages))
                 else:
                     out.append(Variant(kernel, arch, dtype, None, _small_kernel_constexprs(kernel), AOT_NUM_WARPS, 1))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from mixexport.errors import MixexportError
 from mixexport.kernels import aot
-from mixexport.kernels.configs import GEMM_TILES, GRIDS, SHARED_MEMORY_LIMIT, evaluate
+from mixexport.kernels.configs import GEMM_TILES, GRIDS, SHARED_MEMORY_LIMIT, TILE_RULE, evaluate, gemm_tile
 
 MIXTRAL = {"N": 512, "H": 4096, "I": 14336, "E": 8, "K": 2}
 
@@ -120,8 +120,20 @@ def test_grid_formulas_evaluate_from_problem_dims(built):
         assert grid[0] > 0 and grid[1:] == [1, 1]
         if meta["tile"]:
             tile = GEMM_TILES[meta["arch"]][meta["tile"]]
-            expected = evaluate(GRIDS[entry["kernel"]], **MIXTRAL, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+            expected = evaluate(GRIDS[entry["kernel"]], **MIXTRAL, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                SPLIT_K=tile.split_k)
             assert grid[0] == expected
+            assert meta["constexprs"].get("SPLIT_K", 1) == (tile.split_k if entry["kernel"] == "down" else 1)
+    # The tiles the plugin reads carry the split the down GEMM was compiled with.
+    assert {t["split_k"] for tiles in index["tiles"].values() for t in tiles.values()} == {1, 4}
+
+
+def test_tile_follows_tokens_per_expert():
+    # 32 routed slots per expert on average is the last small_m batch, for any E.
+    assert gemm_tile(90, 256, 8)[0] == "small_m" and gemm_tile(90, 257, 8)[0] == "large_m"
+    assert gemm_tile(80, 2048, 64)[0] == "small_m" and gemm_tile(80, 2049, 64)[0] == "large_m"
+    assert gemm_tile(90, 2, 8)[1].split_k == 4 and gemm_tile(90, 4096, 8)[1].split_k == 1
+    assert TILE_RULE == "small_m if N*K <= 32*E else large_m"
 
 
 def test_refuses_to_compile_interpreted_kernels(tmp_path):

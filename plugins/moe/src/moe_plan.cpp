@@ -13,8 +13,8 @@ constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
 size_t alignUp(size_t value) { return (value + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment; }
 
-Dims dimsOf(const Problem& p, int64_t block_m) {
-    return Dims{p.N, p.H, p.I, p.E, p.K, p.normalize ? 1 : 0, block_m, dtypeBytes(p.dtype)};
+Dims dimsOf(const Problem& p, int64_t block_m, int64_t split_k) {
+    return Dims{p.N, p.H, p.I, p.E, p.K, p.normalize ? 1 : 0, block_m, dtypeBytes(p.dtype), split_k};
 }
 
 bool dtypeBuilt(DType dtype) {
@@ -113,7 +113,8 @@ std::string makePlanFor(const Problem& p, int build_arch, Tile tile, bool use_cu
     out.build_arch = build_arch;
     out.tile = tile;
     out.block_m = tile_spec->block_m;
-    const Dims d = dimsOf(p, tile_spec->block_m);
+    out.split_k = tile_spec->split_k;
+    const Dims d = dimsOf(p, tile_spec->block_m, tile_spec->split_k);
 
     int64_t global_scratch = 0, profile_scratch = 0;
     for (int k = 0; k < kNumKernels; ++k) {
@@ -217,7 +218,8 @@ std::string makePlan(const Problem& p, const Device& device, Plan* plan) {
     int build_arch = 0;
     bool use_cubin = true;
     if (std::string error = chooseBuild(device, &build_arch, &use_cubin); !error.empty()) return error;
-    const Tile tile = p.N * p.K <= kSmallMMaxSlots ? Tile::kSmallM : Tile::kLargeM;
+    // index.json tile_rule: the tile follows the routed slots per expert.
+    const Tile tile = p.N * p.K <= kSmallMMaxSlotsPerExpert * p.E ? Tile::kSmallM : Tile::kLargeM;
     if (std::string error = makePlanFor(p, build_arch, tile, use_cubin, plan); !error.empty()) return error;
     if (device.max_shared_optin > 0) {
         for (const Launch& launch : plan->launches) {
@@ -248,7 +250,7 @@ std::string bindArgs(const Plan& plan, int launch, const Tensors& t, KernelArgs*
     if (launch < 0 || launch >= plan.num_launches) return "MixtralMoE: launch index out of range";
     const VariantSpec& v = *plan.launches[launch].variant;
     if (v.num_params > kMaxParams) return std::string("MixtralMoE: ") + v.name + " has too many parameters";
-    const Dims d = dimsOf(plan.problem, plan.block_m);
+    const Dims d = dimsOf(plan.problem, plan.block_m, plan.split_k);
     const WorkspaceLayout& ws = plan.workspace;
     args->count = v.num_params;
     for (int i = 0; i < v.num_params; ++i) {

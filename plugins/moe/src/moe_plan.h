@@ -61,6 +61,7 @@ struct Plan {
     int build_arch = 0;  // the AOT arch whose kernels run
     Tile tile = Tile::kNone;
     int block_m = 0;
+    int split_k = 1;  // the down GEMM's splits of I
     WorkspaceLayout workspace;
     int num_launches = 0;  // 0 when N == 0: nothing to do
     std::array<Launch, kNumKernels> launches{};
