@@ -425,6 +425,17 @@ int main(int argc, char** argv) {
         CHECK_EQ(gpu.loaded, perContext);
         CHECK_EQ(enqueue(b, DataType::kHALF, 0, stream), 0);  // N = 0: nothing to launch
         CHECK_EQ(gpu.launches.size(), size_t{6});
+        // A build-phase copy the builder never configured loads (here: shares) the kernels itself.
+        nvinfer1::IPluginV3* unconfigured = creator->createPlugin("moe", &fields.collection,
+                                                                  nvinfer1::TensorRTPhase::kBUILD);
+        CHECK(unconfigured != nullptr);
+        if (unconfigured) {
+            CHECK_EQ(enqueue(capabilities(unconfigured), DataType::kHALF, 5, stream), 0);
+            CHECK_EQ(gpu.launches.size(), size_t{12});
+            CHECK_EQ(gpu.loaded, perContext);
+            delete unconfigured;
+            CHECK_EQ(gpu.unloaded, 0);  // `built` still holds them
+        }
     }
 
     // 9. Serialize, destroy the build-phase plugin (its modules go with it), deserialize.
