@@ -131,7 +131,8 @@ def make_weights(h, i, e, dtype, seed=0):
 def make_tokens(n, h, e, dtype, seed=0):
     """x [N, H], router_logits [N, E]."""
     gen = torch.Generator(device="cuda").manual_seed(seed + 1)
-    return torch.randn(n, h, device="cuda", generator=gen).to(dtype), torch.randn(n, e, device="cuda", generator=gen).to(dtype)
+    x = torch.randn(n, h, device="cuda", generator=gen).to(dtype)
+    return x, torch.randn(n, e, device="cuda", generator=gen).to(dtype)
 
 
 def make_inputs(n, h, i, e, dtype, seed=0):
@@ -235,10 +236,10 @@ def run_launcher(results: dict, launcher: Launcher, copy_gbps: float) -> None:
         launcher.launch(x, logits, w_gate_up, w_down, y, workspace, k, "fp16")
         torch.cuda.synchronize()
         replay_ok = bool(torch.equal(captured, y))
-        moved = routed_experts(logits, k) * weight_bytes(h, i, 1) + 2 * x.numel() * 2
+        gbps = (routed_experts(logits, k) * weight_bytes(h, i, 1) + 2 * x.numel() * 2) / ms / 1e6
         results["launcher"].append({"model": name, "N": n, "rel_error": err, "equal_to_triton": same_as_triton,
-                                    "cuda_graph_replay_equal": replay_ok, "ms": ms,
-                                    "gbps": moved / ms / 1e6, "fraction_of_copy_bandwidth": moved / ms / 1e6 / copy_gbps,
+                                    "cuda_graph_replay_equal": replay_ok, "ms": ms, "gbps": gbps,
+                                    "fraction_of_copy_bandwidth": gbps / copy_gbps,
                                     "pass": err <= TOLERANCE["fp16"] and replay_ok})
         print(f"  launcher {name:14} N={n:<5} err {err:.1e} equal-to-triton {same_as_triton} graph-replay "
               f"{replay_ok} {ms:8.3f} ms", flush=True)
@@ -292,11 +293,12 @@ def main() -> int:
         dry_run(results, launcher)
         return write(args.out, results, passed=not results["not_done"])
     if not torch.cuda.is_available():
-        print("gpu_check: no NVIDIA GPU is visible (torch.cuda.is_available() is False); use --dry-run", file=sys.stderr)
+        print("gpu_check: no NVIDIA GPU is visible (torch.cuda.is_available() is False); use --dry-run",
+              file=sys.stderr)
         return 2
     props = torch.cuda.get_device_properties(0)
-    results["gpu"] = {"name": props.name, "cc": f"{props.major}.{props.minor}", "memory_gib": props.total_memory / 2**30,
-                      "torch_cuda": torch.version.cuda}
+    results["gpu"] = {"name": props.name, "cc": f"{props.major}.{props.minor}",
+                      "memory_gib": props.total_memory / 2**30, "torch_cuda": torch.version.cuda}
     print(f"gpu_check on {props.name} (sm_{props.major}{props.minor})", flush=True)
     copy_gbps = copy_bandwidth_gbps()
     results["copy_gbps"] = copy_gbps
