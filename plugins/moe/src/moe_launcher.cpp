@@ -105,15 +105,17 @@ CUfunction ContextKernels::function(const VariantSpec* variant) const {
     return it == functions_.end() ? nullptr : it->second;
 }
 
-std::string acquireKernels(std::shared_ptr<const ContextKernels>* kernels, const char* library) {
+std::string acquireKernels(std::shared_ptr<const ContextKernels>* kernels, bool* no_context, const char* library) {
     // weak_ptr: the cache never keeps modules alive by itself; the last plugin holding them unloads them.
     static std::mutex mutex;
     static std::map<CUcontext, std::weak_ptr<const ContextKernels>> contexts;
+    if (no_context) *no_context = false;
     std::string error;
     const DriverApi* api = DriverApi::load(&error, library);
     if (!api) return error;
     CUcontext ctx = nullptr;
     const CUresult r = api->cuCtxGetCurrent(&ctx);
+    if (no_context) *no_context = r == CUDA_SUCCESS && !ctx;
     if (r != CUDA_SUCCESS || !ctx)
         return "MixtralMoE: no current CUDA context (" + (r == CUDA_SUCCESS ? std::string("none") : api->describe(r)) +
                ")";
@@ -132,10 +134,16 @@ std::string acquireKernels(std::shared_ptr<const ContextKernels>* kernels, const
     return {};
 }
 
-std::string KernelLauncher::attach() {
+std::string KernelLauncher::attach(bool later_without_context) {
     std::shared_ptr<const ContextKernels> kernels;
-    if (std::string error = acquireKernels(&kernels); !error.empty()) return error;
+    bool no_context = false;
+    if (std::string error = acquireKernels(&kernels, &no_context); !error.empty()) {
+        if (!later_without_context) return error;  // a deferred copy stays deferred until it loads
+        deferred_ = no_context;
+        return deferred_ ? std::string() : error;
+    }
     kernels_ = std::move(kernels);
+    deferred_ = false;
     return {};
 }
 

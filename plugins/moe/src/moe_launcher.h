@@ -65,21 +65,26 @@ private:
 };
 
 // The kernels of the calling thread's current CUDA context: shared with every other holder in this
-// context, loaded here when there is none. Thread-safe. `library` overrides the driver's file name.
-std::string acquireKernels(std::shared_ptr<const ContextKernels>* kernels, const char* library = "libcuda.so.1");
+// context, loaded here when there is none. Thread-safe. `no_context` (optional) is set when the
+// failure is only that the thread has no current context. `library` overrides the driver's file name.
+std::string acquireKernels(std::shared_ptr<const ContextKernels>* kernels, bool* no_context = nullptr,
+                           const char* library = "libcuda.so.1");
 
 // One plugin instance's view of the kernels: attach once (outside any stream capture), then launch
 // plans on streams of the same context without loading anything or synchronizing the host.
 class KernelLauncher {
 public:
-    // Acquires the current context's kernels (a no-op when already attached to this context).
-    std::string attach();
+    // Acquires the current context's kernels. With `later_without_context`, a thread without a
+    // current CUDA context is not an error: nothing is loaded and deferred() says so.
+    std::string attach(bool later_without_context = false);
     bool attached() const { return kernels_ != nullptr; }
+    bool deferred() const { return deferred_; }
     // Plans `problem` for the attached device and enqueues every launch on `stream`.
     std::string launch(const Problem& problem, const Tensors& tensors, CUstream stream) const;
 
 private:
     std::shared_ptr<const ContextKernels> kernels_;
+    bool deferred_ = false;
 };
 
 }  // namespace moe

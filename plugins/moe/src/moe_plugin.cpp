@@ -280,8 +280,9 @@ public:
         if (error.empty() && !toDType(in[0].desc.type, &dtype))
             error = "MixtralMoE: x must be float16 or bfloat16";
         if (error.empty()) error = checkProblem(fields_.problem(in[0].max.d[0] < 0 ? 0 : in[0].max.d[0], dtype));
-        // The builder times the plugin on this context: its kernels are loaded now, not in enqueue.
-        if (error.empty()) error = launcher_.attach();
+        // The builder times the plugin on this context: its kernels are loaded now, not in enqueue
+        // (on a thread without a current context, by the first enqueue instead).
+        if (error.empty()) error = launcher_.attach(/*later_without_context=*/true);
         if (!error.empty()) {
             reportError(error);
             return -1;
@@ -322,9 +323,11 @@ public:
             DType dtype;
             if (!toDType(inputDesc[0].type, &dtype)) return -1;
             std::string error;
-            // Build-phase copies the builder made before configurePlugin load here (no application
-            // stream is being captured during a build); runtime copies were loaded by attachToContext.
-            if (!launcher_.attached() && phase_ == nvinfer1::TensorRTPhase::kBUILD) error = launcher_.attach();
+            // Loaded here only by build-phase copies the builder made before configurePlugin (no
+            // application stream is being captured during a build) and by copies that were attached
+            // on a thread without a current CUDA context; a runtime copy never attached is refused.
+            if (!launcher_.attached() && (phase_ == nvinfer1::TensorRTPhase::kBUILD || launcher_.deferred()))
+                error = launcher_.attach();
             Tensors tensors;
             for (int i = 0; i < kNbInputs; ++i) tensors.inputs[i] = reinterpret_cast<uint64_t>(inputs[i]);
             tensors.output = reinterpret_cast<uint64_t>(outputs[0]);
@@ -345,12 +348,13 @@ public:
     }
 
     // One copy per execution context: it loads (or shares) that context's kernels here, before any
-    // enqueue, so enqueue works inside CUDA graph capture.
+    // enqueue, so enqueue works inside CUDA graph capture. TensorRT creates execution contexts on a
+    // thread with its CUDA context current; should none be, the first enqueue loads them.
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override {
         try {
             std::unique_ptr<MixtralMoEPlugin> attached(new MixtralMoEPlugin(*this));
             attached->recorder_ = context ? context->getErrorRecorder() : nullptr;
-            if (std::string error = attached->launcher_.attach(); !error.empty()) {
+            if (std::string error = attached->launcher_.attach(/*later_without_context=*/true); !error.empty()) {
                 reportError(error, attached->recorder_);
                 return nullptr;
             }

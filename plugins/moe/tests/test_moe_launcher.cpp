@@ -15,7 +15,10 @@ int main() {
     CHECK_CONTAINS(error, "libmixexport-no-such-driver.so.1");
     CHECK_CONTAINS(error, "NVIDIA driver");
     std::shared_ptr<const ContextKernels> kernels;
-    CHECK_CONTAINS(acquireKernels(&kernels, "libmixexport-no-such-driver.so.1"), "cannot load the CUDA driver library");
+    bool no_context = true;
+    CHECK_CONTAINS(acquireKernels(&kernels, &no_context, "libmixexport-no-such-driver.so.1"),
+                   "cannot load the CUDA driver library");
+    CHECK(!no_context);  // no driver is an error even where a missing context would be deferred
     CHECK(kernels == nullptr);
 
     KernelLauncher launcher;
@@ -28,7 +31,8 @@ int main() {
     const bool have_driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD) || dlopen("libcuda.so.1", RTLD_NOW);
     if (!have_driver) {
         CHECK_CONTAINS(launcher.attach(), "libcuda.so.1");
-        CHECK(!launcher.attached());
+        CHECK_CONTAINS(launcher.attach(/*later_without_context=*/true), "libcuda.so.1");
+        CHECK(!launcher.attached() && !launcher.deferred());
     }
     return finish("test_moe_launcher");
 }

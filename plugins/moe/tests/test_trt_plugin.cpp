@@ -529,10 +529,21 @@ int main(int argc, char** argv) {
         CHECK(jit == nullptr || gpu.ptx == variantsFor(86));
         delete jit;
         gpu.cc_major = 9, gpu.cc_minor = 0;
+        // No current context at attach: the copy is made, and its first enqueue loads the kernels.
         gpu.current_context = 0;
-        CHECK(r.runtime->attachToContext(&ctx) == nullptr);
-        CHECK(!ctx.recorder.errors.empty() &&
-              ctx.recorder.errors.back().second.find("no current CUDA context") != std::string::npos);
+        const int loadedBefore = gpu.loaded;
+        nvinfer1::IPluginV3* later = r.runtime->attachToContext(&ctx);
+        CHECK(later != nullptr);
+        CHECK_EQ(gpu.loaded, loadedBefore);
+        if (later) {
+            CHECK_EQ(enqueue(capabilities(later), DataType::kHALF, 3, nullptr), -1);  // still none
+            CHECK(!ctx.recorder.errors.empty() &&
+                  ctx.recorder.errors.back().second.find("no current CUDA context") != std::string::npos);
+            gpu.current_context = 0x1000;
+            CHECK_EQ(enqueue(capabilities(later), DataType::kHALF, 3, nullptr), 0);
+            CHECK_EQ(gpu.loaded, loadedBefore + perContext);
+            delete later;
+        }
         gpu.current_context = 0x1000;
         CHECK_EQ(gpu.loaded, gpu.unloaded);
     }
