@@ -109,7 +109,15 @@ struct DeviceBuffer {
 std::vector<int64_t> parseTokens(char const* text) {
     std::vector<int64_t> tokens;
     std::stringstream stream(text);
-    for (std::string item; std::getline(stream, item, ',');) tokens.push_back(std::stoll(item));
+    for (std::string item; std::getline(stream, item, ',');) {
+        size_t used = 0;
+        try {
+            tokens.push_back(std::stoll(item, &used));
+        } catch (std::logic_error const&) {
+            used = 0;
+        }
+        check(used > 0 && used == item.size(), "TOKEN_IDS: '" + item + "' is not a token id");
+    }
     check(!tokens.empty(), "TOKEN_IDS must be a comma-separated list of token ids, e.g. 1,415,2936");
     return tokens;
 }
@@ -121,12 +129,19 @@ int run(int argc, char** argv) {
     }
     std::vector<int64_t> tokens = parseTokens(argv[3]);
     int const maxNewTokens = argc > 4 ? std::atoi(argv[4]) : 16;
+    check(maxNewTokens >= 0, "MAX_NEW_TOKENS must be a non-negative number");
 
-    // Registers the MixtralMoE creator (REGISTER_TENSORRT_PLUGIN runs when the library loads).
-    check(dlopen(argv[2], RTLD_NOW | RTLD_GLOBAL) != nullptr, std::string("cannot load ") + argv[2] + ": " + dlerror());
-
+    // Both files first, so a wrong path is named before any library is loaded.
     std::ifstream file(argv[1], std::ios::binary);
     check(file.good(), std::string("cannot read the engine ") + argv[1]);
+    check(std::ifstream(argv[2]).good(), std::string("cannot read the plugin library ") + argv[2]);
+
+    // Registers the MixtralMoE creator under its namespace (a static initializer of the library).
+    // dlerror() only after dlopen has failed: it is null otherwise.
+    if (dlopen(argv[2], RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+        char const* why = dlerror();
+        throw std::runtime_error(std::string("cannot load ") + argv[2] + ": " + (why ? why : "unknown error"));
+    }
     std::vector<char> blob((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
 
     Logger logger;

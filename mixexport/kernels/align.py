@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixexport.kernels.configs import ALIGN_BLOCK_C, ALIGN_BLOCK_S, cdiv
+from mixexport.kernels.configs import ALIGN_BLOCK_C, ALIGN_BLOCK_S, MAX_BLOCKS, cdiv, evaluate
 
 
 @triton.jit
@@ -68,8 +68,10 @@ def align_scatter_kernel(
     # Place this chunk's slots: the rank of a slot among the chunk's slots of the same expert is an
     # inclusive prefix count down the one-hot columns, so the order inside an expert is slot order.
     slots = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    slot_ok = slots < num_slots
-    experts = tl.load(topk_ids_ptr + slots, mask=slot_ok, other=-1)
+    experts = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=-1)
+    # Routing only writes ids in [0, E); a slot with any other id would have no row of its own, so
+    # it writes nothing (rather than over the first row).
+    slot_ok = (slots < num_slots) & (experts >= 0) & (experts < E)
     one_hot = (experts[:, None] == lanes[None, :]).to(tl.int32)
     rank = tl.sum(one_hot * (tl.cumsum(one_hot, axis=0) - 1), axis=1)
     base = tl.sum(one_hot * (start + before)[None, :], axis=1)
@@ -87,7 +89,7 @@ def align_scatter_kernel(
         # Block b belongs to the expert whose block range holds it: the number of experts whose
         # blocks all end at or before b. Past the last block that count reaches E: write -1.
         block_end = (start + padded) // block_m
-        max_blocks = tl.cdiv(num_slots, block_m) + E
+        max_blocks = tl.cdiv(num_slots, block_m) + tl.minimum(E, num_slots)  # configs.MAX_BLOCKS
         for b0 in range(0, max_blocks, BLOCK_S):
             blocks = b0 + tl.arange(0, BLOCK_S)
             owner = tl.sum((blocks[:, None] >= block_end[None, :]).to(tl.int32), axis=1)
@@ -105,12 +107,12 @@ def launch_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tupl
 
     Returns:
         (sorted_ids [MAX_BLOCKS*BLOCK_M] int32, expert_ids [MAX_BLOCKS] int32), see the module docstring;
-        MAX_BLOCKS = cdiv(N*K, BLOCK_M) + E.
+        MAX_BLOCKS = cdiv(N*K, BLOCK_M) + min(E, N*K) (configs.MAX_BLOCKS).
     """
     num_slots = topk_ids.numel()
     device = topk_ids.device
     block_e = triton.next_power_of_2(num_experts)
-    max_blocks = cdiv(num_slots, block_m) + num_experts
+    max_blocks = evaluate(MAX_BLOCKS, N=num_slots, K=1, E=num_experts, BLOCK_M=block_m)
     num_chunks = cdiv(num_slots, ALIGN_BLOCK_S)
     chunk_counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)

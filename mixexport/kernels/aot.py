@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,11 +22,12 @@ import click
 
 from mixexport.errors import MixexportError
 from mixexport.kernels import require_triton
-from mixexport.kernels.configs import (AOT_MAX_EXPERTS, AOT_NUM_WARPS, ALIGN_BLOCK_C, ALIGN_BLOCK_S, ARCHS, GEMM_TILES,
+from mixexport.kernels.configs import (SHAPE_MULTIPLE, AOT_MAX_EXPERTS, AOT_NUM_WARPS, ALIGN_BLOCK_C, ALIGN_BLOCK_S, ARCHS, GEMM_TILES,
                                        GRIDS, REDUCE_BLOCK_H, ROUTING_BLOCK_T, SHARED_MEMORY_LIMIT, TILE_RULE,
                                        WORKSPACE, substitute)
 
-FORMAT = "mixexport-moe-kernels/1"
+# /2: every variant records the ptxas that made it and the CUDA driver it needs (`toolkit`).
+FORMAT = "mixexport-moe-kernels/2"
 DTYPES = {"fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # The two pointers every compiled triton kernel takes after its own parameters.
@@ -34,6 +37,31 @@ SCRATCH_PARAMS = ("global_scratch", "profile_scratch")
 # 256-byte aligned).
 DIVISIBLE_INTS = {"H", "I"}
 C_TYPES = {"i32": "int32_t"}
+# Triton reads the ptxas for sm_80..89 from TRITON_PTXAS_PATH and for sm_90+ from
+# TRITON_PTXAS_BLACKWELL_PATH, and silently falls back to its bundled copy when the path does not run.
+PTXAS_ENV = ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH")
+
+
+def toolkit_requirements(ptxas_version: str, ptx: str) -> dict:
+    """What a CUDA driver must support to load a variant, from the ptxas that compiled it.
+
+    A cubin loads on any driver of the same CUDA major version or newer (CUDA's minor version
+    compatibility: 12.x cubins on R525+, 13.x on R580+); PTX is JIT-compiled by the driver, which
+    must know that PTX ISA, i.e. be at least the ptxas' own CUDA version.
+
+    Args:
+        ptxas_version: "13.4" (what `ptxas --version` says after "release").
+        ptx: the variant's PTX text.
+
+    Returns:
+        {"ptxas_version", "ptx_isa", "cuda_for_cubin", "cuda_for_ptx"}, versions as "major.minor".
+    """
+    match = re.fullmatch(r"(\d+)\.(\d+)", ptxas_version)
+    isa = re.search(r"^\.version\s+(\d+\.\d+)", ptx, re.M)
+    if not match or not isa:
+        raise MixexportError(f"cannot read the CUDA version of ptxas {ptxas_version!r} or the PTX ISA of its output")
+    return {"ptxas_version": ptxas_version, "ptx_isa": isa.group(1), "cuda_for_cubin": f"{match.group(1)}.0",
+            "cuda_for_ptx": ptxas_version}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +108,9 @@ KERNELS = {
         Param("topk_weights_ptr", "*fp32", "workspace:topk_weights"), Param("y_ptr", "*fp32", "workspace:y"),
         Param("num_slots", "i32", "N*K"), Param("H", "i32", "H"), Param("I", "i32", "I")), GRIDS["down"], True),
     "topk_reduce": KernelSpec("mixexport.kernels.reduce", "topk_reduce_kernel", (
-        Param("y_ptr", "*fp32", "workspace:y"), Param("out_ptr", "*DT", "output:out"), Param("H", "i32", "H"),
-        Param("K", "i32", "K")), GRIDS["topk_reduce"], True),
+        Param("y_ptr", "*fp32", "workspace:y"), Param("out_ptr", "*DT", "output:out"),
+        Param("num_slots", "i32", "N*K"), Param("H", "i32", "H"), Param("K", "i32", "K"),
+        Param("split_k", "i32", "SPLIT_K")), GRIDS["topk_reduce"], True),
 }
 # Launch order of one MoE forward.
 PIPELINE = ("routing", "align_count", "align_scatter", "gate_up", "down", "topk_reduce")
@@ -131,7 +160,7 @@ def variants(archs: list[int], dtypes: list[str]) -> list[Variant]:
             for dtype in (dtypes if spec.per_dtype else [None]):
                 if kernel in ("gate_up", "down"):
                     for tile_name, tile in GEMM_TILES[arch].items():
-                        out.append(Variant(kernel, arch, dtype, tile_name, {**tile.constexprs(), "UPCAST": False},
+                        out.append(Variant(kernel, arch, dtype, tile_name, {**tile.constexprs(kernel), "UPCAST": False},
                                            tile.num_warps, tile.num_stages))
                 else:
                     out.append(Variant(kernel, arch, dtype, None, _small_kernel_constexprs(kernel), AOT_NUM_WARPS, 1))
@@ -157,6 +186,7 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
     """
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     spec = KERNELS[variant.kernel]
@@ -167,7 +197,7 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     hinted = [i for i, p in enumerate(spec.params) if p.type.startswith("*") or p.name in DIVISIBLE_INTS]
     # Parameter indices count every kernel argument, constexprs included.
-    attrs = {(fn.arg_names.index(spec.params[i].name),): [["tt.divisibility", 16]] for i in hinted}
+    attrs = {(fn.arg_names.index(spec.params[i].name),): [["tt.divisibility", SHAPE_MULTIPLE]] for i in hinted}
     source = ASTSource(fn=fn, signature=signature, constexprs=variant.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", variant.arch, 32),
                               options={"num_warps": variant.num_warps, "num_stages": variant.num_stages,
@@ -179,10 +209,11 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
                              f"{SHARED_MEMORY_LIMIT[variant.arch]}; shrink its tile in mixexport/kernels/configs.py")
 
     cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
+    ptxas = get_ptxas(variant.arch)  # the one triton just ran for this arch
     (out_dir / f"{variant.name}.cubin").write_bytes(cubin)
     (out_dir / f"{variant.name}.ptx").write_text(ptx)
     params = [{"name": p.name, "type": types[p.name], "c_type": "CUdeviceptr" if p.type.startswith("*") else
-               C_TYPES[p.type], "divisibility": 16 if p.type.startswith("*") or p.name in DIVISIBLE_INTS else 1,
+               C_TYPES[p.type], "divisibility": SHAPE_MULTIPLE if p.type.startswith("*") or p.name in DIVISIBLE_INTS else 1,
                "bind": p.bind} for p in spec.params]
     # Triton's two trailing scratch pointers: null when their size is 0 (the launcher must still pass them).
     params += [{"name": name, "type": "*i8", "c_type": "CUdeviceptr", "divisibility": 1,
@@ -210,23 +241,49 @@ def compile_variant(variant: Variant, out_dir: Path) -> dict:
         "params": params,
         "grid": [substitute(spec.grid, variant.constexprs), "1", "1"],
         "triton_version": triton.__version__,
+        "toolkit": {"ptxas": ptxas.path, **toolkit_requirements(ptxas.version, ptx)},
     }
     (out_dir / f"{variant.name}.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 
 
-def build(archs: list[int], dtypes: list[str], out_dir: Path) -> dict:
+def use_ptxas(ptxas: Path, archs: list[int]) -> None:
+    """Make triton compile every arch with this ptxas (e.g. a CUDA 12 one, for drivers older than R580).
+
+    Args:
+        ptxas: an executable `ptxas` of a CUDA toolkit.
+        archs: the archs about to be compiled.
+
+    Raises:
+        MixexportError: when triton would not use it (triton falls back to its own ptxas silently).
+    """
+    from triton.backends.nvidia.compiler import get_ptxas, get_ptxas_version
+
+    for name in PTXAS_ENV:
+        os.environ[name] = str(ptxas)
+    get_ptxas_version.cache_clear()
+    for arch in archs:
+        tool = get_ptxas(arch)
+        if Path(tool.path).resolve() != ptxas.resolve():
+            raise MixexportError(f"--ptxas {ptxas}: triton does not run it for sm_{arch} (it would use {tool.path}); "
+                                 f"pass the path of a working ptxas executable")
+
+
+def build(archs: list[int], dtypes: list[str], out_dir: Path, ptxas: Path | None = None) -> dict:
     """Compile every variant and write the index.
 
     Args:
         archs: compute capabilities, each in configs.ARCHS.
         dtypes: short dtype names (fp16, bf16, fp32).
         out_dir: destination folder, created if missing.
+        ptxas: compile with this ptxas instead of triton's bundled one (see `use_ptxas`).
 
     Returns:
         The index written to `index.json`.
     """
     require_triton()
+    if ptxas is not None:
+        use_ptxas(ptxas, archs)
     out_dir.mkdir(parents=True, exist_ok=True)
     built = [compile_variant(v, out_dir) for v in variants(archs, dtypes)]
     index = {
@@ -234,6 +291,7 @@ def build(archs: list[int], dtypes: list[str], out_dir: Path) -> dict:
         "archs": archs,
         "dtypes": dtypes,
         "max_experts": AOT_MAX_EXPERTS,
+        "shape_multiple": SHAPE_MULTIPLE,
         "pipeline": list(PIPELINE),
         "tile_rule": TILE_RULE,
         "tiles": {str(arch): {name: dataclasses.asdict(tile) for name, tile in GEMM_TILES[arch].items()}
@@ -260,13 +318,16 @@ def _parse_list(value: str, option: str, choices: dict) -> list:
 @click.option("--dtype", default="fp16,bf16", show_default=True, help="Activation/weight dtypes, comma-separated.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the cubins, PTX and JSON metadata.")
-def main(arch: str, dtype: str, output: Path) -> None:
+@click.option("--ptxas", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ptxas of the CUDA toolkit to compile with (default: triton's bundled one, which needs an "
+                   "R580+ driver for sm_90).")
+def main(arch: str, dtype: str, output: Path, ptxas: Path | None) -> None:
     """Compile the MoE kernels ahead of time for the TensorRT plugin."""
     try:
         archs = _parse_list(arch, "--arch", {str(a): a for a in ARCHS})
         dtypes = _parse_list(dtype, "--dtype", DTYPES)
         start = time.perf_counter()
-        index = build(archs, dtypes, output)
+        index = build(archs, dtypes, output, ptxas)
     except MixexportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {len(index['variants'])} kernel variants to {output} in {time.perf_counter() - start:.1f} s")

@@ -1,13 +1,20 @@
 """The two grouped GEMMs over the expert-sorted token layout of `align.py`.
 
     gate_up: act[r]  = silu(Gate[e] @ x[n]) * (Up[e] @ x[n])       for row r holding slot n*K+j, e = its expert
-    down:    y[n*K+j] = w[n, j] * (Down[e] @ act[r])                fp32, summed over j by `reduce.py`
+    down:    y[s, n*K+j] = w[n, j] * (Down[e][:, I_s] @ act[r, I_s])  fp32 per split s of I, summed over s
+                                                                      and j by `reduce.py`
 
 One program computes a BLOCK_M x BLOCK_N output tile of one expert: every row of a block belongs to the
 same expert (the alignment padded each expert to BLOCK_M rows), so the weight tile it streams is
 shared by all rows, and each weight byte is read once per block of tokens. That weight stream is the
 whole cost at decode sizes. Grids are static upper bounds; a block past the routed work finds
 expert -1 and exits before loading anything.
+
+Program order: GROUP_M blocks of rows run one after another on the same weight columns
+(`grouped_order`), so a weight tile read from DRAM by the first serves the next ones from L2 while
+the expert's blocks last. With the plain row-major order the programs sharing a weight tile run
+cdiv(I, BLOCK_N) launches apart, long after it left L2, and prefill re-streams the weights once per
+block of rows.
 """
 
 from __future__ import annotations
@@ -17,6 +24,17 @@ import triton
 import triton.language as tl
 
 from mixexport.kernels.configs import GRIDS, GemmTile, evaluate
+
+
+@triton.jit
+def grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of program `pid` over a num_m x num_n tile grid, GROUP_M row blocks
+    at a time down each column block."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    in_group = pid % per_group
+    return first_m + in_group % group_m, in_group // group_m
 
 
 @triton.jit
@@ -33,12 +51,12 @@ def gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr,  # multiply in fp32 (the interpreter's bf16 dot is wrong)
 ):
-    pid = tl.program_id(0)
     num_n = tl.cdiv(I, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    # The grid is MAX_BLOCKS x num_n programs.
+    pid_m, pid_n = grouped_order(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
@@ -88,19 +106,23 @@ def down_kernel(
     sorted_ids_ptr,  # [MAX_BLOCKS*BLOCK_M] int32
     expert_ids_ptr,  # [MAX_BLOCKS] int32
     topk_weights_ptr,  # [N*K] fp32
-    y_ptr,  # [N*K, H] fp32 out
+    y_ptr,  # [SPLIT_K, N*K, H] fp32 out
     num_slots,  # N*K
     H,
     I,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # The grid is SPLIT_K x MAX_BLOCKS x num_n programs, the split slowest: the programs of one
+    # split share weight columns in the grouped order, as in gate_up.
     num_n = tl.cdiv(H, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    per_split = tl.num_programs(0) // SPLIT_K
+    split = tl.program_id(0) // per_split
+    pid_m, pid_n = grouped_order(tl.program_id(0) % per_split, per_split // num_n, num_n, GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
@@ -110,13 +132,18 @@ def down_kernel(
     row_ok = slots < num_slots
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
+    # This split's share of I, whole BLOCK_K steps (the last split may be short or empty: it then
+    # writes zeros, which the reduction adds like any other split).
+    k_per_split = tl.cdiv(tl.cdiv(I, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = split * k_per_split
+    k_end = tl.minimum(I, k_start + k_per_split)
     ks = tl.arange(0, BLOCK_K)
     # The A rows are contiguous (act is already in sorted order): no gather on this side.
-    a_ptrs = act_ptr + rows[:, None] * I + ks[None, :]
-    b_ptrs = w_ptr + expert * H * I + cols.to(tl.int64)[None, :] * I + ks[:, None]
+    a_ptrs = act_ptr + rows[:, None] * I + k_start + ks[None, :]
+    b_ptrs = w_ptr + expert * H * I + cols.to(tl.int64)[None, :] * I + k_start + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        k_ok = ks < I - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_ok = ks < k_end - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
@@ -127,10 +154,11 @@ def down_kernel(
         b_ptrs += BLOCK_K
 
     # The routing weight scales the fp32 accumulator before any rounding; rows go back to slot order
-    # (y[n*K + j]), so the reduction over j needs no inverse map and no atomics.
+    # (y[s, n*K + j]), so the reduction over s and j needs no inverse map and no atomics.
     weight = tl.load(topk_weights_ptr + slots, mask=row_ok, other=0.0)
     acc = acc * weight[:, None]
-    tl.store(y_ptr + slots.to(tl.int64)[:, None] * H + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    y_rows = split.to(tl.int64) * num_slots + slots.to(tl.int64)
+    tl.store(y_ptr + y_rows[:, None] * H + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def launch_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
@@ -155,7 +183,8 @@ def launch_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.T
     grid = (evaluate(GRIDS["gate_up"], N=num_tokens, H=hidden, I=inter, E=num_experts, K=top_k,
                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),)
     gate_up_kernel[grid](x, w_gate_up, sorted_ids, expert_ids, act, num_tokens * top_k, hidden, inter, top_k,
-                         **tile.constexprs(), UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages)
+                         **tile.constexprs("gate_up"), UPCAST=upcast, num_warps=tile.num_warps,
+                         num_stages=tile.num_stages)
     return act
 
 
@@ -172,15 +201,15 @@ def launch_down(act: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tenso
         upcast: multiply in fp32 (bf16 under the interpreter).
 
     Returns:
-        y [N*K, H] float32, row n*K+j = w[n, j] * Down[e_j] @ act.
+        y [SPLIT_K, N*K, H] float32: summed over its first axis, row n*K+j = w[n, j] * Down[e_j] @ act.
     """
     num_tokens, top_k = topk_weights.shape
     num_experts, hidden, inter = w_down.shape
-    y = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32, device=act.device)
+    y = torch.empty(tile.split_k, num_tokens * top_k, hidden, dtype=torch.float32, device=act.device)
     grid = (evaluate(GRIDS["down"], N=num_tokens, H=hidden, I=inter, E=num_experts, K=top_k,
-                     BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),)
+                     BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SPLIT_K=tile.split_k),)
     down_kernel[grid](act, w_down, sorted_ids, expert_ids, topk_weights, y, num_tokens * top_k, hidden, inter,
-                      **tile.constexprs(), UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages)
+                      **tile.constexprs("down"), UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return y
 
 

@@ -14,7 +14,7 @@ import triton
 
 from mixexport.errors import MixexportError
 from mixexport.kernels.align import launch_align
-from mixexport.kernels.configs import INTERPRETER_TILE, gemm_tile
+from mixexport.kernels.configs import INTERPRETER_TILES, gemm_tile, tile_name
 from mixexport.kernels.grouped_gemm import launch_down, launch_gate_up
 from mixexport.kernels.reduce import launch_topk_reduce
 from mixexport.kernels.routing import launch_routing, routing_kernel
@@ -80,11 +80,12 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     num_tokens = x.shape[0]
     if num_tokens == 0:
         return torch.empty_like(x)
+    num_experts = w_gate_up.shape[0]
     if INTERPRETED:
-        tile, upcast = INTERPRETER_TILE, x.dtype == torch.bfloat16
+        tile, upcast = INTERPRETER_TILES[tile_name(num_tokens * top_k, num_experts)], x.dtype == torch.bfloat16
     else:
         major, minor = torch.cuda.get_device_capability(x.device)
-        _, tile = gemm_tile(major * 10 + minor, num_tokens * top_k)
+        _, tile = gemm_tile(major * 10 + minor, num_tokens * top_k, num_experts)
         upcast = False
     # The kernels compute addresses from the shapes (unit inner strides), so they need dense rows.
     x, router_logits, w_gate_up, w_down = (t.contiguous() for t in (x, router_logits, w_gate_up, w_down))

@@ -37,6 +37,11 @@ def routing_kernel(
     logits = tl.where(row_ok[:, None], logits, 0.0)
     shifted = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     probs = shifted / tl.sum(shifted, axis=1)[:, None]
+    # A NaN or +inf logit, or a row of -inf, leaves the row without a softmax (NaN, however max
+    # treats NaN). The op routes such a token to experts 0..K-1 with NaN weights (see `route`):
+    # rank it as all ties, so every id stays in [0, E), and store NaN for its weights below.
+    no_softmax = tl.max((probs != probs).to(tl.int32), axis=1) > 0
+    probs = tl.where(no_softmax[:, None], 0.0, probs)
     # Padding lanes rank below every real expert, even one whose probability underflowed to 0.
     probs = tl.where(col_ok[None, :], probs, -1.0)
 
@@ -56,7 +61,7 @@ def routing_kernel(
     for j in range(K):
         best = tl.max(remaining, axis=1)
         best_id = tl.min(tl.where(remaining == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        tl.store(weights_ptr + rows * K + j, best / denom, mask=row_ok)
+        tl.store(weights_ptr + rows * K + j, tl.where(no_softmax, float("nan"), best / denom), mask=row_ok)
         tl.store(ids_ptr + rows * K + j, best_id.to(tl.int32), mask=row_ok)
         remaining = tl.where(cols[None, :] == best_id[:, None], -2.0, remaining)
 

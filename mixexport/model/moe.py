@@ -7,6 +7,12 @@ Semantics (ARCHITECTURE.md, `mixexport::MoE`):
     out[n] = sum_j w_j * Down[e_j] @ (silu(Gate[e_j] @ x[n]) * Up[e_j] @ x[n])
 accumulated in float32, returned in x's dtype.
 
+Non-finite router logits: a row with a NaN or a +inf logit, or with every logit -inf, has no
+softmax (IEEE arithmetic makes the whole row NaN). Such a token is routed to experts 0..K-1 with
+NaN weights, so every column of its output is NaN; no other token is affected. -inf logits in a
+row that also has a finite one are probability 0, as softmax gives. Every implementation follows
+this (`route` below is its definition), so no kernel reads an expert id outside [0, E).
+
 Weight layout (the same for the reference model, the Triton kernels and the TensorRT plugin):
     w_gate_up [E, 2I, H]: rows 0..I-1 are the gate projection (Mixtral w1), rows I..2I-1 the up
                           projection (w3), Hugging Face's `gate_up_proj` layout;
@@ -29,16 +35,20 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tu
 
     Returns:
         (weights [N, K] float32, experts [N, K] int64), experts in descending weight order, ties to
-        the lower index.
+        the lower index. A token without a softmax (see the module docstring) gets experts 0..K-1
+        and NaN weights.
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
+    # IEEE softmax is NaN in a whole row or nowhere in it; such a row ranks as all ties (experts
+    # 0..K-1) instead of by however a sort orders NaN. Finite rows are left exactly as they are.
+    no_softmax = torch.isnan(probs).any(dim=-1, keepdim=True)
     # A stable descending sort keeps equal probabilities in index order: ties go to the lower index,
     # which torch.topk does not promise.
-    weights, experts = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = torch.sort(torch.where(no_softmax, 0.0, probs), dim=-1, descending=True, stable=True)
     weights, experts = weights[:, :top_k], experts[:, :top_k]
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, experts
+    return torch.where(no_softmax, float("nan"), weights), experts
 
 
 def moe_reference(

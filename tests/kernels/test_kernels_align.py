@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from mixexport.kernels.align import align_reference, launch_align
-from mixexport.kernels.configs import WORKSPACE, cdiv, evaluate
+from mixexport.kernels.configs import MAX_BLOCKS, WORKSPACE, evaluate
 
 
 def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     sorted_ids, expert_ids = launch_align(topk_ids.to(torch.int32).contiguous(), num_experts, block_m)
     ref_sorted, ref_experts = align_reference(topk_ids, num_experts, block_m)
-    max_blocks = cdiv(topk_ids.numel(), block_m) + num_experts
+    max_blocks = evaluate(MAX_BLOCKS, N=topk_ids.shape[0], K=topk_ids.shape[1], E=num_experts, BLOCK_M=block_m)
     assert sorted_ids.numel() == max_blocks * block_m and expert_ids.numel() == max_blocks
     # The AOT metadata's workspace formulas describe these same buffers.
     dims = {"N": topk_ids.shape[0], "K": topk_ids.shape[1], "E": num_experts, "BLOCK_M": block_m}

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from mixexport.errors import MixexportError
 from mixexport.kernels import aot
-from mixexport.kernels.configs import GEMM_TILES, GRIDS, SHARED_MEMORY_LIMIT, evaluate
+from mixexport.kernels.configs import GEMM_TILES, GRIDS, SHARED_MEMORY_LIMIT, TILE_RULE, evaluate, gemm_tile
 
 MIXTRAL = {"N": 512, "H": 4096, "I": 14336, "E": 8, "K": 2}
 
@@ -65,6 +66,44 @@ def test_params_match_kernel_signature_and_ptx(built):
         assert cubin[:4] == b"\x7fELF" and hashlib.sha256(cubin).hexdigest() == meta["cubin_sha256"]
 
 
+def test_metadata_records_the_ptxas_and_the_driver_it_needs(built):
+    out, index = built
+    for entry in index["variants"]:
+        meta = _metadata(out, entry)
+        toolkit = meta["toolkit"]
+        assert os.path.isfile(toolkit["ptxas"]), meta["name"]
+        major = toolkit["ptxas_version"].split(".")[0]
+        assert re.fullmatch(r"\d+\.\d+", toolkit["ptxas_version"])
+        assert toolkit["cuda_for_cubin"] == f"{major}.0" and toolkit["cuda_for_ptx"] == toolkit["ptxas_version"]
+        ptx = (out / meta["ptx"]).read_text()
+        assert re.search(rf"^\.version {re.escape(toolkit['ptx_isa'])}$", ptx, re.M), meta["name"]
+
+
+def test_toolkit_requirements():
+    assert aot.toolkit_requirements("12.9", ".version 8.8\n.target sm_80") == {
+        "ptxas_version": "12.9", "ptx_isa": "8.8", "cuda_for_cubin": "12.0", "cuda_for_ptx": "12.9"}
+    with pytest.raises(MixexportError, match="cannot read the CUDA version"):
+        aot.toolkit_requirements("unknown", ".version 8.8")
+
+
+def test_cli_refuses_a_ptxas_triton_would_not_run(tmp_path):
+    result = _run_cli("--arch", "80", "--dtype", "fp16", "--ptxas", str(tmp_path / "ptxas"), "-o", str(tmp_path / "o"))
+    assert result.returncode == 1 and "triton does not run it for sm_80" in result.stderr
+
+
+LOCAL_PTXAS = shutil.which("ptxas")
+
+
+@pytest.mark.skipif(LOCAL_PTXAS is None, reason="no CUDA toolkit ptxas on PATH to compile with")
+def test_cli_compiles_with_another_ptxas(tmp_path):
+    result = _run_cli("--arch", "80", "--dtype", "fp16", "--ptxas", LOCAL_PTXAS, "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    version = re.search(r"release (\d+\.\d+)", subprocess.run([LOCAL_PTXAS, "--version"], capture_output=True,
+                                                                text=True).stdout).group(1)
+    meta = json.loads((tmp_path / "routing_fp16_sm80.json").read_text())
+    assert os.path.samefile(meta["toolkit"]["ptxas"], LOCAL_PTXAS) and meta["toolkit"]["ptxas_version"] == version
+
+
 def test_shared_memory_within_arch_limit(built):
     out, index = built
     for entry in index["variants"]:
@@ -81,8 +120,20 @@ def test_grid_formulas_evaluate_from_problem_dims(built):
         assert grid[0] > 0 and grid[1:] == [1, 1]
         if meta["tile"]:
             tile = GEMM_TILES[meta["arch"]][meta["tile"]]
-            expected = evaluate(GRIDS[entry["kernel"]], **MIXTRAL, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+            expected = evaluate(GRIDS[entry["kernel"]], **MIXTRAL, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                SPLIT_K=tile.split_k)
             assert grid[0] == expected
+            assert meta["constexprs"].get("SPLIT_K", 1) == (tile.split_k if entry["kernel"] == "down" else 1)
+    # The tiles the plugin reads carry the split the down GEMM was compiled with.
+    assert {t["split_k"] for tiles in index["tiles"].values() for t in tiles.values()} == {1, 4}
+
+
+def test_tile_follows_tokens_per_expert():
+    # 32 routed slots per expert on average is the last small_m batch, for any E.
+    assert gemm_tile(90, 256, 8)[0] == "small_m" and gemm_tile(90, 257, 8)[0] == "large_m"
+    assert gemm_tile(80, 2048, 64)[0] == "small_m" and gemm_tile(80, 2049, 64)[0] == "large_m"
+    assert gemm_tile(90, 2, 8)[1].split_k == 4 and gemm_tile(90, 4096, 8)[1].split_k == 1
+    assert TILE_RULE == "small_m if N*K <= 32*E else large_m"
 
 
 def test_refuses_to_compile_interpreted_kernels(tmp_path):

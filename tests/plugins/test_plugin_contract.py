@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mixexport.kernels.configs import cdiv, evaluate
+from mixexport.kernels.configs import cdiv, evaluate, tile_name
 from mixexport.targets.trt.contract import CONTRACT_PATH, attribute_names, input_names, plugin_contract
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +71,14 @@ def test_plugin_source_reads_every_contract_field_through_the_generated_enum():
     # No field or plugin name spelled out by hand: they come from the contract.
     for name in [*attribute_names(), plugin_contract()["op_type"]]:
         assert f'"{name}"' not in source, name
-    assert "IPluginV3OneRuntime" in source and "REGISTER_TENSORRT_PLUGIN" in source
+    assert "IPluginV3OneRuntime" in source
+    # Registered under the contract's namespace (REGISTER_TENSORRT_PLUGIN would use ""), and the
+    # entry points of IPluginRegistry::loadLibrary; test_trt_plugin checks both on the built library.
+    assert "registerCreator(gCreator, kPluginNamespace)" in source
+    assert "REGISTER_TENSORRT_PLUGIN(" not in source
+    assert re.search(r"MIXEXPORT_EXPORT void setLoggerFinder\(nvinfer1::ILoggerFinder\* finder\)", source)
+    assert re.search(r"MIXEXPORT_EXPORT nvinfer1::IPluginCreatorInterface\* const\* getCreators\(int32_t& nbCreators\)",
+                     source)
 
 
 def test_generator_refuses_unknown_formula_names(aot_dir, tmp_path):
@@ -81,6 +88,7 @@ def test_generator_refuses_unknown_formula_names(aot_dir, tmp_path):
     with pytest.raises(gen.GenError, match="cdiv"):
         gen.cxx_formula("N/2", "test")
     assert gen.cxx_formula("(cdiv(N*K, 16) + E) * cdiv(I, 128)", "t") == "(cdiv(d.N*d.K, 16) + d.E) * cdiv(d.I, 128)"
+    assert gen.cxx_formula("cdiv(N*K, 16) + min(E, N*K)", "t") == "cdiv(d.N*d.K, 16) + imin(d.E, d.N*d.K)"
 
 
 def test_generator_refuses_other_metadata_format(aot_dir, tmp_path):
@@ -137,16 +145,17 @@ def test_native_contract_matches_json(native_build):
 @pytest.mark.parametrize("arch,dims", [
     (90, {"N": 3, "H": 4096, "I": 14336, "E": 8, "K": 2}),
     (80, {"N": 512, "H": 4096, "I": 14336, "E": 8, "K": 2}),
-    (80, {"N": 129, "H": 48, "I": 32, "E": 5, "K": 2}),  # just past the small_m rule, irregular E
+    (80, {"N": 81, "H": 48, "I": 32, "E": 5, "K": 2}),  # just past the small_m rule (162 > 32*5), irregular E
+    (80, {"N": 80, "H": 48, "I": 32, "E": 5, "K": 2}),  # the last small_m batch: the split-K down GEMM
     (90, {"N": 1, "H": 64, "I": 16, "E": 64, "K": 7}),
 ])
 def test_native_plan_matches_metadata(native_build, aot_dir, arch, dims):
     plan = _dump(native_build, arch, "fp16", dims["N"], dims["H"], dims["I"], dims["E"], dims["K"])
     index = json.loads((aot_dir / "index.json").read_text())
-    tile = "small_m" if dims["N"] * dims["K"] <= 256 else "large_m"
-    block_m = index["tiles"][str(arch)][tile]["block_m"]
-    assert plan["build_arch"] == arch and plan["block_m"] == block_m
-    values = {**dims, "BLOCK_M": block_m, "ACT_BYTES": 2, "normalize": 1}
+    tile = tile_name(dims["N"] * dims["K"], dims["E"])
+    block_m, split_k = (index["tiles"][str(arch)][tile][key] for key in ("block_m", "split_k"))
+    assert plan["build_arch"] == arch and plan["block_m"] == block_m and plan["split_k"] == split_k
+    values = {**dims, "BLOCK_M": block_m, "SPLIT_K": split_k, "ACT_BYTES": 2, "normalize": 1}
     offset = 0
     for name, formula in index["workspace_bytes"].items():
         assert plan["workspace"][name] == [offset, evaluate(formula, **values)], name

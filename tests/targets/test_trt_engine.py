@@ -11,6 +11,7 @@ import torch
 
 from artifact.shared import built, run_cli
 from mixexport import graph_io
+from mixexport.errors import MixexportError
 from mixexport.targets.trt import engine
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -86,6 +87,40 @@ def test_plugin_library_search_names_the_build_command(tmp_path, monkeypatch):
     lib.write_bytes(b"")
     monkeypatch.setenv(engine.PLUGIN_ENV, str(lib))
     assert engine.find_plugin_library(None) == lib.resolve()
+
+
+def test_timing_cache_is_keyed_by_gpu_and_tensorrt_version(tmp_path):
+    base = tmp_path / "tensorrt.timing.cache"
+    h200 = engine.keyed_timing_cache(base, "10.8.0.43", "NVIDIA H200", (9, 0))
+    assert h200 == tmp_path / "tensorrt.timing-trt10.8.0.43-nvidia-h200-sm90.cache"
+    others = {engine.keyed_timing_cache(base, "10.9.0.34", "NVIDIA H200", (9, 0)),
+              engine.keyed_timing_cache(base, "10.8.0.43", "NVIDIA A100-SXM4-80GB", (8, 0)),
+              engine.keyed_timing_cache(base, "10.8.0.43", "NVIDIA H200 NVL", (9, 0))}
+    assert h200 not in others and len(others) == 3
+    assert all(p.parent == tmp_path for p in others | {h200})  # beside the path the user named
+
+
+def test_engine_file_is_written_from_the_buffer(tmp_path):
+    data = bytearray(range(256)) * 1000
+    target = tmp_path / "model.engine"
+    engine.write_buffer(target, data)
+    assert target.read_bytes() == bytes(data) and list(tmp_path.iterdir()) == [target]
+
+
+def test_engine_write_failure_leaves_no_partial_file(tmp_path):
+    class Broken:  # not a buffer: memoryview() raises
+        pass
+
+    with pytest.raises(TypeError):
+        engine.write_buffer(tmp_path / "model.engine", Broken())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plugin_library_that_does_not_load_is_a_user_error(tmp_path):
+    fake = tmp_path / "libmixexport_plugins.so"
+    fake.write_text("not a shared library")
+    with pytest.raises(MixexportError, match=f"cannot load the plugin library {fake}"):
+        engine.load_plugin_library(None, fake)
 
 
 needs_engine = pytest.mark.skipif(not (HAS_TENSORRT and HAS_GPU),

@@ -11,8 +11,10 @@ Two optimization profiles, as LLM runtimes use them:
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -88,6 +90,61 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def keyed_timing_cache(path: str | Path, tensorrt_version: str, gpu: str, compute_capability: tuple[int, int]) -> Path:
+    """The timing cache file for one GPU model and TensorRT version, beside `path`.
+
+    TensorRT's timings are only valid for the GPU and the TensorRT release that measured them; a
+    cache shared across either would feed one build the other's tactics.
+
+    Args:
+        path: the cache location the user named, e.g. ~/.cache/mixexport/tensorrt.timing.cache.
+        tensorrt_version: tensorrt.__version__.
+        gpu: the device name, e.g. "NVIDIA H200".
+        compute_capability: (major, minor).
+
+    Returns:
+        e.g. ~/.cache/mixexport/tensorrt.timing-trt10.8.0-nvidia-h200-sm90.cache
+    """
+    path = Path(path)
+    slug = re.sub(r"[^a-z0-9.]+", "-", f"trt{tensorrt_version}-{gpu}".lower()).strip("-")
+    major, minor = compute_capability
+    return path.with_name(f"{path.stem}-{slug}-sm{major}{minor}{path.suffix}")
+
+
+def load_plugin_library(trt, library: Path) -> None:
+    """Load the plugin library into this process and check that TensorRT now finds its creator.
+
+    Raises:
+        MixexportError: when the library does not load, or loads without registering MixtralMoE
+            under the contract's namespace (e.g. a library built for another TensorRT major, which
+            refuses to register and says so on stderr).
+    """
+    from mixexport.targets.trt.contract import plugin_contract
+
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        raise MixexportError(f"cannot load the plugin library {library}: {exc}") from None
+    contract = plugin_contract()
+    name, version, namespace = contract["op_type"], contract["plugin_version"], contract["plugin_namespace"]
+    if trt.get_plugin_registry().get_creator(name, version, namespace) is None:
+        raise MixexportError(f"{library} loaded but TensorRT {trt.__version__} has no plugin {namespace}::{name} "
+                             f"version {version}; rebuild it against this TensorRT "
+                             f"(cmake -DTensorRT_ROOT=...) and see its message above")
+
+
+def write_buffer(path: Path, buffer) -> None:
+    """Write a buffer (TensorRT's IHostMemory) to `path` without copying it into a Python bytes
+    object (a Mixtral 8x7B engine is about 90 GB), through a temporary file renamed into place."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(memoryview(buffer))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def find_plugin_library(explicit: str | Path | None = None) -> Path:
     """The plugin library: --plugin, $MIXEXPORT_PLUGIN_LIB, or ./build/plugins/moe/ (the CMake default)."""
     candidates = [explicit, os.environ.get(PLUGIN_ENV), Path("build/plugins/moe") / PLUGIN_LIBRARY]
@@ -125,11 +182,12 @@ def build_engine(out: str | Path, manifest: dict[str, Any], record: Callable[[Pa
     gpu = gpu_name()
     if gpu is None:
         raise MixexportError("building a TensorRT engine needs an NVIDIA GPU; none is visible to CUDA here")
-    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, LoadPlugins,
-                                        NetworkFromOnnxPath, Profile)
+    import torch
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     out = Path(out)
     library = find_plugin_library(plugin)
+    load_plugin_library(trt, library)
     folder = out / "trt"
     onnx_path = folder / "model.onnx"
     profiles = []
@@ -138,21 +196,25 @@ def build_engine(out: str | Path, manifest: dict[str, Any], record: Callable[[Pa
         for name, (lo, opt, hi) in shapes.items():
             profile.add(name, min=lo, opt=opt, max=hi)
         profiles.append(profile)
+    cache = None
     if timing_cache:
-        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+        cache = keyed_timing_cache(timing_cache, trt.__version__, gpu, torch.cuda.get_device_capability(0))
+        cache.parent.mkdir(parents=True, exist_ok=True)
     # Precision comes from the graph's dtypes: a strongly typed network (TensorRT 11 has no other
     # kind; on TensorRT 10 the fp16/bf16 builder flags would let TensorRT pick precisions itself).
-    network = NetworkFromOnnxPath(LoadPlugins(plugins=[str(library)], obj=str(onnx_path)), strongly_typed=True)
-    config = CreateConfig(profiles=profiles, load_timing_cache=str(timing_cache) if timing_cache else None)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    config = CreateConfig(profiles=profiles, load_timing_cache=str(cache) if cache else None)
     progress(f"building the TensorRT {trt.__version__} engine on {gpu} (2 profiles)")
-    engine_bytes = EngineBytesFromNetwork(network, config, save_timing_cache=str(timing_cache) if timing_cache else None)()
-    (folder / ENGINE_FILE).write_bytes(bytes(engine_bytes))
+    serialized = EngineBytesFromNetwork(network, config, save_timing_cache=str(cache) if cache else None)()
+    write_buffer(folder / ENGINE_FILE, serialized)
+    del serialized  # the engine's host copy: as large as the engine
     shutil.copy2(library, folder / PLUGIN_LIBRARY)
     return {
         "file": f"trt/{ENGINE_FILE}",
         "files": [record(folder / name) for name in (ENGINE_FILE, PLUGIN_LIBRARY)],
         "tensorrt": trt.__version__,
         "gpu": gpu,
+        "timing_cache": str(cache) if cache else None,
         "profiles": [{"name": name, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
                      for name, shapes in zip(PROFILE_NAMES, optimization_profiles(manifest))],
         "plugin": PLUGIN_LIBRARY,

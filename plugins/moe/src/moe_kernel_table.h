@@ -16,10 +16,12 @@ enum class Tile : int { kNone = -1, kSmallM = 0, kLargeM = 1 };
 
 // Problem dimensions a formula may use (legend: N tokens, H hidden, I intermediate, E experts, K top-k).
 struct Dims {
-    int64_t N, H, I, E, K, normalize, BLOCK_M, ACT_BYTES;
+    int64_t N, H, I, E, K, normalize, BLOCK_M, ACT_BYTES, SPLIT_K;
 };
 
+// The functions a formula may call (`cdiv`, and `min` spelled imin).
 constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 using Formula = int64_t (*)(const Dims&);
 
@@ -62,12 +64,16 @@ struct VariantSpec {
     const char* ptx;
     bool ptx_portable;  // false for arch-specific PTX (sm_90a): not JIT-able for another GPU
     const char* cubin_sha256;
+    const char* ptxas_version;  // CUDA release of the ptxas that compiled it, e.g. "13.4"
+    int cuda_for_cubin;         // driver CUDA version (cuDriverGetVersion) the cubin needs: 13000 = 13.0, R580
+    int cuda_for_ptx;           // driver CUDA version that can JIT its PTX ISA
 };
 
 struct TileSpec {
     int arch;
     Tile tile;
     int block_m, block_n, block_k;
+    int split_k;  // the down GEMM's splits of I (topk_reduce adds them)
 };
 
 struct WorkspaceBufferSpec {

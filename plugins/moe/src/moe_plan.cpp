@@ -13,8 +13,8 @@ constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
 size_t alignUp(size_t value) { return (value + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment; }
 
-Dims dimsOf(const Problem& p, int64_t block_m) {
-    return Dims{p.N, p.H, p.I, p.E, p.K, p.normalize ? 1 : 0, block_m, dtypeBytes(p.dtype)};
+Dims dimsOf(const Problem& p, int64_t block_m, int64_t split_k) {
+    return Dims{p.N, p.H, p.I, p.E, p.K, p.normalize ? 1 : 0, block_m, dtypeBytes(p.dtype), split_k};
 }
 
 bool dtypeBuilt(DType dtype) {
@@ -87,10 +87,12 @@ std::string checkProblem(const Problem& p) {
     if (p.E > kMaxExperts)
         return "MixtralMoE: " + std::to_string(p.E) + " experts; the compiled routing and alignment kernels hold at "
                "most " + std::to_string(kMaxExperts) + " (AOT_MAX_EXPERTS in mixexport/kernels/configs.py)";
-    // The kernels were compiled assuming H and I are multiples of 16 (vectorized loads along them).
-    if (p.H % 16 || p.I % 16)
+    // The kernels were compiled assuming H and I are multiples of kShapeMultiple (vectorized loads
+    // along them; SHAPE_MULTIPLE in mixexport/kernels/configs.py).
+    if (p.H % kShapeMultiple || p.I % kShapeMultiple)
         return "MixtralMoE: hidden_size=" + std::to_string(p.H) + " and intermediate_size=" + std::to_string(p.I) +
-               " must be multiples of 16 (the compiled kernels vectorize along them)";
+               " must be multiples of " + std::to_string(kShapeMultiple) +
+               " (the compiled kernels vectorize along them)";
     if (!dtypeBuilt(p.dtype)) {
         std::string built;
         for (DType d : kBuiltDTypes) built += std::string(built.empty() ? "" : ", ") + dtypeName(d);
@@ -113,7 +115,8 @@ std::string makePlanFor(const Problem& p, int build_arch, Tile tile, bool use_cu
     out.build_arch = build_arch;
     out.tile = tile;
     out.block_m = tile_spec->block_m;
-    const Dims d = dimsOf(p, tile_spec->block_m);
+    out.split_k = tile_spec->split_k;
+    const Dims d = dimsOf(p, tile_spec->block_m, tile_spec->split_k);
 
     int64_t global_scratch = 0, profile_scratch = 0;
     for (int k = 0; k < kNumKernels; ++k) {
@@ -164,30 +167,61 @@ std::string makePlanFor(const Problem& p, int build_arch, Tile tile, bool use_cu
     return {};
 }
 
-std::string makePlan(const Problem& p, const Device& device, Plan* plan) {
+std::string chooseBuild(const Device& device, int* build_arch, bool* use_cubin) {
     if (device.arch < 80)
         return "MixtralMoE: the compiled MoE kernels need an sm_80 or newer GPU, this one is sm_" +
                std::to_string(device.arch);
-    // The exact arch runs its cubin. Otherwise the newest older build whose PTX the driver can JIT
-    // for this GPU (arch-specific PTX such as sm_90a cannot move to another GPU).
-    int build_arch = 0;
-    bool use_cubin = archBuilt(device.arch);
-    if (use_cubin) {
-        build_arch = device.arch;
-    } else {
-        for (int arch : kBuiltArchs) {
-            if (arch > device.arch || arch <= build_arch) continue;
-            bool portable = true;
-            for (const VariantSpec& v : kVariants)
-                if (v.arch == arch && (v.dtype == DType::kAny || v.dtype == p.dtype)) portable &= v.ptx_portable;
-            if (portable) build_arch = arch;
-        }
-        if (!build_arch)
-            return "MixtralMoE: no kernels for this sm_" + std::to_string(device.arch) + " GPU (built: " +
-                   builtArchList() + "); rebuild with -DMIXEXPORT_CUDA_ARCHS including " +
-                   std::to_string(device.arch);
+    if (archBuilt(device.arch)) {
+        *build_arch = device.arch;
+        *use_cubin = true;
+        return {};
     }
-    const Tile tile = p.N * p.K <= kSmallMMaxSlots ? Tile::kSmallM : Tile::kLargeM;
+    // Arch-specific PTX (sm_90a) cannot move to another GPU; every dtype's variants must be portable
+    // because the kernels are loaded before the plugin sees its tensors' dtype.
+    int best = 0;
+    for (int arch : kBuiltArchs) {
+        if (arch > device.arch || arch <= best) continue;
+        bool portable = true;
+        for (const VariantSpec& v : kVariants)
+            if (v.arch == arch) portable &= v.ptx_portable;
+        if (portable) best = arch;
+    }
+    if (!best)
+        return "MixtralMoE: no kernels for this sm_" + std::to_string(device.arch) + " GPU (built: " + builtArchList() +
+               "); rebuild with -DMIXEXPORT_CUDA_ARCHS including " + std::to_string(device.arch);
+    *build_arch = best;
+    *use_cubin = false;
+    return {};
+}
+
+std::string checkDriver(int driver_version, int build_arch, bool use_cubin) {
+    int needed = 0;
+    const char* ptxas = "";
+    for (const VariantSpec& v : kVariants) {
+        if (v.arch != build_arch) continue;
+        const int version = use_cubin ? v.cuda_for_cubin : v.cuda_for_ptx;
+        if (version > needed) {
+            needed = version;
+            ptxas = v.ptxas_version;
+        }
+    }
+    if (driver_version >= needed) return {};
+    auto show = [](int version) { return std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10); };
+    // The first driver branch of each CUDA major release (what minor version compatibility needs for a cubin).
+    const char* branch = needed == 13000 ? " (driver R580 or newer)" : needed == 12000 ? " (driver R525 or newer)" : "";
+    return std::string("MixtralMoE: the sm_") + std::to_string(build_arch) + (use_cubin ? " cubins" : " PTX") +
+           " were compiled by ptxas " + ptxas + " and need a driver for CUDA " + show(needed) + branch +
+           ", this one supports CUDA " + show(driver_version) +
+           "; update the NVIDIA driver or rebuild the kernels with an older ptxas (-DMIXEXPORT_PTXAS=, see "
+           "plugins/moe/README.md)";
+}
+
+std::string makePlan(const Problem& p, const Device& device, Plan* plan) {
+    int build_arch = 0;
+    bool use_cubin = true;
+    if (std::string error = chooseBuild(device, &build_arch, &use_cubin); !error.empty()) return error;
+    // index.json tile_rule: the tile follows the routed slots per expert.
+    const Tile tile = p.N * p.K <= kSmallMMaxSlotsPerExpert * p.E ? Tile::kSmallM : Tile::kLargeM;
     if (std::string error = makePlanFor(p, build_arch, tile, use_cubin, plan); !error.empty()) return error;
     if (device.max_shared_optin > 0) {
         for (const Launch& launch : plan->launches) {
@@ -218,7 +252,7 @@ std::string bindArgs(const Plan& plan, int launch, const Tensors& t, KernelArgs*
     if (launch < 0 || launch >= plan.num_launches) return "MixtralMoE: launch index out of range";
     const VariantSpec& v = *plan.launches[launch].variant;
     if (v.num_params > kMaxParams) return std::string("MixtralMoE: ") + v.name + " has too many parameters";
-    const Dims d = dimsOf(plan.problem, plan.block_m);
+    const Dims d = dimsOf(plan.problem, plan.block_m, plan.split_k);
     const WorkspaceLayout& ws = plan.workspace;
     args->count = v.num_params;
     for (int i = 0; i < v.num_params; ++i) {

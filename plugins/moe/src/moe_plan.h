@@ -61,6 +61,7 @@ struct Plan {
     int build_arch = 0;  // the AOT arch whose kernels run
     Tile tile = Tile::kNone;
     int block_m = 0;
+    int split_k = 1;  // the down GEMM's splits of I
     WorkspaceLayout workspace;
     int num_launches = 0;  // 0 when N == 0: nothing to do
     std::array<Launch, kNumKernels> launches{};
@@ -97,7 +98,16 @@ const char* dtypeName(DType dtype);
 // Problem checks shared by the plugin's build-time and run-time paths. Empty string: ok.
 std::string checkProblem(const Problem& problem);
 
-// Picks the variants for `device`, the tile for N*K, grids and the workspace layout.
+// Which AOT build runs on `device`: the cubins of its exact arch, else the PTX of the newest older
+// arch whose every variant the driver can JIT for it. Empty string on success.
+std::string chooseBuild(const Device& device, int* build_arch, bool* use_cubin);
+
+// Whether a driver that reports `driver_version` (cuDriverGetVersion: 1000 * major + 10 * minor)
+// can load the kernels of `build_arch` as cubin or PTX. Empty string on success, else one line that
+// says which driver is needed.
+std::string checkDriver(int driver_version, int build_arch, bool use_cubin);
+
+// Picks the variants for `device` (chooseBuild), the tile for N*K, grids and the workspace layout.
 // Returns an empty string on success, else a message that says what to change.
 std::string makePlan(const Problem& problem, const Device& device, Plan* plan);
 

@@ -3,17 +3,29 @@
 // (moe_plan.h) run by the driver-API launcher (moe_launcher.h) on TensorRT's stream.
 // Field names, plugin name, namespace and version come from the generated header, which
 // gen_kernels.py writes from mixexport/targets/trt/plugin_contract.json.
+//
+// How the creator reaches TensorRT (both register it under the contract's namespace, the one the
+// ONNX node's plugin_namespace names and the parser looks up):
+// - loading the library (dlopen, ctypes.CDLL, Polygraphy --plugins, trtexec --staticPlugins,
+//   Triton's plugins=) registers it with getPluginRegistry() from a static initializer;
+// - IPluginRegistry::loadLibrary (trtexec --dynamicPlugins, version-compatible engines) calls the
+//   exported setLoggerFinder and getCreators and registers what getCreators returns; getCreators
+//   therefore withdraws the load-time registration first, so the library is registered once.
 #include <NvInferRuntime.h>
 
 #include <array>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "moe_kernels_generated.h"
 #include "moe_launcher.h"
 #include "moe_plan.h"
+
+#define MIXEXPORT_EXPORT __attribute__((visibility("default")))
 
 namespace mixexport {
 namespace moe {
@@ -29,12 +41,48 @@ using nvinfer1::PluginTensorDesc;
 
 constexpr int32_t kNbInputs = 4;
 
-void reportError(const std::string& message) {
-    // The registry's recorder reaches the application's logger; stderr when there is none.
-    // kINVALID_ARGUMENT, not kINTERNAL_ERROR: the latter tells TensorRT its own state is corrupt.
-    nvinfer1::IErrorRecorder* recorder = getPluginRegistry() ? getPluginRegistry()->getErrorRecorder() : nullptr;
+// The TensorRT interfaces are C++ vtables, and they differ between major versions (TensorRT 11
+// dropped IPluginRegistry's IPluginV2 methods and made ILogger a versioned interface): through the
+// headers of one major, a library of another would run the wrong methods. So nothing is called on
+// a libnvinfer of another major version; getInferLibVersion is a plain C function in every version.
+bool sameMajorVersion() {
+    static const bool same = getInferLibVersion() / 10000 == NV_TENSORRT_MAJOR;
+    return same;
+}
+
+std::string versionMismatch() {
+    return "MixtralMoE: this plugin library was built for TensorRT " + std::to_string(NV_TENSORRT_MAJOR) +
+           ".x but the process runs TensorRT " + std::to_string(getInferLibVersion() / 10000) + "." +
+           std::to_string(getInferLibVersion() / 100 % 100) +
+           "; rebuild it with -DTensorRT_ROOT pointing at that TensorRT";
+}
+
+// Set by IPluginRegistry::loadLibrary: finds the logger of the engine or context calling us.
+std::mutex gLoggerMutex;
+nvinfer1::ILoggerFinder* gLoggerFinder = nullptr;
+
+// Errors go where the application looks: the execution context's error recorder (runtime), the
+// plugin registry's recorder, the logger TensorRT names for the calling engine (loadLibrary), or
+// TensorRT's own logger; stderr only when TensorRT is of another major version.
+// kINVALID_ARGUMENT, not kINTERNAL_ERROR: the latter tells TensorRT its own state is corrupt.
+void reportError(const std::string& message, nvinfer1::IErrorRecorder* recorder = nullptr) {
+    if (!sameMajorVersion()) {
+        std::fprintf(stderr, "[mixexport] %s\n", message.c_str());
+        return;
+    }
+    if (!recorder && getPluginRegistry()) recorder = getPluginRegistry()->getErrorRecorder();
     if (recorder) {
         recorder->reportError(nvinfer1::ErrorCode::kINVALID_ARGUMENT, message.c_str());
+        return;
+    }
+    nvinfer1::ILogger* logger = nullptr;
+    {
+        std::lock_guard<std::mutex> lock(gLoggerMutex);
+        if (gLoggerFinder) logger = gLoggerFinder->findLogger();
+    }
+    if (!logger) logger = getLogger();
+    if (logger) {
+        logger->log(nvinfer1::ILogger::Severity::kERROR, message.c_str());
     } else {
         std::fprintf(stderr, "[mixexport] %s\n", message.c_str());
     }
@@ -55,7 +103,8 @@ bool dtypeBuilt(DType dtype) {
     return false;
 }
 
-// The plugin's fields, in contract order (Field enum from the generated header).
+// The plugin's fields, in contract order (Field enum from the generated header). Each fits int32:
+// the ONNX parser passes int attributes as INT32 and that is what the plugin serializes.
 struct Fields {
     std::array<int32_t, kNumFields> values{};
 
@@ -74,6 +123,41 @@ struct Fields {
         return checkProblem(problem(0, kBuiltDTypes[0]));
     }
 };
+
+// Reads one integer field; INT64 (other front ends) is range-checked before it is narrowed.
+std::string readField(const PluginField& field, int32_t* value) {
+    if (field.length != 1 || !field.data ||
+        (field.type != PluginFieldType::kINT32 && field.type != PluginFieldType::kINT64))
+        return std::string("MixtralMoE: field ") + field.name + " must be one int32 or int64";
+    if (field.type == PluginFieldType::kINT32) {
+        *value = *static_cast<const int32_t*>(field.data);
+        return {};
+    }
+    const int64_t wide = *static_cast<const int64_t*>(field.data);
+    if (wide < std::numeric_limits<int32_t>::min() || wide > std::numeric_limits<int32_t>::max())
+        return std::string("MixtralMoE: field ") + field.name + " = " + std::to_string(wide) +
+               " is outside the int32 range the kernels index with";
+    *value = static_cast<int32_t>(wide);
+    return {};
+}
+
+std::string parseFields(const PluginFieldCollection* fc, Fields* fields) {
+    std::array<bool, kNumFields> seen{};
+    for (int32_t i = 0; fc && i < fc->nbFields; ++i) {
+        const PluginField& field = fc->fields[i];
+        if (!field.name) continue;
+        for (int f = 0; f < kNumFields; ++f) {
+            if (std::strcmp(field.name, kFieldNames[f]) != 0) continue;
+            if (std::string error = readField(field, &fields->values[f]); !error.empty()) return error;
+            seen[f] = true;
+        }
+    }
+    for (int f = 0; f < kNumFields; ++f)
+        if (!seen[f])
+            return std::string("MixtralMoE: missing field ") + kFieldNames[f] +
+                   " (see mixexport/targets/trt/plugin_contract.json)";
+    return fields->check();
+}
 
 // Expected shape of each input from the fields, -1 for N (any).
 std::array<std::array<int64_t, 3>, kNbInputs> expectedShapes(const Fields& f) {
@@ -107,11 +191,16 @@ class MixtralMoEPlugin final : public nvinfer1::IPluginV3,
                                public nvinfer1::IPluginV3OneBuild,
                                public nvinfer1::IPluginV3OneRuntime {
 public:
-    explicit MixtralMoEPlugin(const Fields& fields) : fields_(fields) {
+    MixtralMoEPlugin(const Fields& fields, nvinfer1::TensorRTPhase phase) : fields_(fields), phase_(phase) {
         for (int i = 0; i < kNumFields; ++i)
             serialized_[i] = PluginField(kFieldNames[i], &fields_.values[i], PluginFieldType::kINT32, 1);
         collection_.nbFields = kNumFields;
         collection_.fields = serialized_.data();
+    }
+
+    MixtralMoEPlugin(const MixtralMoEPlugin& other) : MixtralMoEPlugin(other.fields_, other.phase_) {
+        launcher_ = other.launcher_;  // the same context's modules, shared
+        recorder_ = other.recorder_;
     }
 
     // IPluginV3
@@ -126,7 +215,7 @@ public:
 
     nvinfer1::IPluginV3* clone() noexcept override {
         try {
-            return new MixtralMoEPlugin(fields_);
+            return new MixtralMoEPlugin(*this);
         } catch (...) {
             return nullptr;
         }
@@ -149,12 +238,24 @@ public:
 
     int32_t getOutputShapes(const DimsExprs* inputs, int32_t nbInputs, const DimsExprs* /*shapeInputs*/,
                             int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
-                            nvinfer1::IExprBuilder& /*exprBuilder*/) noexcept override {
-        if (nbInputs != kNbInputs || nbOutputs != 1 || inputs[0].nbDims != 2) {
-            reportError("MixtralMoE: expects 4 inputs (x [N, H], router_logits, w_gate_up, w_down) and 1 output");
+                            nvinfer1::IExprBuilder& exprBuilder) noexcept override {
+        if (nbInputs != kNbInputs || nbOutputs != 1 || inputs[0].nbDims != 2 || inputs[1].nbDims != 2) {
+            reportError("MixtralMoE: expects 4 inputs (x [N, H], router_logits [N, E], w_gate_up, w_down) and 1 output");
             return -1;
         }
-        outputs[0] = inputs[0];  // y [N, H]
+        const nvinfer1::IDimensionExpr* hidden = inputs[0].d[1];
+        if (hidden->isConstant() && hidden->getConstantValue() != fields_.H()) {
+            reportError("MixtralMoE: x has " + std::to_string(hidden->getConstantValue()) +
+                        " columns but hidden_size is " + std::to_string(fields_.H()));
+            return -1;
+        }
+        // y [N, H]: N as x's, H the field's value, so y's width is a build-time constant even when
+        // the network left x's symbolic.
+        const nvinfer1::IDimensionExpr* width = exprBuilder.constant(fields_.H());
+        if (!width) return -1;
+        outputs[0].nbDims = 2;
+        outputs[0].d[0] = inputs[0].d[0];
+        outputs[0].d[1] = width;
         return 0;
     }
 
@@ -177,8 +278,11 @@ public:
         std::string error = checkShapes(fields_, dims);
         DType dtype;
         if (error.empty() && !toDType(in[0].desc.type, &dtype))
-            error = "MixtralMoE: x must be float16, bfloat16 or float32";
+            error = "MixtralMoE: x must be float16 or bfloat16";
         if (error.empty()) error = checkProblem(fields_.problem(in[0].max.d[0] < 0 ? 0 : in[0].max.d[0], dtype));
+        // The builder times the plugin on this context: its kernels are loaded now, not in enqueue
+        // (on a thread without a current context, by the first enqueue instead).
+        if (error.empty()) error = launcher_.attach(/*later_without_context=*/true);
         if (!error.empty()) {
             reportError(error);
             return -1;
@@ -206,7 +310,7 @@ public:
         if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
         const nvinfer1::Dims* dims[kNbInputs] = {&in[0].dims, &in[1].dims, &in[2].dims, &in[3].dims};
         if (std::string error = checkShapes(fields_, dims); !error.empty()) {
-            reportError(error);
+            reportError(error, recorder_);
             return -1;
         }
         return 0;
@@ -218,38 +322,57 @@ public:
         try {
             DType dtype;
             if (!toDType(inputDesc[0].type, &dtype)) return -1;
-            Device device;
-            Plan plan;
-            std::string error = launcher_.currentDevice(&device);
-            if (error.empty()) error = makePlan(fields_.problem(inputDesc[0].dims.d[0], dtype), device, &plan);
+            std::string error;
+            // Loaded here only by build-phase copies the builder made before configurePlugin (no
+            // application stream is being captured during a build) and by copies that were attached
+            // on a thread without a current CUDA context; a runtime copy never attached is refused.
+            if (!launcher_.attached() && (phase_ == nvinfer1::TensorRTPhase::kBUILD || launcher_.deferred()))
+                error = launcher_.attach();
             Tensors tensors;
             for (int i = 0; i < kNbInputs; ++i) tensors.inputs[i] = reinterpret_cast<uint64_t>(inputs[i]);
             tensors.output = reinterpret_cast<uint64_t>(outputs[0]);
             tensors.workspace = reinterpret_cast<uint64_t>(workspace);
             // cudaStream_t and CUstream name the same driver object.
-            if (error.empty()) error = launcher_.launch(plan, tensors, reinterpret_cast<CUstream>(stream));
+            if (error.empty())
+                error = launcher_.launch(fields_.problem(inputDesc[0].dims.d[0], dtype), tensors,
+                                         reinterpret_cast<CUstream>(stream));
             if (!error.empty()) {
-                reportError(error);
+                reportError(error, recorder_);
                 return -1;
             }
             return 0;
         } catch (...) {
-            reportError("MixtralMoE: enqueue failed (out of host memory)");
+            reportError("MixtralMoE: enqueue failed (out of host memory)", recorder_);
             return -1;
         }
     }
 
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept override {
-        return clone();
+    // One copy per execution context: it loads (or shares) that context's kernels here, before any
+    // enqueue, so enqueue works inside CUDA graph capture. TensorRT creates execution contexts on a
+    // thread with its CUDA context current; should none be, the first enqueue loads them.
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override {
+        try {
+            std::unique_ptr<MixtralMoEPlugin> attached(new MixtralMoEPlugin(*this));
+            attached->recorder_ = context ? context->getErrorRecorder() : nullptr;
+            if (std::string error = attached->launcher_.attach(/*later_without_context=*/true); !error.empty()) {
+                reportError(error, attached->recorder_);
+                return nullptr;
+            }
+            return attached.release();
+        } catch (...) {
+            return nullptr;
+        }
     }
 
     const PluginFieldCollection* getFieldsToSerialize() noexcept override { return &collection_; }
 
 private:
     Fields fields_;
+    nvinfer1::TensorRTPhase phase_;
     std::array<PluginField, kNumFields> serialized_;
     PluginFieldCollection collection_{};
-    KernelLauncher launcher_;  // per plugin instance: its module cache is per CUDA context
+    KernelLauncher launcher_;
+    nvinfer1::IErrorRecorder* recorder_ = nullptr;  // the execution context's, once attached
 };
 
 class MixtralMoECreator final : public nvinfer1::IPluginCreatorV3One {
@@ -261,39 +384,16 @@ public:
         collection_.fields = fieldNames_.data();
     }
 
+    // Build phase: fields from the ONNX node; runtime: the fields getFieldsToSerialize wrote.
     nvinfer1::IPluginV3* createPlugin(const char* /*name*/, const PluginFieldCollection* fc,
-                                      nvinfer1::TensorRTPhase /*phase*/) noexcept override {
+                                      nvinfer1::TensorRTPhase phase) noexcept override {
         try {
             Fields fields;
-            std::array<bool, kNumFields> seen{};
-            for (int32_t i = 0; fc && i < fc->nbFields; ++i) {
-                const PluginField& field = fc->fields[i];
-                for (int f = 0; f < kNumFields; ++f) {
-                    if (std::strcmp(field.name, kFieldNames[f]) != 0) continue;
-                    // The ONNX parser passes int attributes as INT32; accept INT64 from other front ends.
-                    if (field.length != 1 || !field.data ||
-                        (field.type != PluginFieldType::kINT32 && field.type != PluginFieldType::kINT64)) {
-                        reportError(std::string("MixtralMoE: field ") + field.name + " must be one integer");
-                        return nullptr;
-                    }
-                    fields.values[f] = field.type == PluginFieldType::kINT32
-                                           ? *static_cast<const int32_t*>(field.data)
-                                           : static_cast<int32_t>(*static_cast<const int64_t*>(field.data));
-                    seen[f] = true;
-                }
-            }
-            for (int f = 0; f < kNumFields; ++f) {
-                if (!seen[f]) {
-                    reportError(std::string("MixtralMoE: missing field ") + kFieldNames[f] +
-                                " (see mixexport/targets/trt/plugin_contract.json)");
-                    return nullptr;
-                }
-            }
-            if (std::string error = fields.check(); !error.empty()) {
+            if (std::string error = parseFields(fc, &fields); !error.empty()) {
                 reportError(error);
                 return nullptr;
             }
-            return new MixtralMoEPlugin(fields);
+            return new MixtralMoEPlugin(fields, phase);
         } catch (...) {
             return nullptr;
         }
@@ -309,12 +409,67 @@ private:
     PluginFieldCollection collection_{};
 };
 
+MixtralMoECreator gCreator;
+
+// Registers the creator when the library is loaded, under the contract's namespace (TensorRT's
+// REGISTER_TENSORRT_PLUGIN would register it under "", where the ONNX parser does not look), and
+// withdraws it when the library is unloaded, so the registry never points into an unloaded library.
+class LoadTimeRegistration {
+public:
+    LoadTimeRegistration() {
+        if (!sameMajorVersion()) {
+            reportError(versionMismatch());
+            return;
+        }
+        registry_ = getPluginRegistry();
+        if (registry_ && !registry_->registerCreator(gCreator, kPluginNamespace)) {
+            registry_ = nullptr;
+            reportError(std::string("MixtralMoE: registering ") + kPluginNamespace + "::" + kPluginName +
+                        " failed (is another copy of the plugin library loaded?)");
+        }
+    }
+    ~LoadTimeRegistration() { withdraw(); }
+    LoadTimeRegistration(const LoadTimeRegistration&) = delete;
+    LoadTimeRegistration& operator=(const LoadTimeRegistration&) = delete;
+
+    void withdraw() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (registry_) registry_->deregisterCreator(gCreator);
+        registry_ = nullptr;
+    }
+
+private:
+    std::mutex mutex_;
+    nvinfer1::IPluginRegistry* registry_ = nullptr;
+};
+
+// After gCreator (same translation unit: constructed after it, destroyed before it).
+LoadTimeRegistration gLoadTimeRegistration;
+
 }  // namespace
 }  // namespace moe
 }  // namespace mixexport
 
-// Registers the creator when the library is loaded (trtexec --staticPlugins, Polygraphy --plugins,
-// Triton's plugins= option, or dlopen by an application).
-// The macro pastes its argument into a variable name, so it takes an unqualified name.
-using mixexport::moe::MixtralMoECreator;
-REGISTER_TENSORRT_PLUGIN(MixtralMoECreator);
+// Entry points of IPluginRegistry::loadLibrary (the names and signatures TensorRT looks up).
+extern "C" {
+
+MIXEXPORT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
+    std::lock_guard<std::mutex> lock(mixexport::moe::gLoggerMutex);
+    mixexport::moe::gLoggerFinder = finder;
+}
+
+MIXEXPORT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
+    using namespace mixexport::moe;
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&gCreator};
+    if (!sameMajorVersion()) {
+        reportError(versionMismatch());
+        nbCreators = 0;
+        return nullptr;
+    }
+    // loadLibrary registers these itself (and refuses creators that are registered already).
+    gLoadTimeRegistration.withdraw();
+    nbCreators = 1;
+    return creators;
+}
+
+}  // extern "C"

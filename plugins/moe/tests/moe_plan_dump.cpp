@@ -35,8 +35,8 @@ int main(int argc, char** argv) {
         std::printf("{\"error\": \"%s\"}\n", error.c_str());
         return 0;
     }
-    std::printf("{\"build_arch\": %d, \"block_m\": %d, \"workspace_total\": %zu, \"workspace_bound\": %zu, "
-                "\"workspace\": {", plan.build_arch, plan.block_m, plan.workspace.total_bytes, bound);
+    std::printf("{\"build_arch\": %d, \"block_m\": %d, \"split_k\": %d, \"workspace_total\": %zu, \"workspace_bound\": %zu, "
+                "\"workspace\": {", plan.build_arch, plan.block_m, plan.split_k, plan.workspace.total_bytes, bound);
     for (int b = 0; b < plan.workspace.num_buffers; ++b)
         std::printf("%s\"%s\": [%zu, %zu]", b ? ", " : "", plan.workspace.buffers[b].name,
                     plan.workspace.buffers[b].offset, plan.workspace.buffers[b].bytes);

@@ -34,14 +34,15 @@ const Slice& buffer(const Plan& plan, const char* name) {
     return none;
 }
 
-// Decode on sm_90: N=3 tokens, N*K=6 slots -> small_m tile (BLOCK_M 16, BLOCK_N 128).
+// Decode on sm_90: N=3 tokens, N*K=6 slots <= 32*E -> small_m tile (BLOCK_M 16, BLOCK_N 128, down split 4).
 void decodeOnHopper() {
     if (!built(90, DType::kFP16)) return;
     Plan plan;
     CHECK_EQ(makePlan(mixtral(3), Device{90, 227 * 1024}, &plan), std::string());
-    CHECK(plan.build_arch == 90 && plan.tile == Tile::kSmallM && plan.block_m == 16);
+    CHECK(plan.build_arch == 90 && plan.tile == Tile::kSmallM && plan.block_m == 16 && plan.split_k == 4);
     CHECK_EQ(plan.num_launches, 6);
-    const uint32_t grids[6] = {1, 1, 1, (1 + 8) * 112, (1 + 8) * 32, 3 * 8};  // cdiv(6,16)+E = 9 blocks
+    // cdiv(6, 16) + min(E, 6) = 7 blocks; the down GEMM runs each output tile as 4 splits of I.
+    const uint32_t grids[6] = {1, 1, 1, (1 + 6) * 112, (1 + 6) * 32 * 4, 3 * 8};
     for (int k = 0; k < 6; ++k) {
         CHECK_EQ(plan.launches[k].grid[0], grids[k]);
         CHECK_EQ(plan.launches[k].grid[1], 1u);
@@ -59,15 +60,15 @@ void decodeOnHopper() {
     CHECK_EQ(buffer(plan, "chunk_counts").offset, 512u);
     CHECK_EQ(buffer(plan, "chunk_counts").bytes, 256u);  // 1 chunk x 64 experts x 4 B
     CHECK_EQ(buffer(plan, "sorted_ids").offset, 768u);
-    CHECK_EQ(buffer(plan, "sorted_ids").bytes, 576u);  // 9 blocks x 16 rows x 4 B
-    CHECK_EQ(buffer(plan, "expert_ids").offset, 1536u);
-    CHECK_EQ(buffer(plan, "expert_ids").bytes, 36u);
-    CHECK_EQ(buffer(plan, "act").offset, 1792u);
-    CHECK_EQ(buffer(plan, "act").bytes, 9u * 16 * 14336 * 2);
-    CHECK_EQ(buffer(plan, "y").offset, 1792u + 9 * 16 * 14336 * 2);
-    CHECK_EQ(buffer(plan, "y").bytes, 6u * 4096 * 4);
+    CHECK_EQ(buffer(plan, "sorted_ids").bytes, 448u);  // 7 blocks x 16 rows x 4 B
+    CHECK_EQ(buffer(plan, "expert_ids").offset, 1280u);
+    CHECK_EQ(buffer(plan, "expert_ids").bytes, 28u);
+    CHECK_EQ(buffer(plan, "act").offset, 1536u);
+    CHECK_EQ(buffer(plan, "act").bytes, 7u * 16 * 14336 * 2);
+    CHECK_EQ(buffer(plan, "y").offset, 1536u + 7 * 16 * 14336 * 2);
+    CHECK_EQ(buffer(plan, "y").bytes, 4u * 6 * 4096 * 4);  // one fp32 partial per split
     CHECK_EQ(plan.workspace.global_scratch.bytes, 0u);
-    CHECK_EQ(plan.workspace.total_bytes, 4228864u);
+    CHECK_EQ(plan.workspace.total_bytes, 3606016u);
 
     // gate_up arguments in the compiled order, scratch pointers null (size 0).
     Tensors t;
@@ -83,8 +84,8 @@ void decodeOnHopper() {
     CHECK_EQ(args.values[0].ptr, 0x100000ull);
     CHECK_EQ(args.values[1].ptr, 0x300000ull);
     CHECK_EQ(args.values[2].ptr, 0x1000000ull + 768);
-    CHECK_EQ(args.values[3].ptr, 0x1000000ull + 1536);
-    CHECK_EQ(args.values[4].ptr, 0x1000000ull + 1792);
+    CHECK_EQ(args.values[3].ptr, 0x1000000ull + 1280);
+    CHECK_EQ(args.values[4].ptr, 0x1000000ull + 1536);
     CHECK_EQ(args.values[5].i32, 6);
     CHECK_EQ(args.values[6].i32, 4096);
     CHECK_EQ(args.values[7].i32, 14336);
@@ -93,15 +94,18 @@ void decodeOnHopper() {
     CHECK_EQ(args.values[10].ptr, 0ull);
     void** params = args.kernelParams();
     CHECK_EQ(*static_cast<int32_t*>(params[6]), 4096);
-    CHECK_EQ(*static_cast<uint64_t*>(params[4]), 0x1000000ull + 1792);
+    CHECK_EQ(*static_cast<uint64_t*>(params[4]), 0x1000000ull + 1536);
 
     // routing: logits, weights, ids, N, E, K, normalize; topk_reduce writes the output.
     CHECK_EQ(bindArgs(plan, 0, t, &args), std::string());
     CHECK_EQ(args.values[0].ptr, 0x200000ull);
     CHECK_EQ(args.values[3].i32, 3);
     CHECK_EQ(args.values[6].i32, 1);
+    // topk_reduce: y, out, num_slots, H, K, split_k (it adds the down GEMM's 4 partials).
     CHECK_EQ(bindArgs(plan, 5, t, &args), std::string());
     CHECK_EQ(args.values[1].ptr, 0x900000ull);
+    CHECK_EQ(args.values[2].i32, 6);
+    CHECK_EQ(args.values[5].i32, 4);
     // align_scatter gets the GEMM tile's BLOCK_M.
     CHECK_EQ(bindArgs(plan, 2, t, &args), std::string());
     CHECK_EQ(args.values[6].i32, 16);
@@ -110,25 +114,30 @@ void decodeOnHopper() {
     CHECK_CONTAINS(bindArgs(plan, 3, t, &args), "16-byte aligned");
 }
 
-// Prefill on sm_80: N=512, N*K=1024 slots -> large_m tile (BLOCK_M 64, BLOCK_N 128).
+// Prefill on sm_80: N=512, N*K=1024 slots > 32*E -> large_m tile (BLOCK_M 64, BLOCK_N 128, no split).
 void prefillOnAmpere() {
     if (!built(80, DType::kFP16)) return;
     Plan plan;
     CHECK_EQ(makePlan(mixtral(512), Device{80, 163 * 1024}, &plan), std::string());
-    CHECK(plan.build_arch == 80 && plan.tile == Tile::kLargeM && plan.block_m == 64);
+    CHECK(plan.build_arch == 80 && plan.tile == Tile::kLargeM && plan.block_m == 64 && plan.split_k == 1);
     CHECK_EQ(plan.launches[0].grid[0], 32u);                 // cdiv(512, 16)
     CHECK_EQ(plan.launches[1].grid[0], 4u);                  // cdiv(1024, 256)
-    CHECK_EQ(plan.launches[3].grid[0], (16u + 8) * 112);     // (cdiv(1024,64)+E) * cdiv(14336,128)
-    CHECK_EQ(plan.launches[4].grid[0], (16u + 8) * 32);      // (cdiv(1024,64)+E) * cdiv(4096,128)
+    CHECK_EQ(plan.launches[3].grid[0], (16u + 8) * 112);     // (cdiv(1024,64)+min(E,1024)) * cdiv(14336,128)
+    CHECK_EQ(plan.launches[4].grid[0], (16u + 8) * 32);      // (cdiv(1024,64)+min(E,1024)) * cdiv(4096,128)
     CHECK_EQ(plan.launches[5].grid[0], 512u * 8);
     CHECK_EQ(buffer(plan, "chunk_counts").bytes, 4u * 64 * 4);
     CHECK_EQ(buffer(plan, "sorted_ids").bytes, 24u * 64 * 4);
     CHECK_EQ(std::string(plan.launches[4].variant->name), std::string("down_large_m_fp16_sm80"));
-    // Tile boundary: 128 tokens x 2 = 256 slots is still small_m, 129 tokens is not.
+    // Tile boundary: 128 tokens x 2 = 256 slots = 32 per expert is still small_m, 129 tokens is not;
+    // with 64 experts the same batch is 4 slots per expert, small_m.
     CHECK_EQ(makePlan(mixtral(128), Device{80, 0}, &plan), std::string());
     CHECK(plan.tile == Tile::kSmallM);
     CHECK_EQ(makePlan(mixtral(129), Device{80, 0}, &plan), std::string());
     CHECK(plan.tile == Tile::kLargeM);
+    Problem many = mixtral(129);
+    many.E = 64;
+    CHECK_EQ(makePlan(many, Device{80, 0}, &plan), std::string());
+    CHECK(plan.tile == Tile::kSmallM);
 }
 
 void variantChoice() {
