@@ -4,10 +4,17 @@ Layout (verified on onnxruntime 1.32 CPU): `activation_type="swiglu"` with `swig
 wants fc1 [E, 2I, H] with gate and up rows INTERLEAVED (g0, u0, g1, u1, ...); fc2 is [E, H, I]
 as captured; the router logits go in as `router_probs` (the op applies the softmax). Its SwiGLU
 defaults (alpha 1, beta 0, no clamp) make it exactly silu(gate) * up.
+
+Non-finite router logits: the MoE op's rule (`mixexport.model.moe`) makes a token whose logits
+have no softmax (a NaN or +inf, or all -inf) a NaN output row; com.microsoft.MoE returns zeros
+there (measured on onnxruntime 1.32 CPU). The lowering restores the rule with a
+`Where(IsNaN(ReduceSum(Softmax(logits))), NaN, y)` beside the node: an IEEE softmax is NaN in a
+whole row exactly in those cases. It costs a softmax over [N, E] per layer.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from mixexport.passes.base import derived_initializer
@@ -30,7 +37,17 @@ def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
                    attributes={"k": m.top_k, "activation_type": "swiglu", "swiglu_fusion": 1,
                                "normalize_routing_weights": int(m.normalize)},
                    name=m.name("ort/MoE"))
-    replace_moe(graph, m, [node], node.outputs[0])
+    tape = ir.tape.Tape()
+    probs = tape.op("Softmax", [m.router_logits], {"axis": -1}, name=m.name("ort/no_softmax/Softmax"))
+    axes = tape.op("Constant", [], {"value": ir.tensor(np.array([-1], np.int64))}, name=m.name("ort/no_softmax/axes"))
+    total = tape.op("ReduceSum", [probs, axes], {"keepdims": 1}, name=m.name("ort/no_softmax/ReduceSum"))
+    no_softmax = tape.op("IsNaN", [total], name=m.name("ort/no_softmax/IsNaN"))
+    nan = tape.op("Constant", [], {"value": ir.tensor(np.array(np.nan, m.dtype.numpy()))},
+                  name=m.name("ort/no_softmax/nan"))
+    y = tape.op("Where", [no_softmax, nan, node.outputs[0]], name=m.name("ort/no_softmax/Where"))
+    for extra in tape.nodes:
+        extra.outputs[0].name = extra.name
+    replace_moe(graph, m, [node, *tape.nodes], y)
 
 
 class LowerMoEToOrt(MoELowering):

@@ -33,7 +33,8 @@ def _name_nodes(nodes, prefix: str) -> None:
             value.name = f"{node.name}:{k}"
 
 
-def _expert_branch(graph: ir.Graph, m: MoEMatch, e: int, x: ir.Value, weight_e: ir.Value, zeros: ir.Value) -> ir.Graph:
+def _expert_branch(graph: ir.Graph, m: MoEMatch, e: int, x: ir.Value, weight_e: ir.Value, chosen: ir.Value,
+                   zeros: ir.Value) -> ir.Graph:
     """The `then` branch of expert e: [N, H] fp32 with the weighted expert output on its tokens."""
     i, h = m.inter, m.hidden
     # Pre-transposed per-expert weights: MatMul reads them as they lie.
@@ -42,7 +43,6 @@ def _expert_branch(graph: ir.Graph, m: MoEMatch, e: int, x: ir.Value, weight_e: 
     w_down = expert_initializer(graph, m.w_down, e, m.name(f"experts.{e}.w_down_t"), lambda w: w.T, (i, h))
     tape = ir.tape.Tape()
     prefix = f"experts.{e}"
-    chosen = tape.op("Greater", [weight_e, _const(tape, np.array(0, np.float32), m.name(f"{prefix}.zero"))])
     rows = tape.op("Squeeze", [tape.op("NonZero", [chosen]),
                                _const(tape, np.array([0], np.int64), m.name(f"{prefix}.axes0"))])  # [n_e]
     xe = tape.op("Gather", [x, rows], {"axis": 0})  # [n_e, H]
@@ -81,10 +81,14 @@ def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
     for e in range(m.num_experts):
         weight_e = tape.op("Gather", [dense, _const(tape, np.array(e, np.int64), m.name(f"experts.{e}.index"))],
                            {"axis": 1})  # [N]
-        used = tape.op("Greater", [tape.op("ReduceMax", [weight_e], {"keepdims": 0}),
-                                   _const(tape, np.array(0, np.float32), m.name(f"experts.{e}.zero_w"))])
-        branch = tape.op("If", [used], {
-            "then_branch": ir.Attr("then_branch", ir.AttributeType.GRAPH, _expert_branch(graph, m, e, m.x, weight_e, zeros)),
+        # Chosen: weight not 0. A NaN weight (a token without a softmax, see mixexport.model.moe)
+        # counts as chosen, so that token's row comes out NaN as the MoE op's rule says.
+        chosen = tape.op("Not", [tape.op("Equal", [weight_e, _const(tape, np.array(0, np.float32),
+                                                                      m.name(f"experts.{e}.zero_w"))])])  # [N]
+        used = tape.op("ReduceMax", [tape.op("Cast", [chosen], {"to": ir.DataType.INT32})], {"keepdims": 0})
+        branch = tape.op("If", [tape.op("Cast", [used], {"to": ir.DataType.BOOL})], {
+            "then_branch": ir.Attr("then_branch", ir.AttributeType.GRAPH,
+                                   _expert_branch(graph, m, e, m.x, weight_e, chosen, zeros)),
             "else_branch": ir.Attr("else_branch", ir.AttributeType.GRAPH, _zeros_branch(m, e, zeros)),
         }, name=m.name(f"portable/experts.{e}/If"))
         total = branch if total is None else tape.op("Add", [total, branch])

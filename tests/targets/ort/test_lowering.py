@@ -29,7 +29,10 @@ def test_rewrite_emits_one_contrib_node():
     result = LowerMoEToOrt()(model)
     assert result.modified and result.rewrites == 1
     nodes = list(model.graph)
-    assert [(n.domain, n.op_type) for n in nodes] == [("com.microsoft", "MoE")]
+    # the MoE node, then the non-finite-logits rule (a NaN row where the logits have no softmax)
+    assert [(n.domain, n.op_type) for n in nodes] == [("com.microsoft", "MoE"), ("", "Softmax"), ("", "Constant"),
+                                                      ("", "ReduceSum"), ("", "IsNaN"), ("", "Constant"), ("", "Where")]
+    assert nodes[-1].outputs[0].name == "y"
     node = nodes[0]
     assert node.name == "layers.3.moe.ort/MoE"
     assert {k: a.value for k, a in node.attributes.items()} == {
@@ -100,3 +103,23 @@ def test_not_interleaved_would_be_caught():
     fc1.const_value = ir.tensor(w_gate_up, name=fc1.name)
     got = run(model, x, logits)
     assert not np.allclose(got, reference(x, logits, w_gate_up, w_down, 2, True), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_non_finite_router_logits_follow_the_moe_rule(dtype):
+    """A token without a softmax (a NaN or +inf logit, or all -inf) is a NaN row, as the reference
+    says; com.microsoft.MoE alone returns zeros there. Other tokens are untouched."""
+    w_gate_up, w_down = moe_weights(4, 16, 12, dtype=dtype)
+    x = np.random.default_rng(7).standard_normal((6, 16)).astype(dtype)
+    logits = np.random.default_rng(8).standard_normal((6, 4)).astype(dtype)
+    logits[1, 2] = np.nan
+    logits[3, 0] = np.inf
+    logits[4, :] = -np.inf
+    logits[5, 1] = -np.inf  # one -inf among finite logits: probability 0, an ordinary row
+    model = single_moe_model(w_gate_up, w_down, top_k=2, normalize=True)
+    LowerMoEToOrt()(model)
+    got = run(model, x, logits).astype(np.float32)
+    want = reference(x, logits, w_gate_up, w_down, 2, True).astype(np.float32)
+    assert np.isnan(got[[1, 3, 4]]).all() and np.isnan(want[[1, 3, 4]]).all()
+    tol = 1e-5 if dtype == np.float32 else 1e-2
+    np.testing.assert_allclose(got[[0, 2, 5]], want[[0, 2, 5]], atol=tol, rtol=tol)
