@@ -21,11 +21,11 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from mixexport.dtypes import DTYPES
 from mixexport.errors import InternalError
 
 _SAME_SIZE_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-                 np.dtype(ml_dtypes.bfloat16): torch.bfloat16, np.dtype(np.float64): torch.float64}
+_TORCH_DTYPES = {np.dtype(np.float64): torch.float64, **{d.numpy: d.torch for d in DTYPES.values()}}
 
 
 def contiguous(array: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from mixexport.dtypes import DTYPES as GRAPH_DTYPES
 from mixexport.errors import MixexportError
 from mixexport.kernels import require_triton
 from mixexport.kernels.configs import (SHAPE_MULTIPLE, AOT_MAX_EXPERTS, AOT_NUM_WARPS, ALIGN_BLOCK_C, ALIGN_BLOCK_S, ARCHS, GEMM_TILES,
@@ -28,8 +29,8 @@ from mixexport.kernels.configs import (SHAPE_MULTIPLE, AOT_MAX_EXPERTS, AOT_NUM_
 
 # /2: every variant records the ptxas that made it and the CUDA driver it needs (`toolkit`).
 FORMAT = "mixexport-moe-kernels/2"
-DTYPES = {"fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
-DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# --dtype takes the short or the canonical name of a graph dtype.
+DTYPES = {**{d.short: d.short for d in GRAPH_DTYPES.values()}, **{d.name: d.short for d in GRAPH_DTYPES.values()}}
 # The two pointers every compiled triton kernel takes after its own parameters.
 SCRATCH_PARAMS = ("global_scratch", "profile_scratch")
 # Parameters whose values the kernels assume are multiples of 16 (triton's `tt.divisibility`): it lets

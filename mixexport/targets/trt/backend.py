@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from mixexport.dtypes import dtype_info
 from mixexport.errors import InternalError, MixexportError
 from mixexport.kernels.configs import kernel_shape_refusal
 from mixexport.passes.pipeline import Step
@@ -26,8 +27,7 @@ if TYPE_CHECKING:
 
     from mixexport.checkpoint.config import MixtralConfig
 
-# The AOT compiler's names of the plugin's dtypes, and the GPU architectures it compiles for.
-KERNEL_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
+# The GPU architectures the AOT compiler compiles the plugin's kernels for.
 KERNEL_ARCHS = "80,86,89,90"
 
 
@@ -75,14 +75,14 @@ def _write_kernels(root: Path, dtype: str, record: Callable[[Path], dict], progr
     # A subprocess, without TRITON_INTERPRET: the AOT compile must see real GPU targets.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-m", "mixexport.kernels.aot", "--arch", KERNEL_ARCHS,
-                          "--dtype", KERNEL_DTYPES[dtype], "-o", str(folder)], env=env, capture_output=True, text=True)
+                          "--dtype", dtype_info(dtype).short, "-o", str(folder)], env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise InternalError(f"AOT kernel compile failed:\n{run.stderr[-2000:]}")
     files = sorted(folder.iterdir())
     progress(f"trt: {len(files)} kernel files for sm_{KERNEL_ARCHS.replace(',', ', sm_')} compiled in "
              f"{time.perf_counter() - start:.1f}s")
     return {"status": "compiled", "dir": "trt/kernels", "archs": [int(a) for a in KERNEL_ARCHS.split(",")],
-            "dtype": KERNEL_DTYPES[dtype], "files": [record(f) for f in files]}
+            "dtype": dtype_info(dtype).short, "files": [record(f) for f in files]}
 
 
 def _try_engine(root: Path, out: Path, manifest: dict, options: Any, record: Callable[[Path], dict],
