@@ -210,21 +210,25 @@ def _print_table(rows) -> None:
 @click.option("--plugin", type=click.Path(dir_okay=False),
               help="MixtralMoE plugin library (default: $MIXEXPORT_PLUGIN_LIB or build/plugins/moe/).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=str(Path.home() / ".cache" / "mixexport" /
-              "tensorrt.timing.cache"), show_default=True, help="TensorRT timing cache, reused across builds.")
+              "tensorrt.timing.cache"), show_default=True,
+              help="TensorRT timing cache, reused across builds: one file per GPU model and TensorRT version is "
+                   "kept beside this path (e.g. tensorrt.timing-trt10.8.0-nvidia-h200-sm90.cache).")
 def engine(out, plugin, timing_cache) -> None:
     """Build OUT/trt/model.engine (needs TensorRT >= 10, an NVIDIA GPU and the plugin library)."""
+    from mixexport.artifact.install import output_lock
     from mixexport.artifact.manifest import file_entry, read_manifest, write_manifest
     from mixexport.targets.trt.engine import build_engine
 
     root = Path(out)
-    manifest = read_manifest(root)
-    if "trt" not in manifest["targets"]:
-        raise MixexportError(f"{out} has no trt target; rebuild with --target trt")
-    start = time.perf_counter()
-    manifest["targets"]["trt"]["engine"] = build_engine(root, manifest, lambda path: file_entry(path, root), plugin,
-                                                        timing_cache, progress)
-    manifest.pop("validation", None)  # the engine has not been validated yet
-    write_manifest(root, manifest)
+    with output_lock(root):  # not while a build replaces OUT
+        manifest = read_manifest(root)
+        if "trt" not in manifest["targets"]:
+            raise MixexportError(f"{out} has no trt target; rebuild with --target trt")
+        start = time.perf_counter()
+        manifest["targets"]["trt"]["engine"] = build_engine(root, manifest, lambda path: file_entry(path, root),
+                                                            plugin, timing_cache, progress)
+        manifest.pop("validation", None)  # the engine has not been validated yet
+        write_manifest(root, manifest)
     click.echo(f"wrote {root / 'trt' / 'model.engine'} in {time.perf_counter() - start:.1f}s; "
                f"check it with: mixexport validate {out}")
 
