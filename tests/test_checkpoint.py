@@ -201,7 +201,7 @@ def test_index_names_a_tensor_no_shard_holds(tiny_sharded_checkpoint, checkpoint
 def test_index_not_json(tiny_sharded_checkpoint, checkpoint_copy):
     path = checkpoint_copy(tiny_sharded_checkpoint)
     (path / INDEX_FILE).write_text("{not json")
-    with pytest.raises(MixexportError, match=r"model\.safetensors\.index\.json: not a valid safetensors index"):
+    with pytest.raises(MixexportError, match=r"model\.safetensors\.index\.json: not valid JSON"):
         Checkpoint(path)
 
 

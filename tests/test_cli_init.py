@@ -76,14 +76,25 @@ def test_init_through_a_subprocess(tmp_path):
 
 
 
-def test_init_into_the_current_empty_directory(tmp_path):
-    # `init .` from inside an empty directory: "." has no name to put a sibling .partial dir beside.
-    # Run in a subprocess: the directory is replaced, which would pull the cwd from under pytest.
-    here = tmp_path / "here"
-    here.mkdir()
-    proc = run_cli("init", ".", "--layers", "1", cwd=here)
+@pytest.mark.parametrize("name", [".", "..", "../here", "../../"])
+def test_init_refuses_the_current_directory_and_its_parents(name, tmp_path):
+    # `init .` used to replace the cwd by a rename, pulling the directory from under the shell.
+    # A subprocess: its cwd is the empty directory, pytest's is left alone.
+    here = tmp_path / "a" / "here"
+    here.mkdir(parents=True)
+    proc = run_cli("init", name, "--layers", "1", cwd=here)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].endswith("is the current directory or one of its parents; name a new "
+                                                 "directory (e.g. mixexport init tiny-model)")
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_init_a_relative_new_directory(tmp_path):
+    proc = run_cli("init", "tiny", "--layers", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert Checkpoint(here).config == preset("tiny").replace(num_hidden_layers=1)
+    assert Checkpoint(tmp_path / "tiny").config == preset("tiny").replace(num_hidden_layers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no staging directory left
+
 
 @pytest.mark.parametrize("alias,canonical,code", [
     ("fp16", "float16", "F16"), ("float16", "float16", "F16"), ("bf16", "bfloat16", "BF16"),
@@ -107,7 +118,7 @@ def test_unknown_dtype_is_a_one_line_usage_error(tmp_path):
 
 # -- user errors: one line, exit 1, no traceback; --verbose adds the traceback --------------------
 
-TOP_K_ERROR = "error: config field num_experts_per_tok=3 must be between 1 and num_local_experts=2\n"
+TOP_K_ERROR = "error: config: num_experts_per_tok=3 must be between 1 and num_local_experts=2\n"
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
@@ -147,5 +158,5 @@ def test_verbose_shows_the_traceback(tmp_path):
     proc = run_cli("--verbose", "init", str(tmp_path / "model"), "--experts", "2", "--top-k", "3")
     assert proc.returncode == 1
     assert proc.stderr.startswith("Traceback (most recent call last):")
-    assert "mixexport.errors.MixexportError: config field num_experts_per_tok=3" in proc.stderr
+    assert "mixexport.errors.MixexportError: config: num_experts_per_tok=3" in proc.stderr
     assert proc.stderr.endswith(TOP_K_ERROR)
