@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,63 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert proc.stderr.startswith("Traceback (most recent call last):")
     assert "mixexport.errors.MixexportError: config: num_experts_per_tok=3" in proc.stderr
     assert proc.stderr.endswith(TOP_K_ERROR)
+
+
+# -- every option value: a checkpoint or one error line ---------------------------------------------
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("[mixexport] ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("size", ["inf", "nan", "-1", "0", "1e400", "-inf", "5XB", "0.1"])
+def test_init_bad_max_shard_size(tmp_path, size):
+    line = one_error_line(invoke("init", str(tmp_path / "model"), "--max-shard-size", size))
+    assert line.startswith(f"error: --max-shard-size '{size}'")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layers", "0"], "error: Invalid value for '--layers': 0 is not in the range x>=1."),
+    (["--layers", "5000"], "error: config: num_hidden_layers must be between 1 and 1024, got 5000"),
+    (["--layers", str(10**30)], f"error: config: num_hidden_layers must be between 1 and 1024, got {10**30}"),
+    (["--experts", "2000"], "error: config: num_local_experts must be between 1 and 1024, got 2000"),
+    (["--top-k", "0"], "error: Invalid value for '--top-k': 0 is not in the range x>=1."),
+    (["--seed", "x"], "error: Invalid value for '--seed': 'x' is not a valid integer."),
+])
+def test_init_bad_numbers(tmp_path, args, message):
+    line = one_error_line(invoke("init", str(tmp_path / "model"), *args))
+    assert line.startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64 + 1), str(-(10**40))])
+def test_init_any_integer_seed(tmp_path, seed):
+    out = tmp_path / "model"
+    result = invoke("init", str(out), "--layers", "1", "--seed", seed)
+    assert result.exit_code == 0, result.output
+    assert Checkpoint(out).config.num_hidden_layers == 1
+
+
+def test_init_reports_bytes_and_time_per_shard(tmp_path):
+    result = invoke("init", str(tmp_path / "sharded"), "--max-shard-size", "300KB")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[mixexport] wrote ")]
+    assert len(lines) > 2
+    pattern = (r"\[mixexport\] wrote model-(\d{5})-of-(\d{5})\.safetensors \(\d+ tensors, \d+\.\d MB; shard (\d+) of "
+               r"(\d+), \d+\.\d MB of \d+\.\d MB in \d+\.\ds\)")
+    for k, line in enumerate(lines, 1):
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        assert [int(g) for g in match.groups()] == [k, len(lines), k, len(lines)]
+
+
+def test_init_into_a_file_path_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    line = one_error_line(invoke("init", str(tmp_path / "file" / "model")))
+    assert line == f"error: {tmp_path / 'file'} is a file, not a directory; {tmp_path / 'file' / 'model'} cannot be " \
+                   f"created in it"
+    assert (tmp_path / "file").read_text() == "mine"

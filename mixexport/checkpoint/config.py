@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from mixexport.dtypes import canonical_dtype
 from mixexport.errors import MixexportError
-from mixexport.safe_io import read_json_object
+from mixexport.safe_io import cut, read_json_object
 
 CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 4 * 1024**2  # a Mixtral config.json is about 1 KB
@@ -51,17 +51,12 @@ class _Refused(ValueError):
     """A config value mixexport refuses; the message does not name the source yet."""
 
 
-def _cut(text: str, limit: int = 80) -> str:
-    """Text shown from a file, cut short: a hostile config may hold megabytes in one field."""
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _show(value: Any) -> str:
     """A value as the user wrote it in config.json (JSON spelling, e.g. "2" for a string), cut short."""
     try:
-        return _cut(json.dumps(value))
+        return cut(json.dumps(value))
     except (TypeError, ValueError):
-        return _cut(repr(value))
+        return cut(repr(value))
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -214,7 +209,7 @@ def _parse_hf_dict(raw: dict[str, Any]) -> dict[str, Any]:
     here; `_check_fields` checks the rest.
     """
     def refuse(field: str, value: Any, why: str) -> _Refused:
-        return _Refused(f"{field}={_cut(repr(value))} is not supported: {why}")
+        return _Refused(f"{field}={cut(repr(value))} is not supported: {why}")
 
     model_type = raw.get("model_type")
     architectures = raw.get("architectures") or ["MixtralForCausalLM"]
@@ -245,7 +240,8 @@ def _parse_hf_dict(raw: dict[str, Any]) -> dict[str, Any]:
         if scaling_type != "default":
             raise refuse("rope_scaling", rope_scaling, "only default rotary embeddings are implemented")
 
-    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    # transformers 5 writes "dtype", older versions "torch_dtype"; null means absent.
+    dtype = next((raw[key] for key in ("dtype", "torch_dtype") if raw.get(key) is not None), "float32")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise refuse("dtype", dtype, "use float32, float16 or bfloat16")
 

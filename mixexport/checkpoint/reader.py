@@ -28,7 +28,7 @@ from mixexport.checkpoint.config import CONFIG_FILE, MixtralConfig
 from mixexport.checkpoint.safetensors_io import ST_CODES, ST_DTYPES, TensorInfo, read_header, read_tensor
 from mixexport.dtypes import torch_dtype
 from mixexport.errors import MixexportError
-from mixexport.safe_io import inside, os_error, read_json_object
+from mixexport.safe_io import cut, inside, os_error, read_json_object
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -231,7 +231,7 @@ def _read_index(path: Path, index_path: Path) -> dict[str, str]:
                              f"files, got {type(weight_map).__name__}")
     checked = {}
     for name, shard in weight_map.items():
-        rel = inside(path, shard, f"{index_path}: weight_map[{name!r}]").relative_to(path)
+        rel = inside(path, shard, f"{index_path}: weight_map[{cut(repr(name))}]").relative_to(path)
         checked[name] = PurePosixPath(rel).as_posix()
     return checked
 

@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterable
 import torch
 
 from mixexport.errors import InternalError, MixexportError
-from mixexport.safe_io import open_regular, os_error, parse_json_object
+from mixexport.safe_io import cut, open_regular, os_error, parse_json_object
 
 # safetensors dtype code <-> torch dtype, for the dtypes a Mixtral checkpoint may hold.
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -76,14 +76,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise MixexportError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings, "
-                             f"got {_short(metadata)}")
+                             f"got {cut(repr(metadata))}")
     data_size = size - 8 - header_len
     infos = {}
     for name, entry in header.items():
         dtype, shape, nbytes, begin = _check_entry(path, name, entry)
         if begin + nbytes > data_size:
             raise MixexportError(
-                f"{path}: truncated file: tensor {name!r} needs bytes up to {8 + header_len + begin + nbytes}, "
+                f"{path}: truncated file: tensor {cut(repr(name))} needs bytes up to {8 + header_len + begin + nbytes}, "
                 f"file has {size} bytes (re-download or re-convert this shard)")
         infos[name] = TensorInfo(path, dtype, shape, nbytes, 8 + header_len + begin)
     return infos
@@ -93,30 +93,24 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _short(value: object, limit: int = 120) -> str:
-    """repr of a value from a file, cut short: a hostile header may hold megabytes in one field."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _check_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
     """(dtype, shape, nbytes, begin) of one header entry, or a MixexportError saying what is wrong."""
     def corrupt(why: str) -> MixexportError:
-        return MixexportError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {why}")
+        return MixexportError(f"{path}: corrupt safetensors header entry for tensor {cut(repr(name))}: {why}")
 
     if not isinstance(entry, dict):
-        raise corrupt(f"expected an object with dtype, shape and data_offsets, got {_short(entry)}")
+        raise corrupt(f"expected an object with dtype, shape and data_offsets, got {cut(repr(entry))}")
     missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
     if missing:
         raise corrupt(f"missing {', '.join(missing)}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str):
-        raise corrupt(f"dtype must be a string, got {_short(dtype)}")
+        raise corrupt(f"dtype must be a string, got {cut(repr(dtype))}")
     if not (isinstance(shape, list) and len(shape) <= MAX_RANK and all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
-        raise corrupt(f"shape must be a list of at most {MAX_RANK} integers in [0, {MAX_DIM}], got {_short(shape)}")
+        raise corrupt(f"shape must be a list of at most {MAX_RANK} integers in [0, {MAX_DIM}], got {cut(repr(shape))}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
-        raise corrupt(f"data_offsets must be two integers 0 <= begin <= end, got {_short(offsets)}")
+        raise corrupt(f"data_offsets must be two integers 0 <= begin <= end, got {cut(repr(offsets))}")
     begin, end = offsets
     if dtype in ST_DTYPES:
         # What safetensors checks when it opens the file: the byte range fits shape x dtype.

@@ -12,6 +12,7 @@ rename replaces atomically), and never as the current directory or one of its an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -112,51 +113,57 @@ def write_checkpoint(
     total = sum(math.prod(shape) * itemsize for shape in shapes.values())
 
     created = _make_parents(out.parent)
+    tmp = None
     try:
         _check_free_space(out.parent, total)
         # Our own staging directory: a unique name (so nothing of anyone else's is in the way)
         # short enough to be valid wherever OUT's name is.
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.partial-", dir=out.parent))
-    except BaseException as exc:
-        _remove_dirs(created)
-        if isinstance(exc, OSError):
-            raise os_error(exc) from None
-        raise
-    try:
         _write_into(tmp, config, shapes, shards, code, seed, total, progress)
-        tmp.rename(out)  # replaces an empty directory atomically; fails (ENOTEMPTY) if one appeared
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours: made by mkdtemp above
+        _install(tmp, out)
+    except BaseException as exc:  # Ctrl-C included: what this run made goes, nothing else
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_dirs(created)
-        if isinstance(exc, OSError):
-            raise os_error(exc, exc.filename or out) from None
+        if isinstance(exc, OSError):  # named by what the user named: the staging files are gone
+            raise os_error(exc, out.parent if tmp is None else out) from None
         raise
     return out
 
 
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished staging directory to `out`: one step, which replaces an empty `out`."""
+    try:
+        tmp.rename(out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise MixexportError(f"{out}: something was written into it while the checkpoint was being written; "
+                                 f"it was left as it was (choose another directory)") from None
+        raise os_error(exc, out) from None
+
+
 def _checked_out(out: Path) -> Path:
     """`out` if a checkpoint may be written there, else a MixexportError saying why not."""
-    here = Path.cwd().resolve()
-    real = out.resolve()
-    if real == here or real in here.parents:
-        raise MixexportError(f"{out} is the current directory or one of its parents; name a new directory "
-                             f"(e.g. mixexport init tiny-model)")
-    if out.is_symlink():
-        raise MixexportError(f"{out} is a symlink; name a new directory, not a link")
-    for ancestor in out.parents:  # the nearest existing ancestor must be a directory
-        if os.path.lexists(ancestor):
-            if not ancestor.is_dir():
-                raise MixexportError(f"{ancestor} is a file, not a directory; {out} cannot be created in it")
-            break
-    if os.path.lexists(out):
-        if not out.is_dir():
-            raise MixexportError(f"{out} already exists and is not a directory; choose another name")
-        try:
-            empty = not any(out.iterdir())
-        except OSError as exc:
-            raise os_error(exc, out) from None
-        if not empty:
-            raise MixexportError(f"{out} already exists and is not empty; choose another directory or remove it")
+    try:
+        here = Path.cwd().resolve()
+        real = out.resolve()
+        if real == here or real in here.parents:
+            raise MixexportError(f"{out} is the current directory or one of its parents; name a new directory "
+                                 f"(e.g. mixexport init tiny-model)")
+        if out.is_symlink():
+            raise MixexportError(f"{out} is a symlink; name a new directory, not a link")
+        for ancestor in out.parents:  # the nearest existing ancestor must be a directory
+            if os.path.lexists(ancestor):
+                if not ancestor.is_dir():
+                    raise MixexportError(f"{ancestor} is a file, not a directory; {out} cannot be created in it")
+                break
+        if os.path.lexists(out):
+            if not out.is_dir():
+                raise MixexportError(f"{out} already exists and is not a directory; choose another name")
+            if any(out.iterdir()):
+                raise MixexportError(f"{out} already exists and is not empty; choose another directory or remove it")
+    except OSError as exc:
+        raise os_error(exc, out) from None
     return out
 
 
@@ -184,12 +191,16 @@ def _remove_dirs(paths: list[Path]) -> None:
             return  # not empty any more: someone else's files are in it now
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def _check_free_space(parent: Path, needed: int) -> None:
     free = shutil.disk_usage(parent).free
     needed += 1024**2  # config.json, headers and the index
     if free < needed:
         raise MixexportError(f"{parent}: not enough free space for the checkpoint: it needs {needed} bytes "
-                             f"({needed / 1e9:.2f} GB), {free} bytes ({free / 1e9:.2f} GB) are available")
+                             f"({_size(needed)}), {free} bytes ({_size(free)}) are available")
 
 
 def _pack(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_size: int) -> list[list[str]]:
@@ -223,9 +234,8 @@ def _write_into(tmp: Path, config: MixtralConfig, shapes: dict[str, tuple[int, .
         shard_bytes = sum(math.prod(shapes[name]) * itemsize for name in shard)
         written += shard_bytes
         if progress:
-            progress(f"wrote {file_name} ({len(shard)} tensors, {shard_bytes / 1e6:.1f} MB; shard {k + 1} of "
-                     f"{len(shards)}, {written / 1e9:.2f} of {total / 1e9:.2f} GB in "
-                     f"{time.perf_counter() - start:.1f}s)")
+            progress(f"wrote {file_name} ({len(shard)} tensors, {_size(shard_bytes)}; shard {k + 1} of {len(shards)}, "
+                     f"{_size(written)} of {_size(total)} in {time.perf_counter() - start:.1f}s)")
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
