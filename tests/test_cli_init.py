@@ -221,3 +221,26 @@ def test_init_into_a_file_path_is_one_line(tmp_path):
     assert line == f"error: {tmp_path / 'file'} is a file, not a directory; {tmp_path / 'file' / 'model'} cannot be " \
                    f"created in it"
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_sigterm_while_writing_leaves_nothing_behind(tmp_path):
+    # A CI timeout or `kill` stops init the way Ctrl-C does: the staging directory is removed.
+    import signal
+    import time
+
+    out = tmp_path / "model"
+    proc = subprocess.Popen([str(MIXEXPORT), "init", str(out), "--preset", "small", "--layers", "8",
+                             "--max-shard-size", "10MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".model.partial-*/model-00002-of-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "init wrote no shard within 60s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

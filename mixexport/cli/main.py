@@ -7,6 +7,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import traceback
@@ -91,10 +92,17 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
     if experts is not None and top_k is None:
         overrides["num_experts_per_tok"] = min(config.num_experts_per_tok, experts)
     config = config.replace(**overrides)
+    shard_bytes = parse_size(max_shard_size)
     start = time.perf_counter()
     progress(f"writing {preset_name} checkpoint ({config.num_hidden_layers} layers, {config.num_local_experts} "
              f"experts, top-{config.num_experts_per_tok}, {config.dtype}) to {out}")
-    write_checkpoint(out, config, seed=seed, max_shard_size=parse_size(max_shard_size), progress=progress)
+    # SIGTERM (a CI timeout, `kill`) exits the way Ctrl-C does, through the writer's cleanup, so
+    # no half-written staging directory stays behind.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        write_checkpoint(out, config, seed=seed, max_shard_size=shard_bytes, progress=progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(f"wrote {out} in {time.perf_counter() - start:.1f}s")
 
 
