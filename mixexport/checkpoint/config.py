@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -165,7 +166,7 @@ class MixtralConfig:
     def from_file(cls, path: str | Path) -> "MixtralConfig":
         """Read and parse a `config.json` (a regular file of at most MAX_CONFIG_BYTES)."""
         path = Path(path)
-        if not path.exists() and not path.is_symlink():
+        if not os.path.lexists(path):  # a broken symlink exists: opening it says so
             raise MixexportError(f"{path} not found: a checkpoint directory needs a config.json")
         return cls.from_hf_dict(read_json_object(path, MAX_CONFIG_BYTES), str(path))
 

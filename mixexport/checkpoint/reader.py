@@ -36,6 +36,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # An index maps each tensor name to a shard: about 100 bytes an entry, so 64 MiB admits over
 # half a million tensors (Mixtral 8x22B has 1,739).
 MAX_INDEX_BYTES = 64 * 1024**2
+_FINITE_CHUNK = 2**20  # elements per step when locating a non-finite value
 CONVERT_HINT = (
     "mixexport never unpickles weights (a pickle can run arbitrary code). Convert once on a trusted "
     "machine: python -c \"from transformers import AutoModelForCausalLM as M; "
@@ -203,11 +204,20 @@ def _check_finite(tensor: torch.Tensor, name: str, info: TensorInfo) -> None:
     low, high = torch.aminmax(values)
     if torch.isfinite(low) and torch.isfinite(high):
         return
-    bad = ~torch.isfinite(values)  # the error path only: count and locate for the message
-    first = [int(i) for i in bad.nonzero()[0]]
+    # The error path only: count and locate for the message, a chunk at a time, so that a tensor
+    # of NaNs costs no mask (or index list) the size of the tensor.
+    flat = values.reshape(-1)
+    count, first = 0, -1
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        bad = ~torch.isfinite(flat[start:start + _FINITE_CHUNK])
+        n = int(bad.sum())
+        if n and first < 0:
+            first = start + int(bad.to(torch.uint8).argmax())
+        count += n
+    index = [int(i) for i in torch.unravel_index(torch.tensor(first), tensor.shape)]
     raise MixexportError(
-        f"{info.file}: tensor {name} holds {int(bad.sum())} NaN or infinite value(s), the first at index "
-        f"{first} (allow_non_finite / --allow-non-finite exports it anyway)")
+        f"{info.file}: tensor {name} holds {count} NaN or infinite value(s), the first at index {index} "
+        f"(allow_non_finite / --allow-non-finite exports it anyway)")
 
 
 def _present(path: Path) -> bool:

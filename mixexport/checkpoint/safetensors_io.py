@@ -83,8 +83,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         dtype, shape, nbytes, begin = _check_entry(path, name, entry)
         if begin + nbytes > data_size:
             raise MixexportError(
-                f"{path}: truncated file: tensor {cut(repr(name))} needs bytes up to {8 + header_len + begin + nbytes}, "
-                f"file has {size} bytes (re-download or re-convert this shard)")
+                f"{path}: truncated file: tensor {cut(repr(name))} needs bytes up to "
+                f"{8 + header_len + begin + nbytes}, file has {size} bytes (re-download or re-convert this shard)")
         infos[name] = TensorInfo(path, dtype, shape, nbytes, 8 + header_len + begin)
     return infos
 
@@ -106,7 +106,8 @@ def _check_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, 
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str):
         raise corrupt(f"dtype must be a string, got {cut(repr(dtype))}")
-    if not (isinstance(shape, list) and len(shape) <= MAX_RANK and all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
+    if not (isinstance(shape, list) and len(shape) <= MAX_RANK
+            and all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
         raise corrupt(f"shape must be a list of at most {MAX_RANK} integers in [0, {MAX_DIM}], got {cut(repr(shape))}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):

@@ -52,7 +52,8 @@ def parse_size(text: str | int) -> int:
         try:
             value = float(number) * units[raw[len(number):]]
         except (ValueError, KeyError):
-            raise MixexportError(f"--max-shard-size {text!r}: use a byte count or a size such as 500MB or 2GB") from None
+            raise MixexportError(f"--max-shard-size {text!r}: use a byte count or a size such as 500MB or "
+                                 f"2GB") from None
         if not math.isfinite(value):
             raise MixexportError(f"--max-shard-size {text!r} must be a finite size such as 500MB or 2GB")
     if value < 1:

@@ -31,7 +31,8 @@ def test_a_fifo_is_refused_at_once(tmp_path):
     os.mkfifo(fifo)
     (tmp_path / "link").symlink_to("pipe")
     for name in ("pipe", "link"):
-        with deadline(), pytest.raises(MixexportError, match=rf"{name}: is a FIFO \(named pipe\), expected a regular file"):
+        with deadline(), pytest.raises(MixexportError, match=rf"{name}: is a FIFO \(named pipe\), expected a "
+                                                             rf"regular file"):
             open_regular(tmp_path / name)
 
 
