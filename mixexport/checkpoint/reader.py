@@ -80,10 +80,11 @@ class Checkpoint:
         layers, experts = names.stored_counts(self.tensors)
         if c.num_hidden_layers > layers:
             raise MixexportError(f"{source}: num_hidden_layers={c.num_hidden_layers}, but the safetensors files "
-                                 f"hold tensors of {layers} layers")
+                                 f"hold tensors of {layers} layers (named {names.PREFIX.format(i='N')}...)")
         if c.num_local_experts > experts:
             raise MixexportError(f"{source}: num_local_experts={c.num_local_experts}, but the safetensors files "
-                                 f"hold tensors of {experts} experts")
+                                 f"hold tensors of {experts} experts (named "
+                                 f"{names.expert_name('N', 'N', 'w1')}, w2, w3)")
 
     @property
     def files(self) -> list[Path]:

@@ -156,7 +156,7 @@ def test_layer_count_beyond_the_files_fails_before_any_per_layer_work(single, mo
     tracemalloc.start()
     try:
         with pytest.raises(MixexportError, match=rf"^{single / 'config.json'}: num_hidden_layers=1000, but the "
-                                                 rf"safetensors files hold tensors of 2 layers$"):
+                                                 rf"safetensors files hold tensors of 2 layers \(named model\.layers\.N\.\.\.\.\)$"):
             Checkpoint(single)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -169,7 +169,19 @@ def test_expert_count_beyond_the_files(single):
     raw["num_local_experts"] = 1024
     (single / "config.json").write_text(json.dumps(raw))
     with pytest.raises(MixexportError, match=r"config\.json: num_local_experts=1024, but the safetensors files "
-                                             r"hold tensors of 4 experts$"):
+                                             r"hold tensors of 4 experts \(named model\.layers\.N\.block_sparse_moe\."
+                                             r"experts\.N\.w1\.weight, w2, w3\)$"):
+        Checkpoint(single)
+
+
+def test_experts_under_other_names_are_reported_with_the_names_expected(single):
+    # e.g. a layout that fuses the experts: no tensor is named like a classic Mixtral expert.
+    weights = single / "model.safetensors"
+    header, data = header_of(weights)
+    renamed = {name.replace(".experts.", ".fused_experts."): entry for name, entry in header.items()}
+    write_raw_header(weights, json.dumps(renamed).encode(), data)
+    with pytest.raises(MixexportError, match=r"num_local_experts=4, but the safetensors files hold tensors of 0 "
+                                             r"experts \(named model\.layers\.N\.block_sparse_moe\.experts\.N\.w1"):
         Checkpoint(single)
 
 
