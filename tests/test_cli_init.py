@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +77,25 @@ def test_init_through_a_subprocess(tmp_path):
 
 
 
-def test_init_into_the_current_empty_directory(tmp_path):
-    # `init .` from inside an empty directory: "." has no name to put a sibling .partial dir beside.
-    # Run in a subprocess: the directory is replaced, which would pull the cwd from under pytest.
-    here = tmp_path / "here"
-    here.mkdir()
-    proc = run_cli("init", ".", "--layers", "1", cwd=here)
+@pytest.mark.parametrize("name", [".", "..", "../here", "../../"])
+def test_init_refuses_the_current_directory_and_its_parents(name, tmp_path):
+    # `init .` used to replace the cwd by a rename, pulling the directory from under the shell.
+    # A subprocess: its cwd is the empty directory, pytest's is left alone.
+    here = tmp_path / "a" / "here"
+    here.mkdir(parents=True)
+    proc = run_cli("init", name, "--layers", "1", cwd=here)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].endswith("is the current directory or one of its parents; name a new "
+                                                 "directory (e.g. mixexport init tiny-model)")
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_init_a_relative_new_directory(tmp_path):
+    proc = run_cli("init", "tiny", "--layers", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert Checkpoint(here).config == preset("tiny").replace(num_hidden_layers=1)
+    assert Checkpoint(tmp_path / "tiny").config == preset("tiny").replace(num_hidden_layers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no staging directory left
+
 
 @pytest.mark.parametrize("alias,canonical,code", [
     ("fp16", "float16", "F16"), ("float16", "float16", "F16"), ("bf16", "bfloat16", "BF16"),
@@ -107,7 +119,7 @@ def test_unknown_dtype_is_a_one_line_usage_error(tmp_path):
 
 # -- user errors: one line, exit 1, no traceback; --verbose adds the traceback --------------------
 
-TOP_K_ERROR = "error: config field num_experts_per_tok=3 must be between 1 and num_local_experts=2\n"
+TOP_K_ERROR = "error: config: num_experts_per_tok=3 must be between 1 and num_local_experts=2\n"
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
@@ -147,5 +159,88 @@ def test_verbose_shows_the_traceback(tmp_path):
     proc = run_cli("--verbose", "init", str(tmp_path / "model"), "--experts", "2", "--top-k", "3")
     assert proc.returncode == 1
     assert proc.stderr.startswith("Traceback (most recent call last):")
-    assert "mixexport.errors.MixexportError: config field num_experts_per_tok=3" in proc.stderr
+    assert "mixexport.errors.MixexportError: config: num_experts_per_tok=3" in proc.stderr
     assert proc.stderr.endswith(TOP_K_ERROR)
+
+
+# -- every option value: a checkpoint or one error line ---------------------------------------------
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("[mixexport] ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("size", ["inf", "nan", "-1", "0", "1e400", "-inf", "5XB", "0.1"])
+def test_init_bad_max_shard_size(tmp_path, size):
+    line = one_error_line(invoke("init", str(tmp_path / "model"), "--max-shard-size", size))
+    assert line.startswith(f"error: --max-shard-size '{size}'")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layers", "0"], "error: Invalid value for '--layers': 0 is not in the range x>=1."),
+    (["--layers", "5000"], "error: config: num_hidden_layers must be between 1 and 1024, got 5000"),
+    (["--layers", str(10**30)], f"error: config: num_hidden_layers must be between 1 and 1024, got {10**30}"),
+    (["--experts", "2000"], "error: config: num_local_experts must be between 1 and 1024, got 2000"),
+    (["--top-k", "0"], "error: Invalid value for '--top-k': 0 is not in the range x>=1."),
+    (["--seed", "x"], "error: Invalid value for '--seed': 'x' is not a valid integer."),
+])
+def test_init_bad_numbers(tmp_path, args, message):
+    line = one_error_line(invoke("init", str(tmp_path / "model"), *args))
+    assert line.startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64 + 1), str(-(10**40))])
+def test_init_any_integer_seed(tmp_path, seed):
+    out = tmp_path / "model"
+    result = invoke("init", str(out), "--layers", "1", "--seed", seed)
+    assert result.exit_code == 0, result.output
+    assert Checkpoint(out).config.num_hidden_layers == 1
+
+
+def test_init_reports_bytes_and_time_per_shard(tmp_path):
+    result = invoke("init", str(tmp_path / "sharded"), "--max-shard-size", "300KB")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[mixexport] wrote ")]
+    assert len(lines) > 2
+    pattern = (r"\[mixexport\] wrote model-(\d{5})-of-(\d{5})\.safetensors \(\d+ tensors, \d+\.\d MB; shard (\d+) of "
+               r"(\d+), \d+\.\d MB of \d+\.\d MB in \d+\.\ds\)")
+    for k, line in enumerate(lines, 1):
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        assert [int(g) for g in match.groups()] == [k, len(lines), k, len(lines)]
+
+
+def test_init_into_a_file_path_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    line = one_error_line(invoke("init", str(tmp_path / "file" / "model")))
+    assert line == f"error: {tmp_path / 'file'} is a file, not a directory; {tmp_path / 'file' / 'model'} cannot be " \
+                   f"created in it"
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_sigterm_while_writing_leaves_nothing_behind(tmp_path):
+    # A CI timeout or `kill` stops init the way Ctrl-C does: the staging directory is removed.
+    import signal
+    import time
+
+    out = tmp_path / "model"
+    proc = subprocess.Popen([str(MIXEXPORT), "init", str(out), "--preset", "small", "--layers", "8",
+                             "--max-shard-size", "10MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".model.partial-*/model-00002-of-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "init wrote no shard within 60s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

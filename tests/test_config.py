@@ -97,13 +97,13 @@ def test_config_json_missing(tmp_path):
 
 def test_config_json_invalid(checkpoint_with_config):
     path = checkpoint_with_config('{"model_type": "mixtral",')
-    with pytest.raises(MixexportError, match=r"config\.json is not valid JSON"):
+    with pytest.raises(MixexportError, match=r"config\.json: not valid JSON"):
         Checkpoint(path)
 
 
 def test_config_json_not_an_object(checkpoint_with_config):
     path = checkpoint_with_config("[1, 2]")
-    with pytest.raises(MixexportError, match=r"config\.json must hold a JSON object"):
+    with pytest.raises(MixexportError, match=r"config\.json: must hold a JSON object, found list"):
         Checkpoint(path)
 
 
@@ -143,7 +143,7 @@ def test_top_k_above_experts_refused(checkpoint_with_config):
 def test_top_k_zero_refused(checkpoint_with_config):
     path = checkpoint_with_config(json.dumps(hf_dict(num_experts_per_tok=0)))
     with pytest.raises(MixexportError,
-                       match=r"num_experts_per_tok=0 must be between 1 and num_local_experts=4"):
+                       match=r"config\.json: num_experts_per_tok must be between 1 and 1024, got 0"):
         Checkpoint(path)
 
 

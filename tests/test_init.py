@@ -3,14 +3,19 @@ the same preset + seed always gives the same bits."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+import re
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import MixtralForCausalLM
 
-from mixexport.checkpoint import Checkpoint, MixtralConfig, names, preset, write_checkpoint
+from mixexport.checkpoint import Checkpoint, MixtralConfig, names, preset, write_checkpoint, writer
 from mixexport.checkpoint.reader import INDEX_FILE, SINGLE_FILE
 from mixexport.checkpoint.writer import parse_size
 from mixexport.errors import MixexportError
@@ -185,7 +190,151 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["abc", "5XB", "", "0", "-1MB"])
-def test_parse_size_refuses(text):
-    with pytest.raises(MixexportError, match=r"--max-shard-size"):
+@pytest.mark.parametrize("text,message", [
+    ("abc", "use a byte count"), ("5XB", "use a byte count"), ("", "use a byte count"),
+    ("0", "must be at least one byte"), ("-1MB", "must be at least one byte"), ("-1", "must be at least one byte"),
+    ("0.5", "must be at least one byte"), (0, "must be at least one byte"), (-5, "must be at least one byte"),
+    ("inf", "must be a finite size"), ("-inf", "must be a finite size"), ("nan", "must be a finite size"),
+    ("NaNGB", "must be a finite size"), ("infMB", "must be a finite size"), ("1e400", "must be a finite size"),
+    ("Infinity", "must be a finite size"),
+])
+def test_parse_size_refuses(text, message):
+    with pytest.raises(MixexportError, match=rf"^--max-shard-size {text!r}:? {message}"):
         parse_size(text)
+
+
+def test_a_shard_size_above_the_model_means_one_file(tmp_path):
+    assert parse_size("1e30") == int(1e30)
+    out = write_checkpoint(tmp_path / "one", preset("tiny").replace(num_hidden_layers=1), max_shard_size=10**30)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE]
+
+
+# -- never deleting what this run did not create --------------------------------------------------
+
+def listing(root) -> set[str]:
+    """Every path under root (hidden ones included), relative, as text."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_an_existing_partial_directory_is_not_ours_to_delete(tmp_path):
+    # `init X` used to rmtree X.partial before writing.
+    (tmp_path / "model.partial").mkdir()
+    (tmp_path / "model.partial" / "notes.txt").write_text("mine")
+    write_checkpoint(tmp_path / "model", preset("tiny").replace(num_hidden_layers=1))
+    assert (tmp_path / "model.partial" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.partial"]
+
+
+@pytest.mark.parametrize("error", [
+    (errno.ENOSPC, "no space left on the device: free some space or choose another disk"),
+    (errno.EDQUOT, "disk quota exceeded"),
+    (errno.EIO, "input/output error"),
+])
+def test_an_os_error_while_writing_removes_only_what_this_run_wrote(tmp_path, monkeypatch, error):
+    code, message = error
+    (tmp_path / "model.partial").mkdir()  # someone else's, in the way of the old fixed name
+    before = listing(tmp_path)
+    real = writer.write_safetensors
+    calls = []
+
+    def fail_on_the_second_shard(path, tensors, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"half a shard")
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(writer, "write_safetensors", fail_on_the_second_shard)
+    with pytest.raises(MixexportError, match=rf"^{re.escape(str(tmp_path / 'new' / 'model'))}: {message}"):
+        write_checkpoint(tmp_path / "new" / "model", preset("tiny").replace(num_hidden_layers=1), max_shard_size=10**5)
+    assert len(calls) == 2
+    assert listing(tmp_path) == before  # the staging directory and the parent "new" made for it are gone
+
+
+def test_an_interrupt_while_writing_removes_the_staging_directory(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_safetensors", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path / "model", preset("tiny"))
+    assert listing(tmp_path) == set()
+
+
+def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    # The tiny preset, so that a regression writes a megabyte, not a disk's worth.
+    config = preset("tiny")
+    needed = sum(math.prod(shape) * 4 for shape in names.expected_shapes(config).values()) + 1024**2
+    free = needed - 1
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    with pytest.raises(MixexportError, match=rf"^{re.escape(str(tmp_path / 'a' / 'b'))}: not enough free space for "
+                                             rf"the checkpoint: it needs {needed} bytes \(\d\.\d MB\), "
+                                             rf"{free} bytes \(\d\.\d MB\) are available$"):
+        write_checkpoint(tmp_path / "a" / "b" / "model", config)
+    assert listing(tmp_path) == set()
+
+
+def test_a_directory_filled_while_writing_is_left_as_it_is(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    real = writer.write_safetensors
+
+    def someone_writes_into_out(path, tensors, metadata=None):
+        (out / "theirs.txt").write_text("theirs")
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(writer, "write_safetensors", someone_writes_into_out)
+    with pytest.raises(MixexportError, match=r"model: something was written into it while the checkpoint was being "
+                                             r"written; it was left as it was"):
+        write_checkpoint(out, preset("tiny").replace(num_hidden_layers=1))
+    assert listing(tmp_path) == {"model", "model/theirs.txt"}
+
+
+def test_a_name_too_long_for_the_file_system(tmp_path):
+    out = tmp_path / ("m" * 300)
+    with pytest.raises(MixexportError, match=r"m{300}: file name too long: choose a shorter path$"):
+        write_checkpoint(out, preset("tiny").replace(num_hidden_layers=1))
+    assert listing(tmp_path) == set()
+
+
+def test_a_read_only_parent(tmp_path, monkeypatch):
+    # Tests run as root here, which writes anywhere: make the OS answer EROFS.
+    def read_only(prefix, dir):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, prefix + "x"))
+
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", read_only)
+    with pytest.raises(MixexportError, match=rf"^{re.escape(str(tmp_path))}: read-only file system: choose a "
+                                             rf"writable directory$"):
+        write_checkpoint(tmp_path / "model", preset("tiny"))
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("out is a file", r"model already exists and is not a directory; choose another name"),
+    ("parent is a file", r"parent is a file, not a directory; .*model cannot be created in it"),
+    ("out is a symlink", r"model is a symlink; name a new directory, not a link"),
+])
+def test_outputs_that_cannot_be_a_checkpoint_directory(tmp_path, layout, message):
+    if layout == "out is a file":
+        out = tmp_path / "model"
+        out.write_text("mine")
+    elif layout == "parent is a file":
+        (tmp_path / "parent").write_text("mine")
+        out = tmp_path / "parent" / "model"
+    else:
+        (tmp_path / "empty").mkdir()
+        out = tmp_path / "model"
+        out.symlink_to("empty")
+    before = {p: (p.read_text() if p.is_file() else None) for p in tmp_path.rglob("*")}
+    with pytest.raises(MixexportError, match=message):
+        write_checkpoint(out, preset("tiny"))
+    assert {p: (p.read_text() if p.is_file() else None) for p in tmp_path.rglob("*")} == before
+
+
+def test_the_current_directory_and_its_parents_are_refused(tmp_path, monkeypatch):
+    here = tmp_path / "a" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    for out in (here, tmp_path / "a", tmp_path, "."):
+        with pytest.raises(MixexportError, match=r"is the current directory or one of its parents"):
+            write_checkpoint(out, preset("tiny"))
+    assert listing(tmp_path) == {"a", "a/here"}

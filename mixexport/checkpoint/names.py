@@ -7,6 +7,9 @@ each expert is three separate matrices, w1 (gate) [I, H], w3 (up) [I, H], w2 (do
 
 from __future__ import annotations
 
+import re
+from typing import Iterable, Iterator
+
 from mixexport.checkpoint.config import MixtralConfig
 
 PREFIX = "model.layers.{i}."
@@ -48,12 +51,37 @@ def layer_shapes(config: MixtralConfig, layer: int) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def iter_expected_shapes(config: MixtralConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor a checkpoint of this config must hold, in file order, one at
+    a time: a check that stops at the first missing tensor never builds the whole table."""
+    yield "model.embed_tokens.weight", GLOBAL_TENSORS["model.embed_tokens.weight"](config)
+    for layer in range(config.num_hidden_layers):
+        yield from layer_shapes(config, layer).items()
+    yield "model.norm.weight", GLOBAL_TENSORS["model.norm.weight"](config)
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", GLOBAL_TENSORS["lm_head.weight"](config)
+
+
 def expected_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of this config must hold, and its shape, in file order."""
-    shapes = {"model.embed_tokens.weight": GLOBAL_TENSORS["model.embed_tokens.weight"](config)}
-    for layer in range(config.num_hidden_layers):
-        shapes.update(layer_shapes(config, layer))
-    shapes["model.norm.weight"] = GLOBAL_TENSORS["model.norm.weight"](config)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = GLOBAL_TENSORS["lm_head.weight"](config)
-    return shapes
+    return dict(iter_expected_shapes(config))
+
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT_INDEX = re.compile(r"model\.layers\.\d+\.block_sparse_moe\.experts\.(\d+)\.")
+
+
+def stored_counts(tensor_names: Iterable[str]) -> tuple[int, int]:
+    """(distinct layer indices, distinct expert indices) among checkpoint tensor names.
+
+    What a checkpoint can hold at most, to check config.json's layer and expert counts against
+    before any table with one entry per layer or expert is built.
+    """
+    layers: set[str] = set()
+    experts: set[str] = set()
+    for name in tensor_names:
+        if match := _LAYER_INDEX.match(name):
+            layers.add(match[1])
+            if match := _EXPERT_INDEX.match(name):
+                experts.add(match[1])
+    return len(layers), len(experts)

@@ -60,6 +60,8 @@ class _Group(click.Group):
             _fail(ctx, _os_error_message(exc))
         except MemoryError:
             _fail(ctx, "out of memory; see the memory estimate printed at the start, or use a machine with more RAM")
+        except _Terminated:
+            _fail(ctx, "terminated (SIGTERM); files this run was writing were removed", status=128 + signal.SIGTERM)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted; files this run was writing were removed", status=130)
 
@@ -128,10 +130,11 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
     if experts is not None and top_k is None:
         overrides["num_experts_per_tok"] = min(config.num_experts_per_tok, experts)
     config = config.replace(**overrides)
+    shard_bytes = parse_size(max_shard_size)
     start = time.perf_counter()
     progress(f"writing {preset_name} checkpoint ({config.num_hidden_layers} layers, {config.num_local_experts} "
              f"experts, top-{config.num_experts_per_tok}, {config.dtype}) to {out}")
-    write_checkpoint(out, config, seed=seed, max_shard_size=parse_size(max_shard_size), progress=progress)
+    write_checkpoint(out, config, seed=seed, max_shard_size=shard_bytes, progress=progress)
     click.echo(f"wrote {out} in {time.perf_counter() - start:.1f}s")
 
 
@@ -154,13 +157,15 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against the PyTorch reference.")
 @click.option("--allow-not-validated", is_flag=True,
               help="Exit 0 even when a target could not be validated on this machine (failures still exit 1).")
+@click.option("--allow-non-finite", is_flag=True,
+              help="Export weights that hold NaN or Inf (refused by default, naming the tensor).")
 @click.option("--force", is_flag=True,
               help="Replace an existing OUT that is a mixexport artifact (only once the new build succeeded).")
 @click.option("--plugin", type=click.Path(dir_okay=False),
               help="MixtralMoE plugin library for the trt engine (default: $MIXEXPORT_PLUGIN_LIB or "
                    "build/plugins/moe/libmixexport_plugins.so).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
-          allow_not_validated, force, plugin) -> None:
+          allow_not_validated, allow_non_finite, force, plugin) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -173,7 +178,7 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
-    with reference_source(checkpoint, preset_name, seed, {}, progress) as (ckpt, source):
+    with reference_source(checkpoint, preset_name, seed, {}, progress, allow_non_finite) as (ckpt, source):
         try:
             manifest = run_build(ckpt, source, out, options, progress)
         except NotValidatedError as exc:

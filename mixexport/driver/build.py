@@ -100,14 +100,15 @@ def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dt
 
 @contextmanager
 def reference_source(checkpoint: str | Path | None, preset_name: str | None, seed: int,
-                     overrides: dict[str, Any], progress: Progress) -> Iterator[tuple[Checkpoint, dict]]:
+                     overrides: dict[str, Any], progress: Progress,
+                     allow_non_finite: bool = False) -> Iterator[tuple[Checkpoint, dict]]:
     """Open the checkpoint to export, writing a random one for `--preset`; yields it with the
     manifest's `source` record (how validation finds the same weights again). A checkpoint's
     `files` are filled in by `build`, from the digests of the tensors its export reads."""
     if (checkpoint is None) == (preset_name is None):
         raise MixexportError("give either a CHECKPOINT directory or --preset NAME")
     if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint)
+        ckpt = Checkpoint(checkpoint, allow_non_finite=allow_non_finite)
         yield ckpt, {"kind": "checkpoint", "path": str(ckpt.path.resolve()), "files": None}
         return
     config = preset(preset_name).replace(**overrides)

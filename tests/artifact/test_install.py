@@ -181,12 +181,12 @@ def test_small_context_checkpoint_builds_and_validates_with_defaults(checkpoint_
     assert manifest["validation"]["targets"] == {"ort": "pass"}
 
 
-def test_too_little_disk_is_refused_up_front(tmp_path, monkeypatch):
+def test_too_little_disk_is_refused_up_front(tiny_checkpoint, tmp_path, monkeypatch):
     import shutil
 
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    line = error_line(run_cli("build", "--preset", "tiny", "-o", tmp_path / "out", "--no-validate"))
+    line = error_line(run_cli("build", tiny_checkpoint, "-o", tmp_path / "out", "--no-validate"))
     assert line.startswith(f"error: not enough disk space for {tmp_path / 'out'}: 2 target(s) need about ")
     assert line.endswith(f"0.00 GB are free on the filesystem of {tmp_path}")
     assert list(tmp_path.iterdir()) == []
@@ -220,8 +220,8 @@ def test_sigterm_removes_the_staging_directory(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "error: interrupted; files this run was writing were removed"
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM); files this run was writing were removed"
     assert list(tmp_path.iterdir()) == []
 
 
