@@ -16,6 +16,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from mixexport.capture.moe_op import MOE_DOMAIN
 from mixexport.errors import InternalError
+from mixexport.passes.check_attention_mask import CheckAttentionMask
 from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
 from mixexport.passes.fuse_attention_ort import FuseAttentionOrt
 from mixexport.passes.fuse_rms_norm_ort import FuseRMSNormOrt
@@ -48,6 +49,7 @@ def lower_for_target(model: ir.Model, target: str, num_layers: int) -> dict[str,
             ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
         ]
     steps += [
+        ("check_attention_mask", CheckAttentionMask()),  # refuse a mask that is not [B, P+S]
         ("remove_unused", RemoveUnusedNodesPass()),  # leftovers of the rewrites
         ("remove_unused_opsets", RemoveUnusedOpsetsPass()),  # drops the `mixexport` domain import
     ]
