@@ -162,7 +162,7 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
         raise MixexportError(f"{path} not found: is {out} a mixexport build directory?")
     artifact_path(root, MANIFEST, str(path))  # a regular file inside OUT, even through a symlink
     manifest = parse_json_object(read_regular(path, MAX_MANIFEST_BYTES), str(path))
-    check_finite(manifest, str(path))
+    check_values(manifest, str(path))
     check_manifest(manifest, str(path))
     check_manifest_paths(root, manifest, str(path))
     return manifest
@@ -377,8 +377,9 @@ MANIFEST_SCHEMA = record(
 )
 
 
-def check_finite(value: Any, source: str) -> None:
-    """Refuse NaN and Infinity anywhere in parsed JSON (Python's json reads them; JSON has none).
+def check_values(value: Any, source: str) -> None:
+    """Refuse what Python's json reads but JSON does not hold: NaN and Infinity, and strings with
+    lone surrogates (`"\\ud800"`), which no file name or terminal can take.
 
     Iterative, so a deeply nested value cannot exhaust the stack here.
     """
@@ -387,10 +388,24 @@ def check_finite(value: Any, source: str) -> None:
         where, v = stack.pop()
         if isinstance(v, float) and not math.isfinite(v):
             raise MixexportError(f"{source}: {where or 'the document'} is {v}, which JSON does not allow")
+        if isinstance(v, str) and not _is_unicode(v):
+            raise MixexportError(f"{source}: {where or 'the document'} holds a lone surrogate, not Unicode text")
         if isinstance(v, dict):
-            stack += [(_join(where, str(k)), x) for k, x in v.items()]
+            for k, x in v.items():
+                if not _is_unicode(k):
+                    raise MixexportError(f"{source}: a key in {where or 'the document'} holds a lone surrogate, "
+                                         f"not Unicode text")
+                stack.append((_join(where, k), x))
         elif isinstance(v, list):
             stack += [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_manifest(manifest: Any, source: str) -> None:

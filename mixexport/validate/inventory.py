@@ -29,10 +29,11 @@ from mixexport.artifact.manifest import MANIFEST, artifact_path, path_problem, s
 from mixexport.artifact.save import ONNX_FILE
 from mixexport.errors import MixexportError
 from mixexport.passes.pipeline import LOWERINGS
+from mixexport.targets.trt.engine import ENGINE_FILE, PLUGIN_LIBRARY
 
-# Where the trt target keeps what the engine runner loads (targets/trt/runner.py reads these).
+# Where the trt target keeps its kernels and what the engine runner loads (targets/trt/runner.py).
 KERNELS_DIR = "trt/kernels"
-ENGINE_FILE = "trt/model.engine"
+ENGINE_PATH = f"trt/{ENGINE_FILE}"
 GRAPH_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.BFLOAT16: "bfloat16"}
 REPORT_FILE = "validation.json"
@@ -72,42 +73,44 @@ def artifact_targets(root: Path, manifest: dict[str, Any], verify_hashes: bool) 
     for name in recorded:
         if name not in present:
             raise MixexportError(f"{where}: targets.{name} has no directory {root / name}")
-    targets = {}
-    for name, entry in recorded.items():
-        listed = _listed_files(root, name, entry, verify_hashes)
-        try:
-            on_disk = set(_walk_files(root, name))
-        except RecursionError:
-            raise MixexportError(f"{root / name}: folders nested too deeply to be an artifact") from None
-        for path in sorted(on_disk - set(listed)):
-            raise MixexportError(f"{root / path} is not listed in {where} (targets.{name}): an artifact holds only "
-                                 f"the files its manifest records")
-        for path in sorted(set(listed) - on_disk):
-            raise MixexportError(f"{where}: {listed[path]} names {path}, which is not in {root / name}")
-        onnx_name = f"{name}/{ONNX_FILE}"
-        if entry["onnx"] != onnx_name:
-            raise MixexportError(f"{where}: targets.{name}.onnx is {entry['onnx']!r}; the {name} graph is {onnx_name!r}")
-        if onnx_name not in listed:
-            raise MixexportError(f"{root / onnx_name} is missing (targets.{name}.files does not list it)")
-        graph_path = artifact_path(root, onnx_name, f"{where}: targets.{name}.onnx")
-        model = load_graph(graph_path)
-        _check_external_data(model, graph_path, name, listed, where)
-        dtype = graph_dtype(model, graph_path)
-        for field, value in (("dtype", manifest["dtype"]), (f"targets.{name}.dtype", entry["dtype"])):
-            if value != dtype:
-                raise MixexportError(f"{where}: {field} is {value!r} but {graph_path} is a {dtype} graph")
-        engine = entry.get("engine", {})
-        if "file" in engine:
-            if engine["file"] != ENGINE_FILE:
-                raise MixexportError(f"{where}: targets.trt.engine.file is {engine['file']!r}; the engine is "
-                                     f"{ENGINE_FILE!r}")
-            from mixexport.targets.trt.engine import PLUGIN_LIBRARY
+    return {name: _target_graph(root, name, entry, manifest["dtype"], verify_hashes)
+            for name, entry in recorded.items()}
 
-            for needed in (ENGINE_FILE, f"trt/{PLUGIN_LIBRARY}"):
-                if needed not in listed:
-                    raise MixexportError(f"{where}: targets.trt.engine.files does not list {needed}")
-        targets[name] = TargetGraph(name, (root / name).resolve(), model, dtype, "file" in engine)
-    return targets
+
+def _target_graph(root: Path, name: str, entry: dict[str, Any], dtype: str, verify_hashes: bool) -> TargetGraph:
+    """One target directory checked against its manifest entry (`artifact_targets`)."""
+    where = root / MANIFEST
+    listed = _listed_files(root, name, entry, verify_hashes)
+    try:
+        on_disk = set(_walk_files(root, name))
+    except RecursionError:
+        raise MixexportError(f"{root / name}: folders nested too deeply to be an artifact") from None
+    # (Every listed file exists: _listed_files checked each one.)
+    unlisted = sorted(on_disk - set(listed))
+    if unlisted:
+        raise MixexportError(f"{root / unlisted[0]} is not listed in {where} (targets.{name}): an artifact holds "
+                             f"only the files its manifest records")
+    onnx_name = f"{name}/{ONNX_FILE}"
+    if entry["onnx"] != onnx_name:
+        raise MixexportError(f"{where}: targets.{name}.onnx is {entry['onnx']!r}; the {name} graph is {onnx_name!r}")
+    if onnx_name not in listed:
+        raise MixexportError(f"{root / onnx_name} is missing (targets.{name}.files does not list it)")
+    graph_path = artifact_path(root, onnx_name, f"{where}: targets.{name}.onnx")
+    model = load_graph(graph_path)
+    _check_external_data(model, graph_path, name, listed, where)
+    graph = graph_dtype(model, graph_path)
+    for field, value in (("dtype", dtype), (f"targets.{name}.dtype", entry["dtype"])):
+        if value != graph:
+            raise MixexportError(f"{where}: {field} is {value!r} but {graph_path} is a {graph} graph")
+    engine = entry.get("engine", {})
+    if "file" in engine:
+        if engine["file"] != ENGINE_PATH:
+            raise MixexportError(f"{where}: targets.trt.engine.file is {engine['file']!r}; the engine is "
+                                 f"{ENGINE_PATH!r}")
+        for needed in (ENGINE_PATH, f"trt/{PLUGIN_LIBRARY}"):
+            if needed not in listed:
+                raise MixexportError(f"{where}: targets.trt.engine.files does not list {needed}")
+    return TargetGraph(name, (root / name).resolve(), model, graph, "file" in engine)
 
 
 def _target_dirs(root: Path) -> list[str]:

@@ -187,6 +187,17 @@ def test_nan_is_refused(artifact):
     assert _refused(artifact) == f"{artifact / MANIFEST}: dynamic_dims.batch[0] is nan, which JSON does not allow"
 
 
+@pytest.mark.parametrize("literal, message", [
+    ('1e400', "targets.ort.files[0].bytes is inf, which JSON does not allow"),
+    ('"ort/\\ud800"', "targets.ort.files[0].bytes holds a lone surrogate, not Unicode text"),
+])
+def test_values_json_does_not_hold_are_refused(artifact, literal, message):
+    raw = json.loads((artifact / MANIFEST).read_text())
+    raw["targets"]["ort"]["files"][0]["bytes"] = "PLACEHOLDER"
+    (artifact / MANIFEST).write_text(json.dumps(raw).replace('"PLACEHOLDER"', literal))
+    assert _refused(artifact) == f"{artifact / MANIFEST}: {message}"
+
+
 def test_oversized_manifest_is_refused_before_reading(artifact):
     with open(artifact / MANIFEST, "ab") as f:
         f.truncate(MAX_MANIFEST_BYTES + 1)
