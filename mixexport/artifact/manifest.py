@@ -302,6 +302,13 @@ def relative_path(value, where) -> None:
         raise _Invalid(where, problem)
 
 
+def absolute_path(value, where) -> None:
+    """Schema check: an absolute path outside the artifact (the checkpoint a build read)."""
+    text()(value, where)
+    if not os.path.isabs(value) or "\0" in value:
+        raise _Invalid(where, f"{value!r} must be an absolute path without NUL bytes")
+
+
 _SHA256 = text(pattern="[0-9a-f]{64}")
 FILE = record({"path": relative_path, "bytes": integer(), "sha256": _SHA256})
 
@@ -343,7 +350,7 @@ SOURCE = either(
      record({"kind": exactly("preset"), "preset": text(max_len=256), "seed": integer(),
              "config": mapping(lambda v, w: None)})),  # config.json's own parser checks it
     (lambda v: v.get("kind") == "checkpoint",
-     record({"kind": exactly("checkpoint"), "path": text(), "files": array(either(
+     record({"kind": exactly("checkpoint"), "path": absolute_path, "files": array(either(
          (lambda v: "sha256" in v, FILE),
          (lambda v: "weights_sha256" in v,
           record({"path": relative_path, "bytes": integer(), "weights_sha256": _SHA256}))))})),

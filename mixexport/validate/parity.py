@@ -32,7 +32,7 @@ from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
 from mixexport.dtypes import torch_dtype
-from mixexport.errors import MixexportError
+from mixexport.errors import InternalError, MixexportError
 from mixexport.model.decoder import load_reference
 from mixexport.model.moe import route
 from mixexport.passes.name_graph import router_logits_name
@@ -201,7 +201,7 @@ def router_agreement(ref_iters, target_iters, feeds, num_layers: int, top_k: int
     return matches / max(total, 1)
 
 
-def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Progress, decode_steps: int = 4,
+def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
                       verify_hashes: bool = False, write_report: bool = True) -> dict[str, Any]:
     """Compare every target the artifact in `root` holds against the reference built from `ckpt`.
 
@@ -212,7 +212,7 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
     Args:
         root: OUT (or the build's staging folder).
         manifest: its manifest; schema-checked here too.
-        ckpt: the reference weights.
+        ckpt: the reference weights (None only for a manifest that lists no target: nothing to compare).
         progress: one line per step.
         decode_steps: greedy steps after the prefill.
         verify_hashes: compare every file's sha256 with the manifest (sizes are always compared):
@@ -229,8 +229,6 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
     check_manifest(manifest, str(root / MANIFEST))
     graphs = artifact_targets(root, manifest, verify_hashes)
     dtype = manifest["dtype"]  # every graph's own dtype, which artifact_targets checked
-    config = ckpt.config
-    num_layers, top_k = config.num_hidden_layers, config.num_experts_per_tok
     tolerances = TOLERANCES[dtype]
     report: dict[str, Any] = {"dtype": dtype, "scenario": {"batch": 2, "prompt": 7, "left_pad": 3,
                                                            "decode_steps": decode_steps},
@@ -242,16 +240,17 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
         if status:
             report["targets"][name] = status
         else:
-            to_run.append((name, lambda g=graph: OnnxrtRunner(session_loader(g, num_layers), name=g.name)))
+            to_run.append((name, graph))
         if graph.engine:
             status = engine_not_run_status(graph)
             if status:
                 report["targets"][ENGINE_TARGET] = status
             else:
-                from mixexport.targets.trt.runner import engine_runner
-
-                to_run.append((ENGINE_TARGET, lambda: engine_runner(root, name=ENGINE_TARGET)))
+                to_run.append((ENGINE_TARGET, None))
     if to_run:
+        if ckpt is None:
+            raise InternalError("validate_artifact has targets to compare but was given no reference checkpoint")
+        num_layers, top_k = ckpt.config.num_hidden_layers, ckpt.config.num_experts_per_tok
         progress(f"validating against the PyTorch reference ({dtype}, prefill + {decode_steps} decode steps, "
                  f"batch 2, left padding)")
         recorder = RecordingMoE()
@@ -260,7 +259,15 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Pr
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
             reference = Comparator.run([TorchReferenceRunner(model, recorder)], data_loader=feeds)
         ref_name, ref_iters = next(iter(reference.items()))
-        for name, make_runner in to_run:
+        for name, graph in to_run:
+            if graph is None:
+                from mixexport.targets.trt.runner import engine_runner
+
+                def make_runner():
+                    return engine_runner(root, name=ENGINE_TARGET)
+            else:
+                def make_runner(graph=graph):
+                    return OnnxrtRunner(session_loader(graph, num_layers), name=graph.name)
             report["targets"][name] = _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances,
                                                       num_layers, top_k)
     report["targets"] = {t: report["targets"][t] for t in [*graphs, ENGINE_TARGET] if t in report["targets"]}
@@ -337,6 +344,30 @@ def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) 
             "failed_outputs": sorted(failed_outputs)}
 
 
+def weights_bytes_at_least(config: MixtralConfig, dtype: str) -> int:
+    """A lower bound on the bytes of a model's weights in `dtype`, from its config alone (no
+    per-tensor loop, so a config of a billion layers costs nothing): embeddings, attention
+    projections, norms, routers and experts."""
+    h, d, layers = config.hidden_size, config.head_dim, config.num_hidden_layers
+    per_layer = (h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o; k, v
+                 + config.num_local_experts * (h + 3 * config.intermediate_size * h) + 2 * h)  # router, experts, norms
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return (layers * per_layer + embeddings + h) * torch_dtype(dtype).itemsize
+
+
+def _check_reference_size(root: Path, manifest: dict, config: MixtralConfig) -> None:
+    """Regenerating a preset's reference writes and loads the whole model: refuse a manifest whose
+    `source.config` describes far more weights than any target of the artifact holds (every
+    target stores all of them), before anything is allocated or written."""
+    held = max(sum((root / f["path"]).stat().st_size for f in entry["files"])
+               for entry in manifest["targets"].values())
+    needed = weights_bytes_at_least(config, manifest["dtype"])
+    if needed > 2 * held + 2**20:
+        raise MixexportError(f"{root / MANIFEST}: source.config describes at least {needed} bytes of "
+                             f"{manifest['dtype']} weights, but the largest target holds {held} bytes: the source "
+                             f"does not describe this artifact")
+
+
 def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_path: str | Path | None = None,
                  progress: Progress = lambda _: None) -> tuple[dict[str, Any], list[Path]]:
     """`mixexport validate OUT`: check the artifact's files, find the reference weights the manifest
@@ -354,7 +385,11 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
     source = manifest["source"]
     if source["kind"] == "checkpoint":
         path = Path(checkpoint or source["path"])
-        if not path.is_dir():
+        try:
+            found = path.is_dir()
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG, a NUL in --checkpoint, ...
+            raise MixexportError(f"reference checkpoint {path}: {exc}") from None
+        if not found:
             raise MixexportError(f"reference checkpoint {path} (recorded at build time) is gone; "
                                  f"pass --checkpoint DIR with the same files")
         ckpt = Checkpoint(path)
@@ -365,10 +400,14 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
             raise MixexportError(f"{out} was built from preset {source['preset']!r} (seed {source['seed']}); "
                                  f"its reference is regenerated, --checkpoint does not apply")
         config = MixtralConfig.from_hf_dict(source["config"], f"{root / MANIFEST}: source.config")
-        with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
-            progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
-            ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
-            report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False)
+        if not manifest["targets"]:  # nothing will be compared: no reference to regenerate
+            report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False)
+        else:
+            _check_reference_size(root, manifest, config)
+            with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
+                progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
+                ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
+                report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False)
     written = []
     if os.access(root, os.W_OK):
         try:

@@ -278,3 +278,34 @@ def test_validate_artifact_checks_the_manifest_it_is_given(three_targets, tiny_c
         validate_artifact(three_targets, manifest, Checkpoint(tiny_checkpoint), progress=lambda _: None)
     assert str(err.value) == (f"{three_targets / MANIFEST}: targets.portable has no directory "
                               f"{three_targets / 'portable'}")
+
+
+def test_preset_source_larger_than_the_artifact_is_refused_before_regenerating(ort_only):
+    """A manifest whose source.config is Mixtral 8x7B would make validate write and load 93 GB."""
+    from mixexport.checkpoint.config import preset
+    from mixexport.validate.parity import weights_bytes_at_least
+
+    path = _edit(ort_only, lambda m: m["source"].update(config=preset("mixtral-8x7b").to_hf_dict()))
+    held = sum(f.stat().st_size for f in (ort_only / "ort").iterdir())
+    needed = weights_bytes_at_least(preset("mixtral-8x7b"), "float32")
+    assert needed > 180e9  # 46.7B parameters in float32
+    assert error_line(run_cli("validate", ort_only)) == (
+        f"error: {path}: source.config describes at least {needed} bytes of float32 weights, but the largest target "
+        f"holds {held} bytes: the source does not describe this artifact")
+
+
+def test_weights_bound_is_tight_for_a_real_artifact(tmp_path_factory):
+    from mixexport.checkpoint.config import MixtralConfig
+    from mixexport.validate.parity import weights_bytes_at_least
+
+    out, manifest, _ = built("e4-k1-float16", tmp_path_factory)
+    config = MixtralConfig.from_hf_dict(manifest["source"]["config"])
+    held = sum(f["bytes"] for f in manifest["targets"]["portable"]["files"])  # small tensors live in model.onnx
+    data = (out / "portable" / "model.onnx.data").stat().st_size
+    assert 0.95 * data <= weights_bytes_at_least(config, "float16") <= held
+
+
+def test_checkpoint_source_path_must_be_absolute(ort_only):
+    path = _edit(ort_only, lambda m: m.update(source={"kind": "checkpoint", "path": "relative/ckpt", "files": []}))
+    assert error_line(run_cli("validate", ort_only)) == (
+        f"error: {path}: source.path 'relative/ckpt' must be an absolute path without NUL bytes")
