@@ -38,6 +38,8 @@ _TOOLS = ("torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "polygraphy",
           "transformers", "triton", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 VALIDATION_STATUSES = ("pass", "fail", "not validated")
+# The TensorRT engine is validated as a target of its own (beside the trt graph it was built from).
+ENGINE_TARGET = "trt-engine"
 _INT64_MAX = 2**63 - 1
 
 
@@ -432,6 +434,29 @@ def check_manifest(manifest: Any, source: str) -> None:
         MANIFEST_SCHEMA(manifest, "")
     except _Invalid as exc:
         raise MixexportError(f"{source}: {exc.where or 'the manifest'} {exc.what}") from None
+    if "validation" in manifest:
+        _check_summary(manifest["validation"], manifest["targets"], source)
+
+
+def _check_summary(summary: dict[str, Any], targets: dict[str, Any], source: str) -> None:
+    """A recorded validation summary must agree with itself and with the targets (inspect shows it)."""
+    statuses = summary["targets"]
+    held = set(targets) | ({ENGINE_TARGET} if "file" in targets.get("trt", {}).get("engine", {}) else set())
+    unknown = sorted(set(statuses) - held)
+    if unknown:
+        raise MixexportError(f"{source}: validation.targets names {', '.join(unknown)}, which the artifact does not "
+                             f"hold")
+    expected = {
+        "failed_targets": [t for t, s in statuses.items() if s == "fail"],
+        "not_validated": [t for t, s in statuses.items() if s == "not validated"],
+        "router_agreement": sorted(statuses),
+        "passed": summary["compared"] > 0 and all(s == "pass" for s in statuses.values()),
+    }
+    actual = {**{k: summary[k] for k in expected}, "router_agreement": sorted(summary["router_agreement"])}
+    for field, value in expected.items():
+        if actual[field] != value:
+            raise MixexportError(f"{source}: validation.{field} is {actual[field]!r}, which disagrees with "
+                                 f"validation.targets (expected {value!r})")
 
 
 # --- paths inside OUT -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 import posixpath
 import stat
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 import onnx
 
 from mixexport import graph_io
-from mixexport.artifact.inspect import load_graph
+from mixexport.artifact.inspect import MOE_KINDS, load_graph
 from mixexport.artifact.manifest import MANIFEST, artifact_path, path_problem, sha256_file
 from mixexport.artifact.save import ONNX_FILE
 from mixexport.errors import MixexportError
@@ -102,6 +103,7 @@ def _target_graph(root: Path, name: str, entry: dict[str, Any], dtype: str, veri
     for field, value in (("dtype", dtype), (f"targets.{name}.dtype", entry["dtype"])):
         if value != graph:
             raise MixexportError(f"{where}: {field} is {value!r} but {graph_path} is a {graph} graph")
+    _check_description(model, entry, graph_path, f"{where}: targets.{name}")
     engine = entry.get("engine", {})
     if "file" in engine:
         if engine["file"] != ENGINE_PATH:
@@ -111,6 +113,30 @@ def _target_graph(root: Path, name: str, entry: dict[str, Any], dtype: str, veri
             if needed not in listed:
                 raise MixexportError(f"{where}: targets.trt.engine.files does not list {needed}")
     return TargetGraph(name, (root / name).resolve(), model, graph, "file" in engine)
+
+
+def _binding(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor = value.type.tensor_type
+    dtype = "int64" if tensor.elem_type == onnx.TensorProto.INT64 else GRAPH_DTYPES.get(tensor.elem_type,
+                                                                                      str(tensor.elem_type))
+    return {"name": value.name, "dtype": dtype, "shape": [d.dim_param or d.dim_value for d in tensor.shape.dim]}
+
+
+def _check_description(model: onnx.ModelProto, entry: dict[str, Any], path: Path, where: str) -> None:
+    """The manifest's account of a graph (its bindings, which runtimes and the TensorRT profiles
+    read, and its MoE op) must be the graph's."""
+    for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        actual = [_binding(v) for v in values]
+        if actual != entry[kind]:
+            first = next((i for i, (a, b) in enumerate(zip(actual, entry[kind])) if a != b),
+                         min(len(actual), len(entry[kind])))
+            raise MixexportError(f"{where}.{kind} differ from {path}'s at [{first}] "
+                                 f"(graph: {actual[first] if first < len(actual) else 'none'})")
+    kinds = Counter(f"{n.domain}.{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in MOE_KINDS)
+    if entry["moe_op"] is None and kinds or entry["moe_op"] is not None and (
+            set(kinds) != {entry["moe_op"]} or kinds[entry["moe_op"]] != entry["moe_nodes"]):
+        raise MixexportError(f"{where}: moe_op {entry['moe_op']!r} x {entry['moe_nodes']} but {path} holds "
+                             f"{dict(kinds) or 'no MoE node'}")
 
 
 def _target_dirs(root: Path) -> list[str]:

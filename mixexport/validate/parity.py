@@ -27,7 +27,7 @@ from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
-from mixexport.artifact.manifest import MANIFEST, check_manifest, read_manifest, verify_checkpoint, write_json_atomic
+from mixexport.artifact.manifest import ENGINE_TARGET, MANIFEST, check_manifest, read_manifest, verify_checkpoint, write_json_atomic
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
@@ -42,8 +42,6 @@ from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunn
 
 Progress = Callable[[str], None]
 NOT_VALIDATED = "not validated"
-# The TensorRT engine, compared as a target of its own (it has no router-logit outputs).
-ENGINE_TARGET = "trt-engine"
 
 # (atol, rtol) per output group and dtype. fp32 targets must match to round-off; fp16/bf16 targets
 # differ from the reference (same dtype) by accumulation order, amplified through the layers.
@@ -355,6 +353,16 @@ def weights_bytes_at_least(config: MixtralConfig, dtype: str) -> int:
     return (layers * per_layer + embeddings + h) * torch_dtype(dtype).itemsize
 
 
+def _check_model(manifest: dict, config: MixtralConfig, what: str) -> None:
+    """The reference's config must be the model the manifest says was exported (fields a newer
+    config may have added are not compared)."""
+    summary = config.summary()
+    for key, value in manifest["model"].items():
+        if key in summary and summary[key] != value:
+            raise MixexportError(f"{what}: {key} is {summary[key]!r} but the artifact's manifest records model.{key} "
+                                 f"= {value!r}: not the model this artifact was exported from")
+
+
 def _check_reference_size(root: Path, manifest: dict, config: MixtralConfig) -> None:
     """Regenerating a preset's reference writes and loads the whole model: refuse a manifest whose
     `source.config` describes far more weights than any target of the artifact holds (every
@@ -393,6 +401,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
             raise MixexportError(f"reference checkpoint {path} (recorded at build time) is gone; "
                                  f"pass --checkpoint DIR with the same files")
         ckpt = Checkpoint(path)
+        _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
         verify_checkpoint(ckpt, source["files"], f"reference checkpoint {path}")
         report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False)
     else:
@@ -400,6 +409,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
             raise MixexportError(f"{out} was built from preset {source['preset']!r} (seed {source['seed']}); "
                                  f"its reference is regenerated, --checkpoint does not apply")
         config = MixtralConfig.from_hf_dict(source["config"], f"{root / MANIFEST}: source.config")
+        _check_model(manifest, config, f"{root / MANIFEST}: source.config")
         if not manifest["targets"]:  # nothing will be compared: no reference to regenerate
             report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False)
         else:

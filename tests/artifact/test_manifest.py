@@ -96,6 +96,15 @@ FIELD_CASES = [
                          "not_validated": [], "compared": 1}),
      "validation.targets.ort must be one of pass, fail, not validated (found 'skipped')"),
     (_set("validation", {"passed": True}), "validation.targets is missing"),
+    (_set("validation", {"passed": True, "targets": {"ort": "fail"}, "failed_targets": [], "router_agreement":
+                         {"ort": 0.5}, "not_validated": [], "compared": 1}),
+     "validation.failed_targets is [], which disagrees with validation.targets (expected ['ort'])"),
+    (_set("validation", {"passed": True, "targets": {"ort": "not validated"}, "failed_targets": [],
+                         "router_agreement": {"ort": None}, "not_validated": ["ort"], "compared": 0}),
+     "validation.passed is True, which disagrees with validation.targets (expected False)"),
+    (_set("validation", {"passed": True, "targets": {"ort": "pass", "trt": "pass"}, "failed_targets": [],
+                         "router_agreement": {"ort": 1.0, "trt": 1.0}, "not_validated": [], "compared": 2}),
+     "validation.targets names trt, which the artifact does not hold"),
     (_set("format", 1), "manifest format 1 is not 2; rebuild with mixexport 0.1.0"),
 ]
 

@@ -68,7 +68,7 @@ def test_one_flipped_byte_in_the_weights_fails(ort_only):
 
 
 def test_target_removed_from_the_manifest_fails(three_targets):
-    path = _edit(three_targets, lambda m: m["targets"].pop("ort"))
+    path = _edit(three_targets, lambda m: (m["targets"].pop("ort"), m.pop("validation")))
     assert error_line(run_cli("validate", three_targets)) == (
         f"error: {three_targets / 'ort'} is a target directory that {path} does not list in targets")
 
@@ -285,7 +285,8 @@ def test_preset_source_larger_than_the_artifact_is_refused_before_regenerating(o
     from mixexport.checkpoint.config import preset
     from mixexport.validate.parity import weights_bytes_at_least
 
-    path = _edit(ort_only, lambda m: m["source"].update(config=preset("mixtral-8x7b").to_hf_dict()))
+    big = preset("mixtral-8x7b")
+    path = _edit(ort_only, lambda m: (m["source"].update(config=big.to_hf_dict()), m.update(model=big.summary())))
     held = sum(f.stat().st_size for f in (ort_only / "ort").iterdir())
     needed = weights_bytes_at_least(preset("mixtral-8x7b"), "float32")
     assert needed > 180e9  # 46.7B parameters in float32
@@ -309,3 +310,34 @@ def test_checkpoint_source_path_must_be_absolute(ort_only):
     path = _edit(ort_only, lambda m: m.update(source={"kind": "checkpoint", "path": "relative/ckpt", "files": []}))
     assert error_line(run_cli("validate", ort_only)) == (
         f"error: {path}: source.path 'relative/ckpt' must be an absolute path without NUL bytes")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e["inputs"][1].update(shape=["batch", 1]),
+     "targets.ort.inputs differ from {graph}'s at [1] (graph: {{'name': 'attention_mask', 'dtype': 'int64', "
+     "'shape': ['batch', 'total_sequence']}})"),
+    (lambda e: e["outputs"].pop(), "targets.ort.outputs differ from {graph}'s at [4] (graph: {{'name': "
+                                   "'present.1.value', 'dtype': 'float32', 'shape': ['batch', 2, 'total_sequence', 16]}})"),
+    (lambda e: e.update(moe_op="trt.plugins.MixtralMoE"),
+     "targets.ort: moe_op 'trt.plugins.MixtralMoE' x 2 but {graph} holds {{'com.microsoft.MoE': 2}}"),
+    (lambda e: e.update(moe_nodes=1), "targets.ort: moe_op 'com.microsoft.MoE' x 1 but {graph} holds "
+                                      "{{'com.microsoft.MoE': 2}}"),
+])
+def test_manifest_account_of_the_graph_must_be_the_graph(ort_only, change, message):
+    """Bindings (what runtimes and the TensorRT profiles read) and the MoE op, as the graph has them."""
+    path = _edit(ort_only, lambda m: change(m["targets"]["ort"]))
+    graph = ort_only / "ort" / "model.onnx"
+    assert error_line(run_cli("validate", ort_only)) == f"error: {path}: " + message.format(graph=graph)
+
+
+def test_model_differing_from_the_reference_config_fails(ort_only):
+    path = _edit(ort_only, lambda m: m["model"].update(num_key_value_heads=4))
+    assert error_line(run_cli("validate", ort_only)) == (
+        f"error: {path}: source.config: num_key_value_heads is 2 but the artifact's manifest records "
+        f"model.num_key_value_heads = 4: not the model this artifact was exported from")
+
+
+def test_validation_summary_naming_a_removed_target_fails(three_targets):
+    path = _edit(three_targets, lambda m: m["targets"].pop("ort"))
+    assert error_line(run_cli("validate", three_targets)) == (
+        f"error: {path}: validation.targets names ort, which the artifact does not hold")
