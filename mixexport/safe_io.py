@@ -46,6 +46,12 @@ _OS_ERROR_HINTS = {
 }
 
 
+def cut(text: str, limit: int = 120) -> str:
+    """Text from a file, cut short for an error message: a hostile file may hold megabytes in one
+    field or name, and an error stays one readable line."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def os_error(exc: OSError, path: str | os.PathLike | None = None) -> MixexportError:
     """A one-line user error for an OS error on `path`: the path, then what happened and what to do.
 
@@ -108,16 +114,17 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None = None) -> tuple
 def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
     """The whole content of a regular file of at most `max_bytes` bytes (see `open_regular`).
 
-    The read itself is bounded too: a file that grows after the check is refused, not read on.
+    The read itself is bounded by the size checked: a file that grows after the check is refused,
+    not read on.
     """
-    f, _ = open_regular(path, max_bytes)
+    f, size = open_regular(path, max_bytes)
     try:
         with f:
-            data = f.read(max_bytes + 1)
+            data = f.read(size + 1)  # one byte more than checked: a file that grew is refused
     except OSError as exc:
         raise os_error(exc, path) from None
-    if len(data) > max_bytes:
-        raise MixexportError(f"{path}: more than the {max_bytes} bytes such a file may have")
+    if len(data) > size:
+        raise MixexportError(f"{path}: grew while being read; read it again when nothing writes to it")
     return data
 
 
