@@ -335,7 +335,8 @@ ENGINE = either(
     (lambda v: "file" in v,
      record({"file": relative_path, "files": array(FILE), "tensorrt": text(max_len=64), "gpu": text(max_len=256),
              "profiles": array(_PROFILE, max_len=64), "plugin": text(max_len=256)},
-            {"status": exactly("built")})),
+            # timing_cache: where the build kept TensorRT's timing cache (outside OUT; never opened here)
+            {"status": exactly("built"), "timing_cache": nullable(text())})),
 )
 _TARGET_FIELDS = {"dtype": text(DTYPES), "files": array(FILE), "onnx": relative_path,
                   "inputs": array(BINDING), "outputs": array(BINDING), "moe_op": nullable(text(max_len=256)),
