@@ -1,4 +1,9 @@
-"""`mixexport inspect`: what a built artifact or an ONNX file holds, without loading its weights."""
+"""`mixexport inspect`: what a built artifact or an ONNX file holds, without loading its weights.
+
+An artifact's manifest goes through the same schema and path checks as for validation
+(`read_manifest`), and every file is read as a bounded regular file, so a hostile artifact or
+a file that is not ONNX gets a one-line error, never a traceback or a hang.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,51 @@ from typing import Any
 
 import onnx
 
-from mixexport.artifact.manifest import MANIFEST, read_manifest
+from mixexport.artifact.manifest import MANIFEST, artifact_path, read_manifest
+from mixexport.capture.moe_op import MOE_DOMAIN, MOE_OP
 from mixexport.errors import MixexportError
+from mixexport.safe_io import os_error, read_regular
+from mixexport.targets import BACKENDS
 
-# Node kinds that implement a MoE block, whichever target the graph is for.
-MOE_KINDS = {("mixexport", "MoE"), ("com.microsoft", "MoE"), ("trt.plugins", "MixtralMoE")}
+# Node kinds that implement a MoE block: the captured op, and each target's fused one.
+MOE_KINDS = {(MOE_DOMAIN, MOE_OP), *(tuple(b.moe_op.rsplit(".", 1)) for b in BACKENDS.values() if b.moe_op)}
+# A graph whose weights are external is small; protobuf cannot parse more than 2 GiB anyway.
+MAX_GRAPH_BYTES = 2 * 1024**3 - 1
+
+
+def _dtype_name(elem_type: int) -> str:
+    """The dtype of a tensor type as numpy names it; an unknown code (a broken file) by its number."""
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "bfloat16"
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, ValueError, TypeError):
+        return f"unknown({elem_type})"
 
 
 def _binding(value: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = value.type.tensor_type
     shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-            if tensor.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16", "shape": shape}
+    return {"name": value.name, "dtype": _dtype_name(tensor.elem_type), "shape": shape}
+
+
+def load_graph(path: str | Path) -> onnx.ModelProto:
+    """An ONNX graph, without its external data, read as a bounded regular file.
+
+    Raises:
+        MixexportError: naming the file when it is missing, not a regular file, too large or not ONNX.
+    """
+    data = read_regular(path, MAX_GRAPH_BYTES)
+    try:
+        return onnx.ModelProto.FromString(data)
+    except Exception as exc:  # protobuf's DecodeError and friends: any of them means "not ONNX"
+        raise MixexportError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
 
 
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
+    """Ops, MoE nodes, opsets and bindings of one ONNX file."""
     path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise MixexportError(f"{path} not found") from None
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise MixexportError(f"{path} is not a readable ONNX model ({exc})") from None
+    model = load_graph(path)
     ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
     moe = sum(1 for n in model.graph.node if (n.domain, n.op_type) in MOE_KINDS)
     return {
@@ -47,11 +75,17 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
 def inspect_path(path: str | Path) -> dict[str, Any]:
     """Inspect an artifact directory (every target) or one ONNX file."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / MANIFEST).exists():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    if is_dir:
+        if not (path / MANIFEST).exists() and not (path / MANIFEST).is_symlink():
             raise MixexportError(f"{path} has no {MANIFEST}: give a mixexport build directory or a .onnx file")
         manifest = read_manifest(path)
+        where = path / MANIFEST
         return {"manifest": {k: manifest[k] for k in ("model", "dtype", "source", "dynamic_dims", "tools")},
                 "validation": manifest.get("validation"),
-                "targets": {t: inspect_onnx(path / e["onnx"]) for t, e in manifest["targets"].items()}}
+                "targets": {t: inspect_onnx(artifact_path(path, e["onnx"], f"{where}: targets.{t}.onnx"))
+                            for t, e in manifest["targets"].items()}}
     return {"targets": {path.stem: inspect_onnx(path)}}

@@ -1,6 +1,11 @@
 """`OUT/manifest.json`: what was built, from what, with which tools, and every file's hash.
 
-Validation, inspection, the TensorRT build and runtimes read the manifest instead of guessing.
+Validation, inspection, the TensorRT build and runtimes read the manifest instead of guessing, so
+`read_manifest` trusts nothing in it: the file is read with a size bound (a regular file only,
+never blocking on a FIFO), parsed strictly, checked against a schema for every field's type and
+range (errors name the field: `OUT/manifest.json: targets.ort.files[0].bytes must be ...`), and
+every path it names must stay inside OUT, lexically and after resolving symlinks (`artifact_path`).
+The result is still the plain dict the rest of the code indexes.
 """
 
 from __future__ import annotations
@@ -8,19 +13,35 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
+import os
+import posixpath
+import re
+import stat
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from mixexport import __version__
+from mixexport import __version__, graph_io
 from mixexport.errors import MixexportError
+from mixexport.safe_io import inside, open_regular, os_error, parse_json_object, read_regular
+from mixexport.targets import TARGETS
 
 if TYPE_CHECKING:
     from mixexport.checkpoint.reader import Checkpoint
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: validation statuses are pass / fail / not validated (1 recorded skipped targets as passed).
+FORMAT_VERSION = 2
+# A manifest lists a few files per target (about a hundred kernel files for trt): far below this.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "polygraphy", "safetensors",
           "transformers", "triton", "tensorrt")
+DTYPES = ("float32", "float16", "bfloat16")
+VALIDATION_STATUSES = ("pass", "fail", "not validated")
+# The TensorRT engine is validated as a target of its own (beside the trt graph it was built from).
+ENGINE_TARGET = "trt-engine"
+_INT64_MAX = 2**63 - 1
 
 
 def tool_versions() -> dict[str, str]:
@@ -34,16 +55,22 @@ def tool_versions() -> dict[str, str]:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of a regular file (refusing FIFOs, devices and directories without blocking)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 1024 * 1024):
-            digest.update(chunk)
+    f, _ = open_regular(path)
+    try:
+        with f:
+            while chunk := f.read(16 * 1024 * 1024):
+                digest.update(chunk)
+    except OSError as exc:
+        raise os_error(exc, path) from None
     return digest.hexdigest()
 
 
 def file_entry(path: Path, root: Path, sha256: str | None = None) -> dict[str, Any]:
     """The manifest record of one file; `sha256` when the writer already hashed what it wrote."""
-    return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256 or sha256_file(path)}
+    return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
+            "sha256": sha256 or sha256_file(path)}
 
 
 def checkpoint_entries(ckpt: "Checkpoint") -> list[dict[str, Any]]:
@@ -60,49 +87,453 @@ def checkpoint_entries(ckpt: "Checkpoint") -> list[dict[str, Any]]:
 def verify_checkpoint(ckpt: "Checkpoint", entries: list[dict[str, Any]], what: str) -> None:
     """Check that a checkpoint holds the weights a build recorded (`checkpoint_entries`).
 
+    Only files the `Checkpoint` itself opened are looked at (its config.json and safetensors
+    files, whose names and links it has checked); an entry naming any other file is refused, so
+    a manifest cannot make this read outside the checkpoint.
+
     Raises:
-        MixexportError: naming the first file that is missing or whose weights changed.
+        MixexportError: naming the first file that is missing, unknown or whose weights changed.
     """
     root = ckpt.path.resolve()
-    verify_files(root, [e for e in entries if "sha256" in e], what)
+    shards = {f.name: f for f in ckpt.files}
     weights = None
-    for entry in (e for e in entries if "weights_sha256" in e):
-        path = root / entry["path"]
-        if not path.exists():
-            raise MixexportError(f"{what}: {path} is missing")
+    for entry in entries:
+        name = entry["path"]
+        if "sha256" in entry:
+            if name != "config.json":
+                raise MixexportError(f"{what}: the manifest records {name!r}, which is not the checkpoint's "
+                                     f"config.json")
+            _verify_file(root / name, entry["bytes"], entry["sha256"], what)
+            continue
+        if name not in shards:
+            raise MixexportError(f"{what}: {root / name} is missing (not one of the checkpoint's safetensors files)")
         weights = weights or ckpt.weights_sha256()
-        if path.stat().st_size != entry["bytes"] or weights.get(entry["path"]) != entry["weights_sha256"]:
-            raise MixexportError(f"{what}: the weights in {path} have changed since the build "
+        if shards[name].stat().st_size != entry["bytes"] or weights.get(name) != entry["weights_sha256"]:
+            raise MixexportError(f"{what}: the weights in {root / name} have changed since the build "
                                  f"(size or tensor sha256 differ)")
 
 
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write `value` as JSON to `path` so that readers see the old file or the new one, never a part.
+
+    A temporary file in the same directory is written and fsynced, then renamed over `path`, then
+    the directory is fsynced (so the rename itself survives a crash).
+
+    Raises:
+        MixexportError: one line naming the path, for any OS error (read-only, full disk, ...).
+    """
+    path = Path(path)
+    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    """Write OUT/manifest.json atomically (`write_json_atomic`)."""
+    write_json_atomic(Path(out) / MANIFEST, manifest)
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
-    path = Path(out) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MixexportError(f"{path} not found: is {out} a mixexport build directory?") from None
-    except json.JSONDecodeError as exc:
-        raise MixexportError(f"{path} is not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise MixexportError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT_VERSION}; "
-                             f"rebuild with mixexport {__version__}")
+    """Read OUT/manifest.json, checking its schema and that every path it names is inside OUT.
+
+    Returns:
+        the manifest as a plain dict (every field `check_manifest` describes has its type).
+
+    Raises:
+        MixexportError: one line naming the file and the field at fault.
+    """
+    root = Path(out)
+    path = root / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        raise MixexportError(f"{path} not found: is {out} a mixexport build directory?")
+    artifact_path(root, MANIFEST, str(path))  # a regular file inside OUT, even through a symlink
+    manifest = parse_json_object(read_regular(path, MAX_MANIFEST_BYTES), str(path))
+    check_values(manifest, str(path))
+    check_manifest(manifest, str(path))
+    check_manifest_paths(root, manifest, str(path))
     return manifest
 
 
-def verify_files(root: Path, entries: list[dict[str, Any]], what: str) -> None:
-    """Check that files exist with the recorded size and hash.
+# --- the schema -----------------------------------------------------------------------------------
+
+class _Invalid(Exception):
+    """A field that fails the schema: `where` is its path (`targets.ort.files[0].bytes`)."""
+
+    def __init__(self, where: str, what: str):
+        super().__init__(where, what)
+        self.where, self.what = where, what
+
+
+Check = Callable[[Any, str], None]
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def integer(lo: int = 0, hi: int = _INT64_MAX) -> Check:
+    def check(value, where):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _Invalid(where, "must be a non-negative integer" if (lo, hi) == (0, _INT64_MAX) else
+                           f"must be an integer in [{lo}, {hi}]")
+    return check
+
+
+def number(lo: float, hi: float) -> Check:
+    def check(value, where):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not lo <= value <= hi:
+            raise _Invalid(where, f"must be a finite number in [{lo}, {hi}]")
+    return check
+
+
+def boolean(value, where) -> None:
+    if not isinstance(value, bool):
+        raise _Invalid(where, "must be true or false")
+
+
+def text(choices: tuple[str, ...] | None = None, pattern: str | None = None, max_len: int = 4096) -> Check:
+    def check(value, where):
+        if not isinstance(value, str) or len(value) > max_len:
+            raise _Invalid(where, f"must be a string of at most {max_len} characters")
+        if choices is not None and value not in choices:
+            raise _Invalid(where, f"must be one of {', '.join(choices)} (found {value!r})")
+        if pattern is not None and not re.fullmatch(pattern, value):
+            raise _Invalid(where, f"{value!r} is not of the form {pattern}")
+    return check
+
+
+def exactly(expected: Any) -> Check:
+    def check(value, where):
+        if type(value) is not type(expected) or value != expected:
+            raise _Invalid(where, f"must be {json.dumps(expected)}")
+    return check
+
+
+def nullable(inner: Check) -> Check:
+    def check(value, where):
+        if value is not None:
+            inner(value, where)
+    return check
+
+
+def array(item: Check, min_len: int = 0, max_len: int = 1_000_000) -> Check:
+    def check(value, where):
+        if not isinstance(value, list) or not min_len <= len(value) <= max_len:
+            raise _Invalid(where, f"must be a list of {min_len} to {max_len} items")
+        for i, v in enumerate(value):
+            item(v, f"{where}[{i}]")
+    return check
+
+
+def mapping(value_check: Check, keys: Check = text(max_len=256)) -> Check:
+    def check(value, where):
+        if not isinstance(value, dict):
+            raise _Invalid(where, "must be a JSON object")
+        for k, v in value.items():
+            keys(k, f"{where} key")
+            value_check(v, _join(where, k))
+    return check
+
+
+def record(required: dict[str, Check], optional: dict[str, Check] | None = None, open_: bool = False) -> Check:
+    """An object with these fields; unknown fields are refused unless `open_`."""
+    optional = optional or {}
+
+    def check(value, where):
+        if not isinstance(value, dict):
+            raise _Invalid(where, "must be a JSON object")
+        for key, field in required.items():
+            if key not in value:
+                raise _Invalid(_join(where, key), "is missing")
+            field(value[key], _join(where, key))
+        for key, v in value.items():
+            if key in optional:
+                optional[key](v, _join(where, key))
+            elif key not in required and not open_:
+                raise _Invalid(_join(where, key), "is not a known field")
+    return check
+
+
+def either(*choices: tuple[Callable[[dict], bool], Check]) -> Check:
+    """The first check whose predicate accepts the object (a tagged union)."""
+    def check(value, where):
+        for accepts, inner in choices:
+            if isinstance(value, dict) and accepts(value):
+                return inner(value, where)
+        raise _Invalid(where, "is none of the kinds of record expected here")
+    return check
+
+
+def path_problem(name: Any) -> str | None:
+    """Why `name` is not a '/'-separated path relative to OUT that stays inside it (None: it is).
+
+    Relative, normalised, no '..', no NUL, no backslash (a Windows separator that would hide a '..').
+    """
+    if not isinstance(name, str) or len(name) > 1024:
+        return "must be a string of at most 1024 characters"
+    try:
+        inside(Path("OUT"), name, "")
+    except MixexportError:
+        return f"{name!r} must be a relative path inside the artifact (no '..', not absolute)"
+    if posixpath.normpath(name) != name:
+        return f"{name!r} must be a normalised path (no '.', '//' or trailing '/')"
+    return None
+
+
+def relative_path(value, where) -> None:
+    """Schema check: a path relative to OUT (`path_problem`)."""
+    problem = path_problem(value)
+    if problem:
+        raise _Invalid(where, problem)
+
+
+def absolute_path(value, where) -> None:
+    """Schema check: an absolute path outside the artifact (the checkpoint a build read)."""
+    text()(value, where)
+    if not os.path.isabs(value) or "\0" in value:
+        raise _Invalid(where, f"{value!r} must be an absolute path without NUL bytes")
+
+
+_SHA256 = text(pattern="[0-9a-f]{64}")
+FILE = record({"path": relative_path, "bytes": integer(), "sha256": _SHA256})
+
+def _dim(value, where) -> None:
+    if isinstance(value, str):
+        text(max_len=256)(value, where)
+    else:
+        integer()(value, where)
+
+
+BINDING = record({"name": text(max_len=256), "dtype": text(("int64",) + DTYPES), "shape": array(_dim, max_len=16)})
+_RANGE = array(integer(), 2, 2)
+KERNELS = either(
+    (lambda v: v.get("status") == "compiled",
+     record({"status": exactly("compiled"), "dir": relative_path, "archs": array(integer(1, 1000), 1, 64),
+             "dtype": text(max_len=64), "files": array(FILE)},
+            # per architecture: the ptxas that compiled its cubins and the CUDA driver they need
+            {"toolkit": mapping(record({"ptxas_version": text(max_len=64), "cuda_for_cubin": text(max_len=64)}))})),
+    (lambda v: v.get("status") == "skipped", record({"status": exactly("skipped"), "reason": text()})),
+)
+_PROFILE = record({"name": text(max_len=256), "shapes": mapping(array(array(integer(), max_len=16), 3, 3))})
+ENGINE = either(
+    (lambda v: v.get("status") == "not built", record({"status": exactly("not built"), "missing": text()})),
+    (lambda v: "file" in v,
+     record({"file": relative_path, "files": array(FILE), "tensorrt": text(max_len=64), "gpu": text(max_len=256),
+             "profiles": array(_PROFILE, max_len=64), "plugin": text(max_len=256)},
+            # timing_cache: where the build kept TensorRT's timing cache (outside OUT; never opened here)
+            {"status": exactly("built"), "timing_cache": nullable(text())})),
+)
+_TARGET_FIELDS = {"dtype": text(DTYPES), "files": array(FILE), "onnx": relative_path,
+                  "inputs": array(BINDING), "outputs": array(BINDING), "moe_op": nullable(text(max_len=256)),
+                  "moe_nodes": integer(), "passes": mapping(integer())}
+TARGET = record(_TARGET_FIELDS)
+TRT_TARGET = record(_TARGET_FIELDS, {"kernels": KERNELS, "engine": ENGINE})
+# The model summary (`MixtralConfig.summary()`): the sizes every reader of the manifest uses are
+# checked; more fields may come and go with the config.
+MODEL = record({name: integer(1) for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_local_experts", "num_experts_per_tok", "vocab_size")},
+               open_=True)
+SOURCE = either(
+    (lambda v: v.get("kind") == "preset",
+     record({"kind": exactly("preset"), "preset": text(max_len=256), "seed": integer(),
+             "config": mapping(lambda v, w: None)})),  # config.json's own parser checks it
+    (lambda v: v.get("kind") == "checkpoint",
+     record({"kind": exactly("checkpoint"), "path": absolute_path, "files": array(either(
+         (lambda v: "sha256" in v, FILE),
+         (lambda v: "weights_sha256" in v,
+          record({"path": relative_path, "bytes": integer(), "weights_sha256": _SHA256}))))})),
+)
+SUMMARY = record({"passed": boolean, "targets": mapping(text(VALIDATION_STATUSES)),
+                  "failed_targets": array(text(max_len=256)), "router_agreement": mapping(nullable(number(0, 1))),
+                  "not_validated": array(text(max_len=256)), "compared": integer()})
+
+
+def _dynamic_dims(value, where) -> None:
+    record({name: _RANGE for name in (graph_io.BATCH, graph_io.SEQUENCE, graph_io.PAST, graph_io.TOTAL)})(value, where)
+    for name, (lo, hi) in value.items():
+        if lo > hi:
+            raise _Invalid(_join(where, name), f"is [{lo}, {hi}]: the minimum exceeds the maximum")
+
+
+def _targets(value, where) -> None:
+    mapping(lambda v, w: None, keys=text(TARGETS))(value, where)
+    for name, entry in value.items():
+        (TRT_TARGET if name == "trt" else TARGET)(entry, _join(where, name))
+
+
+MANIFEST_SCHEMA = record(
+    {"format": integer(0, 1_000_000), "created": text(max_len=64), "tools": mapping(text(max_len=256)),
+     "model": MODEL, "dtype": text(DTYPES), "source": SOURCE, "dynamic_dims": _dynamic_dims, "targets": _targets},
+    {"validation": SUMMARY},
+)
+
+
+def check_values(value: Any, source: str) -> None:
+    """Refuse what Python's json reads but JSON does not hold: NaN and Infinity, and strings with
+    lone surrogates (`"\\ud800"`), which no file name or terminal can take.
+
+    Iterative, so a deeply nested value cannot exhaust the stack here.
+    """
+    stack = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise MixexportError(f"{source}: {where or 'the document'} is {v}, which JSON does not allow")
+        if isinstance(v, str) and not _is_unicode(v):
+            raise MixexportError(f"{source}: {where or 'the document'} holds a lone surrogate, not Unicode text")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not _is_unicode(k):
+                    raise MixexportError(f"{source}: a key in {where or 'the document'} holds a lone surrogate, "
+                                         f"not Unicode text")
+                stack.append((_join(where, k), x))
+        elif isinstance(v, list):
+            stack += [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_manifest(manifest: Any, source: str) -> None:
+    """Check a manifest dict against the schema (types, ranges, known fields, relative paths).
+
+    Args:
+        manifest: the parsed manifest.
+        source: names the file in errors.
 
     Raises:
-        MixexportError: naming the first file that is missing or changed.
+        MixexportError: `SOURCE: FIELD.PATH must be ...`.
+    """
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT_VERSION:
+        raise MixexportError(f"{source}: manifest format {manifest.get('format')!r} is not {FORMAT_VERSION}; "
+                             f"rebuild with mixexport {__version__}")
+    try:
+        MANIFEST_SCHEMA(manifest, "")
+    except _Invalid as exc:
+        raise MixexportError(f"{source}: {exc.where or 'the manifest'} {exc.what}") from None
+    if "validation" in manifest:
+        _check_summary(manifest["validation"], manifest["targets"], source)
+
+
+def _check_summary(summary: dict[str, Any], targets: dict[str, Any], source: str) -> None:
+    """A recorded validation summary must agree with itself and with the targets (inspect shows it)."""
+    statuses = summary["targets"]
+    held = set(targets) | ({ENGINE_TARGET} if "file" in targets.get("trt", {}).get("engine", {}) else set())
+    unknown = sorted(set(statuses) - held)
+    if unknown:
+        raise MixexportError(f"{source}: validation.targets names {', '.join(unknown)}, which the artifact does not "
+                             f"hold")
+    expected = {
+        "failed_targets": [t for t, s in statuses.items() if s == "fail"],
+        "not_validated": [t for t, s in statuses.items() if s == "not validated"],
+        "router_agreement": sorted(statuses),
+        "passed": summary["compared"] > 0 and all(s == "pass" for s in statuses.values()),
+    }
+    actual = {**{k: summary[k] for k in expected}, "router_agreement": sorted(summary["router_agreement"])}
+    for field, value in expected.items():
+        if actual[field] != value:
+            raise MixexportError(f"{source}: validation.{field} is {actual[field]!r}, which disagrees with "
+                                 f"validation.targets (expected {value!r})")
+
+
+# --- paths inside OUT -------------------------------------------------------------------------------
+
+def artifact_path(root: Path, name: str, source: str, kind: str = "file") -> Path:
+    """The path of a file (or folder, `kind="dir"`) an artifact names, once it is known to be safe.
+
+    `name` must be relative and normalised, stay inside OUT lexically, and still be inside OUT
+    once every symlink on the way is resolved; and it must be a regular file (a directory).
+    Nothing is opened, so a FIFO in a file's place is refused without blocking.
+
+    Args:
+        root: OUT.
+        name: the relative path, as the manifest (or a graph) writes it.
+        source: names the field in errors, e.g. "OUT/manifest.json: targets.ort.onnx".
+        kind: "file" or "dir".
+
+    Returns:
+        root / name (not resolved).
+    """
+    problem = path_problem(name)
+    if problem:
+        raise MixexportError(f"{source}: {problem}")
+    path = root / name
+    try:
+        resolved = path.resolve(strict=True)
+        base = root.resolve(strict=True)
+        st = os.stat(resolved)
+    except FileNotFoundError:
+        raise MixexportError(f"{source}: {path} is missing") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on older Pythons
+        raise MixexportError(f"{source}: {path} cannot be resolved ({exc})") from None
+    if not resolved.is_relative_to(base):
+        raise MixexportError(f"{source}: {path} leads outside {root} (to {resolved}); an artifact's files must be "
+                             f"inside it")
+    ok = stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)
+    if not ok:
+        raise MixexportError(f"{source}: {path} is not a {'directory' if kind == 'dir' else 'regular file'}")
+    return path
+
+
+def manifest_paths(manifest: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Every (field path, relative path, kind) of OUT the manifest names."""
+    paths = []
+    for target, entry in manifest["targets"].items():
+        where = f"targets.{target}"
+        paths.append((f"{where}.onnx", entry["onnx"], "file"))
+        paths += [(f"{where}.files[{i}].path", f["path"], "file") for i, f in enumerate(entry["files"])]
+        kernels = entry.get("kernels", {})
+        if "dir" in kernels:
+            paths.append((f"{where}.kernels.dir", kernels["dir"], "dir"))
+        paths += [(f"{where}.kernels.files[{i}].path", f["path"], "file") for i, f in enumerate(kernels.get("files", []))]
+        engine = entry.get("engine", {})
+        if "file" in engine:
+            paths.append((f"{where}.engine.file", engine["file"], "file"))
+        paths += [(f"{where}.engine.files[{i}].path", f["path"], "file") for i, f in enumerate(engine.get("files", []))]
+    return paths
+
+
+def check_manifest_paths(root: Path, manifest: dict[str, Any], source: str) -> None:
+    """Check that every path a (schema-checked) manifest names is a regular file (folder) inside OUT."""
+    for where, name, kind in manifest_paths(manifest):
+        artifact_path(root, name, f"{source}: {where}", kind)
+
+
+def verify_files(root: Path, entries: list[dict[str, Any]], what: str) -> None:
+    """Check that an artifact's files are inside it and have the recorded size and hash.
+
+    Raises:
+        MixexportError: naming the first file that is missing, outside OUT or changed.
     """
     for entry in entries:
-        path = root / entry["path"]
-        if not path.exists():
-            raise MixexportError(f"{what}: {path} is missing")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise MixexportError(f"{what}: {path} has changed since the build (size or sha256 differ)")
+        _verify_file(artifact_path(root, entry["path"], what), entry["bytes"], entry["sha256"], what)
+
+
+def _verify_file(path: Path, size: int, sha256: str, what: str) -> None:
+    if not path.exists():
+        raise MixexportError(f"{what}: {path} is missing")
+    if path.stat().st_size != size or sha256_file(path) != sha256:
+        raise MixexportError(f"{what}: {path} has changed since the build (size or sha256 differ)")

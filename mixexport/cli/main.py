@@ -243,23 +243,51 @@ def engine(out, plugin, timing_cache) -> None:
 @click.option("--checkpoint", type=click.Path(file_okay=False),
               help="Reference checkpoint, if it moved since the build (its files must be unchanged).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
-def validate(out, checkpoint, report) -> None:
-    """Check every target in OUT against the PyTorch reference; exit 1 when any fails."""
-    from mixexport.validate.parity import REPORT_FILE, validate_out
+@click.option("--allow-not-validated", is_flag=True,
+              help="Exit 0 when the targets that could not be run here (e.g. bfloat16 on CPU, an engine without a "
+                   "GPU) are the only ones not passed; a failed target or comparing nothing still exits 1.")
+@click.option("--allow-non-finite", is_flag=True,
+              help="Read reference weights that hold NaN or Inf (an artifact built with --allow-non-finite).")
+def validate(out, checkpoint, report, allow_not_validated, allow_non_finite) -> None:
+    """Check every target in OUT against the PyTorch reference; exit 1 unless every one passed."""
+    from mixexport.validate.parity import validate_out
 
-    result = validate_out(out, checkpoint, report, progress)
-    rows = [("target", "status", "max |diff| logits", "max |diff| present", "router agreement")]
+    result, written = validate_out(out, checkpoint, report, progress, allow_non_finite=allow_non_finite)
+    rows = [("target", "status", "max |diff| logits", "max |diff| present", "router agreement", "why")]
     for target, r in result["targets"].items():
         diffs = r.get("max_abs_diff", {})
-        rows.append((target, r["status"] if r["status"] != "skipped" else f"skipped ({r['reason']})",
-                     f"{diffs['logits']:.2e}" if "logits" in diffs else "-",
-                     f"{diffs['present']:.2e}" if "present" in diffs else "-",
-                     "-" if r.get("router_agreement") is None else f"{r['router_agreement']:.1%}"))
+        rows.append((target, r["status"], _diff(diffs, "logits"), _diff(diffs, "present"),
+                     "-" if r.get("router_agreement") is None else f"{r['router_agreement']:.1%}", _why(r)))
     _print_table(rows)
-    click.echo(f"report: {Path(out) / REPORT_FILE}" + (f" and {report}" if report else ""))
-    if not result["passed"]:
-        raise MixexportError(f"parity failed for {', '.join(result['summary']['failed_targets'])} "
+    if written:
+        click.echo("report: " + " and ".join(str(p) for p in written))
+    summary = result["summary"]
+    if summary["failed_targets"]:
+        raise MixexportError(f"parity failed for {', '.join(summary['failed_targets'])} "
                              f"(tolerances {result['dtype']}: see the report)")
+    if summary["compared"] == 0:
+        raise MixexportError(f"{out}: {result['reason']}" + (
+            f" (not validated: {', '.join(summary['not_validated'])})" if summary["not_validated"] else "") +
+            "; a gate that compared nothing has not passed")
+    if summary["not_validated"] and not allow_not_validated:
+        raise MixexportError(f"not validated here: {', '.join(summary['not_validated'])} (see the table); pass "
+                             f"--allow-not-validated to accept the targets that passed")
+
+
+def _diff(diffs: dict, group: str) -> str:
+    if group not in diffs:
+        return "-"
+    return "non-finite" if diffs[group] is None else f"{diffs[group]:.2e}"
+
+
+def _why(result: dict) -> str:
+    """The validate table's last column: why a target is not validated or failed."""
+    if result.get("failed_outputs"):
+        shown = result["failed_outputs"][:3]
+        return "outside tolerance: " + ", ".join(shown) + (" ..." if len(result["failed_outputs"]) > 3 else "")
+    if result["status"] == "fail" and result.get("router_agreement") is not None and "reason" not in result:
+        return "router agreement too low"
+    return result.get("reason", "")
 
 
 @cli.command()

@@ -178,8 +178,9 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
 
     Raises:
         MixexportError: for an OUT that must not be written, an unsupported target or dtype, too
-            little disk or memory, a parity failure, or (unless `allow_not_validated`) a target that
-            could not be validated here; in the last case OUT has been written.
+            little disk or memory, a parity failure, nothing compared, or (unless
+            `allow_not_validated`) a target that could not be validated here; in the last two cases
+            OUT has been written.
     """
     out = Path(out)
     config = ckpt.config
@@ -209,13 +210,17 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already when installed or kept
     not_validated = report["summary"]["not_validated"] if report else []
-    if not_validated and not options.allow_not_validated:
-        reasons = "; ".join(f"{t}: {report['targets'][t]['reason']}" for t in not_validated)
-        others = "the others passed" if report["summary"]["compared"] else "nothing was compared"
-        raise NotValidatedError(f"{out} was written, but {', '.join(not_validated)} could not be validated on this "
-                                f"machine ({reasons}); {others}. Validate where they can run, or pass "
-                                f"--allow-not-validated to accept this", manifest)
     if not_validated:
+        reasons = "; ".join(f"{t}: {report['targets'][t]['reason']}" for t in not_validated)
+        if not report["summary"]["compared"]:
+            # A gate that compared nothing has not passed, whatever the user accepts.
+            raise NotValidatedError(f"{out} was written, but nothing could be compared on this machine ({reasons}); "
+                                    f"validate it where its targets run, or build with --no-validate to skip the "
+                                    f"gate knowingly", manifest)
+        if not options.allow_not_validated:
+            raise NotValidatedError(f"{out} was written, but {', '.join(not_validated)} could not be validated on "
+                                    f"this machine ({reasons}); the others passed. Validate where they run, or pass "
+                                    f"--allow-not-validated to accept this", manifest)
         progress(f"NOT validated (accepted with --allow-not-validated): {', '.join(not_validated)}")
     return manifest
 

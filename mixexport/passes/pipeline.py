@@ -15,6 +15,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from mixexport.capture.moe_op import MOE_DOMAIN
 from mixexport.errors import InternalError
+from mixexport.passes.check_attention_mask import CheckAttentionMask
 from mixexport.passes.fold_weight_transpose import FoldWeightTranspose
 from mixexport.passes.name_graph import NameGraph
 
@@ -37,6 +38,7 @@ def run_pipeline(model: ir.Model, target: str, lowering: list[Step], num_layers:
         ("name_graph", NameGraph()),  # contract dim names, router logits names
         ("fold_weight_transpose", FoldWeightTranspose()),  # Linear weights stored transposed
         *lowering,  # the one MoE node per layer -> target ops, then the target's fusions
+        ("check_attention_mask", CheckAttentionMask()),  # refuse a mask that is not [B, P+S]
         ("remove_unused", RemoveUnusedNodesPass()),  # leftovers of the rewrites
         ("remove_unused_opsets", RemoveUnusedOpsetsPass()),  # drops the `mixexport` domain import
     ]

@@ -13,7 +13,7 @@ regenerates it), never from the artifact's own weights, which would hide export 
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,25 +23,28 @@ import numpy as np
 import onnx
 import torch
 from polygraphy.backend.onnxrt import OnnxrtRunner
-from polygraphy.comparator import Comparator, SimpleCompareFunc
+from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
-from mixexport.graph_io import router_logits_name
-from mixexport.artifact.manifest import read_manifest, verify_checkpoint, verify_files
+from mixexport.artifact.manifest import (ENGINE_TARGET, MANIFEST, check_manifest, read_manifest, verify_checkpoint,
+                                         write_json_atomic)
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
 from mixexport.dtypes import torch_dtype
-from mixexport.errors import MixexportError
+from mixexport.errors import InternalError, MixexportError
 from mixexport.model.decoder import load_reference
 from mixexport.model.moe import route
+from mixexport.graph_io import router_logits_name
 from mixexport.targets import backend
 from mixexport.targets.trt.engine import gpu_name, require_tensorrt
+from mixexport.targets.trt.runner import engine_runner
+from mixexport.validate.inventory import GRAPH_DTYPES, REPORT_FILE, TargetGraph, artifact_targets
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
 
 Progress = Callable[[str], None]
-REPORT_FILE = "validation.json"
+NOT_VALIDATED = "not validated"
 
 # (atol, rtol) per output group and dtype. fp32 targets must match to round-off; fp16/bf16 targets
 # differ from the reference (same dtype) by accumulation order, amplified through the layers.
@@ -91,41 +94,64 @@ def scenario_feeds(model, dtype: str, batch: int = 2, prompt: int = 7, pad: int 
     return feeds
 
 
-def validation_copy(root: Path, target: str, entry: dict, num_layers: int) -> Path:
-    """A copy of a target's model.onnx that also outputs router logits and, for trt, runs the
-    plugin node through the CPU stand-in.
-
-    The copy is written beside the original (onnxruntime only reads external data from the
-    model's own directory, symlinks resolved) and shares its weights file; the caller removes it.
-    """
-    src = root / entry["onnx"]
-    model = onnx.load(str(src), load_external_data=False)
-    past_key = graph_io.past_names(0)[0]
-    elem = next((v.type.tensor_type.elem_type for v in model.graph.input if v.name == past_key), onnx.TensorProto.FLOAT)
+def validation_graph(graph: TargetGraph, num_layers: int) -> bytes:
+    """The target's graph, in memory, also returning router logits, as its backend adapts it for
+    onnxruntime's CPU provider (trt: the plugin node through the CPU stand-in). Nothing is
+    written: the session reads the weights from the target's own folder (`session_loader`), so a
+    read-only artifact validates too."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    elem = next(code for code, name in GRAPH_DTYPES.items() if name == graph.dtype)
     for i in range(num_layers):
         model.graph.output.append(onnx.helper.make_tensor_value_info(router_logits_name(i), elem, None))
-    backend(target).prepare_validation_model(model, elem)
-    path = src.with_name(f".validation-{os.getpid()}-{src.name}")
-    onnx.save(model, str(path))
-    return path
+    backend(graph.name).prepare_validation_model(model, elem)
+    return model.SerializeToString()
 
 
-def _session_loader(path: Path, target: str):
+def session_loader(graph: TargetGraph, num_layers: int):
+    """A Polygraphy loader of an onnxruntime CPU session over `validation_graph`.
+
+    The model is given as bytes, so onnxruntime resolves its external data against
+    `session.model_external_initializers_file_folder_path`: the target's folder in OUT.
+    """
     def load():
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        backend(target).configure_session(options)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.folder))
+        backend(graph.name).configure_session(options)
+        return ort.InferenceSession(validation_graph(graph, num_layers), options, providers=["CPUExecutionProvider"])
     return load
 
 
-def _engine_skip_reason() -> str | None:
+def _serving_refusal(graph: TargetGraph, config: MixtralConfig) -> dict[str, str] | None:
+    """A graph its own target cannot serve fails unrun: the CPU stand-in of the trt plugin would
+    run a float32 graph, which no TensorRT engine could (an artifact an older mixexport wrote)."""
+    reason = backend(graph.name).refusal(config, graph.dtype)
+    if reason is None:
+        return None
+    return {"status": "fail", "reason": f"{reason}: no {graph.name} runtime can run this graph"}
+
+
+def engine_not_run_status(graph: TargetGraph, config: MixtralConfig) -> dict[str, str] | None:
+    """Why the trt target's engine cannot be compared here, or must fail unrun; None: run it."""
+    refusal = _serving_refusal(graph, config)
+    if refusal:
+        return refusal
     try:
         require_tensorrt()
     except MixexportError as exc:
-        return str(exc)
-    return None if gpu_name() else "no NVIDIA GPU visible to CUDA"
+        return {"status": NOT_VALIDATED, "reason": str(exc)}
+    return None if gpu_name() else {"status": NOT_VALIDATED, "reason": "no NVIDIA GPU visible to CUDA"}
+
+
+def not_run_status(graph: TargetGraph, config: MixtralConfig) -> dict[str, str] | None:
+    """Why a target's graph cannot be compared here ("not validated") or must fail unrun; None: run it."""
+    refusal = _serving_refusal(graph, config)
+    if refusal:
+        return refusal
+    reason = backend(graph.name).validation_refusal(graph.dtype)
+    return {"status": NOT_VALIDATED, "reason": reason} if reason else None
 
 
 def router_agreement(ref_iters, target_iters, feeds, num_layers: int, top_k: int) -> float:
@@ -144,76 +170,123 @@ def router_agreement(ref_iters, target_iters, feeds, num_layers: int, top_k: int
     return matches / max(total, 1)
 
 
-def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint, progress: Progress,
-                      decode_steps: int = 4) -> dict[str, Any]:
-    """Compare every target in `root` against the reference built from `ckpt`; write the report.
+def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
+                      verify_hashes: bool = False, write_report: bool = True) -> dict[str, Any]:
+    """Compare every target the artifact in `root` holds against the reference built from `ckpt`.
+
+    What is compared comes from the files (`artifact_targets`), each graph at the tolerance of its
+    own dtype. A target is "pass", "fail", or "not validated" (with a reason) when it cannot be
+    run here; the artifact has passed only when every target passed and at least one was compared.
+
+    Args:
+        root: OUT (or the build's staging folder).
+        manifest: its manifest; schema-checked here too.
+        ckpt: the reference weights (None only for a manifest that lists no target: nothing to compare).
+        progress: one line per step.
+        decode_steps: greedy steps after the prefill.
+        verify_hashes: compare every file's sha256 with the manifest (sizes are always compared):
+            `build` passes the manifest of files it has just hashed while writing them.
+        write_report: write the report to `root/validation.json` (atomically).
 
     Returns:
-        the report dict (also written to `root/validation.json`).
+        the report: per-target results, `passed`, and `summary` (`passed`, `targets`,
+        `failed_targets`, `router_agreement`, `not_validated`, `compared`).
+
+    Raises:
+        MixexportError: when the artifact disagrees with its manifest, or the report cannot be written.
     """
-    dtype = manifest["dtype"]
-    config = ckpt.config
-    num_layers, top_k = config.num_hidden_layers, config.num_experts_per_tok
-    recorder = RecordingMoE()
-    progress(f"validating against the PyTorch reference ({dtype}, prefill + {decode_steps} decode steps, batch 2, "
-             f"left padding)")
-    model = load_reference(ckpt, dtype=torch_dtype(dtype), moe_impl=recorder)
-    feeds = scenario_feeds(model, dtype, decode_steps=decode_steps)
+    check_manifest(manifest, str(root / MANIFEST))
+    graphs = artifact_targets(root, manifest, verify_hashes)
+    dtype = manifest["dtype"]  # every graph's own dtype, which artifact_targets checked
     tolerances = TOLERANCES[dtype]
     report: dict[str, Any] = {"dtype": dtype, "scenario": {"batch": 2, "prompt": 7, "left_pad": 3,
                                                            "decode_steps": decode_steps},
                               "tolerances": {k: {"atol": a, "rtol": r} for k, (a, r) in tolerances.items()},
                               "min_router_agreement": MIN_ROUTER_AGREEMENT, "targets": {}}
-    reference = TorchReferenceRunner(model, recorder)
-    runners, names, copies = [reference], [], []
-    try:
-        for target, entry in manifest["targets"].items():
-            refusal = backend(target).validation_refusal(dtype)
-            if refusal:
-                report["targets"][target] = {"status": "skipped", "reason": refusal}
-                continue
-            copies.append(validation_copy(root, target, entry, num_layers))
-            runners.append(OnnxrtRunner(_session_loader(copies[-1], target), name=target))
-            names.append(target)
-        engine = manifest["targets"].get("trt", {}).get("engine", {})
-        if engine.get("file"):
-            skip = _engine_skip_reason()
-            if skip:
-                report["targets"]["trt-engine"] = {"status": "skipped", "reason": skip}
+    if graphs and ckpt is None:
+        raise InternalError("validate_artifact has targets to compare but was given no reference checkpoint")
+    to_run = []
+    for name, graph in graphs.items():
+        status = not_run_status(graph, ckpt.config)
+        if status:
+            report["targets"][name] = status
+        else:
+            to_run.append((name, graph))
+        if graph.engine:
+            status = engine_not_run_status(graph, ckpt.config)
+            if status:
+                report["targets"][ENGINE_TARGET] = status
             else:
-                from mixexport.targets.trt.runner import engine_runner
-
-                runners.append(engine_runner(root))
-                names.append("trt-engine")
-        if names:
-            with G_LOGGER.verbosity(G_LOGGER.ERROR):
-                results = Comparator.run(runners, data_loader=feeds)
-            output_names = list(results[0][1][0].keys())
-            atol = {n: tolerances[output_group(n)][0] for n in output_names}
-            rtol = {n: tolerances[output_group(n)][1] for n in output_names}
-            ref_iters = results[0][1]
-            for k, target in enumerate(names, start=1):
-                with G_LOGGER.verbosity(G_LOGGER.ERROR):
-                    accuracy = Comparator.compare_accuracy(
-                        results, comparisons=[(k, 0)],
-                        compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise"))
-                report["targets"][target] = _target_report(accuracy, results[k][1], ref_iters, feeds, num_layers,
-                                                           top_k)
-    finally:
-        for copy in copies:
-            copy.unlink(missing_ok=True)
+                to_run.append((ENGINE_TARGET, None))
+    if to_run:
+        num_layers, top_k = ckpt.config.num_hidden_layers, ckpt.config.num_experts_per_tok
+        progress(f"validating against the PyTorch reference ({dtype}, prefill + {decode_steps} decode steps, "
+                 f"batch 2, left padding)")
+        recorder = RecordingMoE()
+        model = load_reference(ckpt, dtype=torch_dtype(dtype), moe_impl=recorder)
+        feeds = scenario_feeds(model, dtype, decode_steps=decode_steps)
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            reference = Comparator.run([TorchReferenceRunner(model, recorder)], data_loader=feeds)
+        ref_name, ref_iters = next(iter(reference.items()))
+        for name, graph in to_run:
+            if graph is None:
+                def make_runner():
+                    return engine_runner(root, name=ENGINE_TARGET)
+            else:
+                def make_runner(graph=graph):
+                    return OnnxrtRunner(session_loader(graph, num_layers), name=graph.name)
+            report["targets"][name] = _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances,
+                                                      num_layers, top_k)
+    report["targets"] = {t: report["targets"][t] for t in [*graphs, ENGINE_TARGET] if t in report["targets"]}
     statuses = {t: r["status"] for t, r in report["targets"].items()}
     failed = [t for t, s in statuses.items() if s == "fail"]
-    report["passed"] = not failed
-    report["summary"] = {"passed": not failed, "targets": statuses, "failed_targets": failed,
-                         "not_validated": [t for t, s in statuses.items() if s == "skipped"], "compared": len(names),
-                         "router_agreement": {t: r.get("router_agreement") for t, r in report["targets"].items()}}
-    (root / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    not_validated = [t for t, s in statuses.items() if s == NOT_VALIDATED]
+    compared = len(to_run)
+    passed = compared > 0 and all(s == "pass" for s in statuses.values())
+    report["passed"] = passed
+    if compared == 0:
+        report["reason"] = "compared nothing: " + ("the artifact holds no target" if not statuses else
+                                                   "no target could be run here")
+    report["summary"] = {"passed": passed, "targets": statuses, "failed_targets": failed,
+                         "router_agreement": {t: r.get("router_agreement") for t, r in report["targets"].items()},
+                         "not_validated": not_validated, "compared": compared}
+    if write_report:
+        write_json_atomic(root / REPORT_FILE, report)
     return report
 
 
+def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, num_layers, top_k) -> dict[str, Any]:
+    """Run one target on the scenario and compare it with the reference's outputs.
+
+    A target that onnxruntime (or TensorRT) cannot load or run has failed; its error is the reason.
+    """
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            runner = make_runner()
+            results = Comparator.run([runner], data_loader=feeds)
+    except Exception as exc:  # any runtime error from a broken graph: the target did not compute
+        first = (str(exc).strip().splitlines() or [""])[0][:400]
+        return {"status": "fail", "reason": f"could not run: {type(exc).__name__}: {first}"}
+    name, target_iters = next(iter(results.items()))
+    both = RunResults()
+    both.append((ref_name, ref_iters))
+    both.append((name, target_iters))
+    output_names = list(ref_iters[0].keys())
+    atol = {n: tolerances[output_group(n)][0] for n in output_names}
+    rtol = {n: tolerances[output_group(n)][1] for n in output_names}
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            accuracy = Comparator.compare_accuracy(
+                both, comparisons=[(1, 0)],
+                compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise"))
+    except Exception as exc:  # e.g. an output of the wrong shape: the target did not compute the contract
+        first = (str(exc).strip().splitlines() or [""])[0][:400]
+        return {"status": "fail", "reason": f"outputs not comparable: {type(exc).__name__}: {first}"}
+    return _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k)
+
+
 def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) -> dict[str, Any]:
-    max_abs: dict[str, float] = {}
+    max_abs: dict[str, float | None] = {}  # None: a non-finite difference (NaN or inf in an output)
     failed_outputs: set[str] = set()
     # AccuracyResults: one AccuracyResult per compare function, each {runner pair: [per iteration:
     # {output name: OutputCompareResult}]}.
@@ -222,7 +295,12 @@ def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) 
             for outputs in iterations:
                 for name, result in outputs.items():
                     group = output_group(name)
-                    max_abs[group] = max(max_abs.get(group, 0.0), float(result.max_absdiff))
+                    diff = float(result.max_absdiff)
+                    if not math.isfinite(diff) or max_abs.get(group, 0.0) is None:
+                        max_abs[group] = None
+                        failed_outputs.add(name)
+                    else:
+                        max_abs[group] = max(max_abs.get(group, 0.0), diff)
                     if not bool(result):
                         failed_outputs.add(name)
     # The engine has no router-logit outputs (they are not part of the deployed graph).
@@ -233,36 +311,94 @@ def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) 
             "failed_outputs": sorted(failed_outputs)}
 
 
+def weights_bytes_at_least(config: MixtralConfig, dtype: str) -> int:
+    """A lower bound on the bytes of a model's weights in `dtype`, from its config alone (no
+    per-tensor loop, so a config of a billion layers costs nothing): embeddings, attention
+    projections, norms, routers and experts."""
+    h, d, layers = config.hidden_size, config.head_dim, config.num_hidden_layers
+    per_layer = (h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o; k, v
+                 + config.num_local_experts * (h + 3 * config.intermediate_size * h) + 2 * h)  # router, experts, norms
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return (layers * per_layer + embeddings + h) * torch_dtype(dtype).itemsize
+
+
+def _check_model(manifest: dict, config: MixtralConfig, what: str) -> None:
+    """The reference's config must be the model the manifest says was exported (fields a newer
+    config may have added are not compared)."""
+    summary = config.summary()
+    for key, value in manifest["model"].items():
+        if key in summary and summary[key] != value:
+            raise MixexportError(f"{what}: {key} is {summary[key]!r} but the artifact's manifest records model.{key} "
+                                 f"= {value!r}: not the model this artifact was exported from")
+
+
+def _check_reference_size(root: Path, manifest: dict, config: MixtralConfig) -> None:
+    """Regenerating a preset's reference writes and loads the whole model: refuse a manifest whose
+    `source.config` describes far more weights than any target of the artifact holds (every
+    target stores all of them), before anything is allocated or written."""
+    held = max(sum((root / f["path"]).stat().st_size for f in entry["files"])
+               for entry in manifest["targets"].values())
+    needed = weights_bytes_at_least(config, manifest["dtype"])
+    if needed > 2 * held + 2**20:
+        raise MixexportError(f"{root / MANIFEST}: source.config describes at least {needed} bytes of "
+                             f"{manifest['dtype']} weights, but the largest target holds {held} bytes: the source "
+                             f"does not describe this artifact")
+
+
 def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_path: str | Path | None = None,
-                 progress: Progress = lambda _: None) -> dict[str, Any]:
-    """`mixexport validate OUT`: find the reference weights the manifest names and compare.
+                 progress: Progress = lambda _: None,
+                 allow_non_finite: bool = False) -> tuple[dict[str, Any], list[Path]]:
+    """`mixexport validate OUT`: check the artifact's files, find the reference weights the manifest
+    names and compare. Writes nothing into OUT but validation.json, and that only where OUT is
+    writable.
+
+    Returns:
+        (the report, the paths it was written to).
 
     Raises:
         MixexportError: when the artifact's files or the reference weights are gone or changed.
     """
     root = Path(out)
     manifest = read_manifest(root)
-    for target, entry in manifest["targets"].items():
-        for part in (entry, entry.get("kernels", {}), entry.get("engine", {})):
-            verify_files(root, part.get("files", []), f"target {target}")
     source = manifest["source"]
     if source["kind"] == "checkpoint":
         path = Path(checkpoint or source["path"])
-        if not path.is_dir():
+        try:
+            found = path.is_dir()
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG, a NUL in --checkpoint, ...
+            raise MixexportError(f"reference checkpoint {path}: {exc}") from None
+        if not found:
             raise MixexportError(f"reference checkpoint {path} (recorded at build time) is gone; "
                                  f"pass --checkpoint DIR with the same files")
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(path, allow_non_finite=allow_non_finite)
+        _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
         verify_checkpoint(ckpt, source["files"], f"reference checkpoint {path}")
-        report = validate_artifact(root, manifest, ckpt, progress)
+        report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False)
     else:
         if checkpoint is not None:
             raise MixexportError(f"{out} was built from preset {source['preset']!r} (seed {source['seed']}); "
                                  f"its reference is regenerated, --checkpoint does not apply")
-        config = MixtralConfig.from_hf_dict(source["config"], "manifest source.config")
-        with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
-            progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
-            ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
-            report = validate_artifact(root, manifest, ckpt, progress)
+        config = MixtralConfig.from_hf_dict(source["config"], f"{root / MANIFEST}: source.config")
+        _check_model(manifest, config, f"{root / MANIFEST}: source.config")
+        if not manifest["targets"]:  # nothing will be compared: no reference to regenerate
+            report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False)
+        else:
+            _check_reference_size(root, manifest, config)
+            with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
+                progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
+                ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
+                report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False)
+    written = []
+    if os.access(root, os.W_OK):
+        try:
+            write_json_atomic(root / REPORT_FILE, report)
+            written.append(root / REPORT_FILE)
+        except MixexportError as exc:
+            progress(f"the report was not written into {root}: {exc}")
+    else:
+        progress(f"{root} is not writable: the report is not written there" +
+                 ("" if report_path else " (give --report FILE to keep it)"))
     if report_path:
-        Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+        write_json_atomic(Path(report_path), report)
+        written.append(Path(report_path))
+    return report, written

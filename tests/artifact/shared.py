@@ -3,7 +3,8 @@
 Every build goes through the public Python API (`reference_source` + `build`) into a session
 temp dir. Builds are memoised per config (capture costs ~10 s each on 2 cores); tests that damage
 an artifact copy it first. The config set is the full cross product E in {4, 8} x top-k in {1, 2}
-x {float32, float16}.
+x {float32, float16}. The trt target is built only where the MixtralMoE plugin has kernels for the
+dtype (float16 here): a float32 trt graph fails validation, since no engine could run it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from mixexport.driver.build import BuildOptions, build, reference_source
+from mixexport.targets import BACKENDS, TARGETS
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.reader import Checkpoint
 
@@ -26,15 +28,15 @@ RANGES = dict(max_batch=4, max_sequence=32, max_context=64)
 _builds: dict[str, tuple[Path, dict, list[str]]] = {}
 
 
-def targets_of(name: str) -> tuple[str, ...]:
-    """The targets a default build of CONFIGS[name] makes: trt only for float16 (the plugin has no
-    float32 kernels)."""
-    return ("portable", "ort", "trt") if CONFIGS[name][2] == "float16" else ("portable", "ort")
-
-
 def overrides(name: str) -> dict:
     experts, top_k, dtype = CONFIGS[name]
     return {"num_local_experts": experts, "num_experts_per_tok": top_k, "dtype": dtype}
+
+
+def targets_of(name: str) -> tuple[str, ...]:
+    """The targets `built(name)` holds: those whose backend serves the dtype (trt: not float32)."""
+    dtype = CONFIGS[name][2]
+    return tuple(t for t in TARGETS if dtype in BACKENDS[t].dtypes)
 
 
 def built(name: str, tmp_path_factory) -> tuple[Path, dict, list[str]]:
@@ -43,9 +45,28 @@ def built(name: str, tmp_path_factory) -> tuple[Path, dict, list[str]]:
         out = tmp_path_factory.mktemp(f"build-{name}") / "out"
         lines: list[str] = []
         with reference_source(None, "tiny", SEED, overrides(name), lines.append) as (ckpt, source):
-            manifest = build(ckpt, source, out, BuildOptions(**RANGES), lines.append)
+            manifest = build(ckpt, source, out, BuildOptions(targets=targets_of(name), **RANGES), lines.append)
         _builds[name] = (out, manifest, lines)
     return _builds[name]
+
+
+_unvalidated: dict[tuple, tuple[Path, dict, list[str]]] = {}
+
+
+def unvalidated_build(name: str, targets: tuple[str, ...], tmp_path_factory,
+                      dtype: str | None = None) -> tuple[Path, dict, list[str]]:
+    """(OUT, manifest, progress lines) of CONFIGS[name] (graph dtype `dtype` if given) for `targets`,
+    built once with validate=False: artifacts that validation cannot pass here (a float32 trt
+    graph, bfloat16 graphs on CPU). Shared: copy before damaging."""
+    key = (name, targets, dtype)
+    if key not in _unvalidated:
+        out = tmp_path_factory.mktemp(f"unvalidated-{name}") / "out"
+        lines: list[str] = []
+        with reference_source(None, "tiny", SEED, overrides(name), lines.append) as (ckpt, source):
+            manifest = build(ckpt, source, out, BuildOptions(targets=targets, dtype=dtype, validate=False, **RANGES),
+                             lines.append)
+        _unvalidated[key] = (out, manifest, lines)
+    return _unvalidated[key]
 
 
 def captured_with_weights(checkpoint_dir: Path) -> tuple[ir.Model, Checkpoint]:

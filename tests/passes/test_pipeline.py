@@ -25,8 +25,9 @@ def test_report_counts(captured, target):
     lowered = model.clone()
     report = backend(target).lower(lowered, layers)
     fusions = ["fuse_attention_ort", "fuse_rms_norm_ort"] if target == "ort" else []
-    assert list(report) == ["name_graph", "fold_weight_transpose", f"lower_moe_{target}", *fusions, "remove_unused",
-                            "remove_unused_opsets"]
+    assert list(report) == ["name_graph", "fold_weight_transpose", f"lower_moe_{target}", *fusions,
+                            "check_attention_mask", "remove_unused", "remove_unused_opsets"]
+    assert report["check_attention_mask"] == 1
     assert report[f"lower_moe_{target}"] == layers
     # q, k, v, o per layer and lm_head are Linear weights exported as Transpose(W)
     assert report["fold_weight_transpose"] >= 4 * layers

@@ -5,6 +5,7 @@ present, builds the engine."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -79,10 +80,23 @@ def _write_kernels(root: Path, dtype: str, record: Callable[[Path], dict], progr
     if run.returncode != 0:
         raise InternalError(f"AOT kernel compile failed:\n{run.stderr[-2000:]}")
     files = sorted(folder.iterdir())
+    toolkit = _toolkits(folder)
     progress(f"trt: {len(files)} kernel files for sm_{KERNEL_ARCHS.replace(',', ', sm_')} compiled in "
-             f"{time.perf_counter() - start:.1f}s")
+             f"{time.perf_counter() - start:.1f}s; the cubins need a CUDA "
+             + ", ".join(f"{t['cuda_for_cubin']}+ driver for sm_{arch}" for arch, t in toolkit.items()))
     return {"status": "compiled", "dir": "trt/kernels", "archs": [int(a) for a in KERNEL_ARCHS.split(",")],
-            "dtype": dtype_info(dtype).short, "files": [record(f) for f in files]}
+            "dtype": dtype_info(dtype).short, "files": [record(f) for f in files], "toolkit": toolkit}
+
+
+def _toolkits(folder: Path) -> dict[str, dict[str, str]]:
+    """Per architecture, the ptxas that compiled the kernels and the CUDA (driver) version their
+    cubins need, from the AOT metadata (`toolkit` of each variant)."""
+    index = json.loads((folder / "index.json").read_text())
+    toolkit = {}
+    for variant in index["variants"]:
+        meta = json.loads((folder / variant["metadata"]).read_text())["toolkit"]
+        toolkit[str(variant["arch"])] = {"ptxas_version": meta["ptxas_version"], "cuda_for_cubin": meta["cuda_for_cubin"]}
+    return toolkit
 
 
 def _try_engine(root: Path, out: Path, manifest: dict, options: Any, record: Callable[[Path], dict],

@@ -1,0 +1,264 @@
+"""What an artifact holds, read from its files and cross-checked against its manifest.
+
+Validation must not take the manifest's word for what to check: a manifest that forgets a
+target, drops a file list or names another target's graph would otherwise make the gate pass
+on less than the artifact holds. So the targets are the directories present in OUT, each with
+its `model.onnx`; every file in a target directory must be listed in that target's manifest
+entry and every listed file must exist (with its size, and its sha256 when asked); the graph's
+external data may only live in its own listed files; and each graph's dtype is read from the
+graph itself, and must agree with the manifest's.
+
+Nothing outside OUT is opened: every path goes through `artifact_path`, and a FIFO or device
+in a file's place is refused from `lstat`, before anything could block on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+import posixpath
+import stat
+from pathlib import Path
+from typing import Any, Iterator
+
+import onnx
+
+from mixexport import graph_io
+from mixexport.artifact.inspect import MOE_KINDS, load_graph
+from mixexport.artifact.manifest import MANIFEST, artifact_path, path_problem, sha256_file
+from mixexport.artifact.save import ONNX_FILE
+from mixexport.errors import MixexportError
+from mixexport.targets import TARGETS
+from mixexport.targets.trt.engine import ENGINE_FILE, PLUGIN_LIBRARY
+
+# Where the trt target keeps its kernels and what the engine runner loads (targets/trt/runner.py).
+KERNELS_DIR = "trt/kernels"
+ENGINE_PATH = f"trt/{ENGINE_FILE}"
+GRAPH_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.BFLOAT16: "bfloat16"}
+REPORT_FILE = "validation.json"
+
+
+@dataclasses.dataclass
+class TargetGraph:
+    """One target directory of OUT, checked against the manifest."""
+
+    name: str
+    folder: Path  # OUT/<name>, symlinks resolved: onnxruntime reads external data from here
+    model: onnx.ModelProto  # the graph, external data not loaded
+    dtype: str  # read from the graph's past_key_values inputs and float initializers
+    engine: bool  # a TensorRT engine is part of this target
+
+
+def artifact_targets(root: Path, manifest: dict[str, Any], verify_hashes: bool) -> dict[str, TargetGraph]:
+    """Every target the artifact holds, from its directories, after checking them against the manifest.
+
+    Args:
+        root: OUT.
+        manifest: its schema-checked manifest (`check_manifest`).
+        verify_hashes: also compare every file's sha256 with the manifest's (sizes always are).
+
+    Returns:
+        target name -> `TargetGraph`, in the manifest's order.
+
+    Raises:
+        MixexportError: one line naming the file or manifest field on any disagreement.
+    """
+    where = root / MANIFEST
+    present = _target_dirs(root)
+    recorded = manifest["targets"]
+    for name in present:
+        if name not in recorded:
+            raise MixexportError(f"{root / name} is a target directory that {where} does not list in targets")
+    for name in recorded:
+        if name not in present:
+            raise MixexportError(f"{where}: targets.{name} has no directory {root / name}")
+    return {name: _target_graph(root, name, entry, manifest["dtype"], verify_hashes)
+            for name, entry in recorded.items()}
+
+
+def _target_graph(root: Path, name: str, entry: dict[str, Any], dtype: str, verify_hashes: bool) -> TargetGraph:
+    """One target directory checked against its manifest entry (`artifact_targets`)."""
+    where = root / MANIFEST
+    listed = _listed_files(root, name, entry, verify_hashes)
+    try:
+        on_disk = set(_walk_files(root, name))
+    except RecursionError:
+        raise MixexportError(f"{root / name}: folders nested too deeply to be an artifact") from None
+    # (Every listed file exists: _listed_files checked each one.)
+    unlisted = sorted(on_disk - set(listed))
+    if unlisted:
+        raise MixexportError(f"{root / unlisted[0]} is not listed in {where} (targets.{name}): an artifact holds "
+                             f"only the files its manifest records")
+    onnx_name = f"{name}/{ONNX_FILE}"
+    if entry["onnx"] != onnx_name:
+        raise MixexportError(f"{where}: targets.{name}.onnx is {entry['onnx']!r}; the {name} graph is {onnx_name!r}")
+    if onnx_name not in listed:
+        raise MixexportError(f"{root / onnx_name} is missing (targets.{name}.files does not list it)")
+    graph_path = artifact_path(root, onnx_name, f"{where}: targets.{name}.onnx")
+    model = load_graph(graph_path)
+    _check_external_data(model, graph_path, name, listed, where)
+    graph = graph_dtype(model, graph_path)
+    for field, value in (("dtype", dtype), (f"targets.{name}.dtype", entry["dtype"])):
+        if value != graph:
+            raise MixexportError(f"{where}: {field} is {value!r} but {graph_path} is a {graph} graph")
+    _check_description(model, entry, graph_path, f"{where}: targets.{name}")
+    engine = entry.get("engine", {})
+    if "file" in engine:
+        if engine["file"] != ENGINE_PATH:
+            raise MixexportError(f"{where}: targets.trt.engine.file is {engine['file']!r}; the engine is "
+                                 f"{ENGINE_PATH!r}")
+        for needed in (ENGINE_PATH, f"trt/{PLUGIN_LIBRARY}"):
+            if needed not in listed:
+                raise MixexportError(f"{where}: targets.trt.engine.files does not list {needed}")
+    return TargetGraph(name, (root / name).resolve(), model, graph, "file" in engine)
+
+
+def _binding(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor = value.type.tensor_type
+    dtype = "int64" if tensor.elem_type == onnx.TensorProto.INT64 else GRAPH_DTYPES.get(tensor.elem_type,
+                                                                                      str(tensor.elem_type))
+    return {"name": value.name, "dtype": dtype, "shape": [d.dim_param or d.dim_value for d in tensor.shape.dim]}
+
+
+def _check_description(model: onnx.ModelProto, entry: dict[str, Any], path: Path, where: str) -> None:
+    """The manifest's account of a graph (its bindings, which runtimes and the TensorRT profiles
+    read, and its MoE op) must be the graph's."""
+    for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        actual = [_binding(v) for v in values]
+        if actual != entry[kind]:
+            first = next((i for i, (a, b) in enumerate(zip(actual, entry[kind])) if a != b),
+                         min(len(actual), len(entry[kind])))
+            raise MixexportError(f"{where}.{kind} differ from {path}'s at [{first}] "
+                                 f"(graph: {actual[first] if first < len(actual) else 'none'})")
+    kinds = Counter(f"{n.domain}.{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in MOE_KINDS)
+    if entry["moe_op"] is None and kinds or entry["moe_op"] is not None and (
+            set(kinds) != {entry["moe_op"]} or kinds[entry["moe_op"]] != entry["moe_nodes"]):
+        raise MixexportError(f"{where}: moe_op {entry['moe_op']!r} x {entry['moe_nodes']} but {path} holds "
+                             f"{dict(kinds) or 'no MoE node'}")
+
+
+def _target_dirs(root: Path) -> list[str]:
+    """The target directories in OUT; any other directory there is refused (it could be a target
+    this version does not know, which would go unchecked)."""
+    names = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise MixexportError(f"{root}: cannot list the artifact ({exc.strerror})") from None
+    for entry in entries:
+        if entry.name in (MANIFEST, REPORT_FILE) or not entry.is_dir():  # is_dir follows a symlink
+            continue
+        if entry.name not in TARGETS:
+            raise MixexportError(f"{root / entry.name} is a directory but not a target ({', '.join(TARGETS)}): "
+                                 f"an artifact holds only its targets")
+        if entry.is_symlink():
+            raise MixexportError(f"{root / entry.name} is a symlink: a target must be a directory inside {root}")
+        names.append(entry.name)
+    return names
+
+
+def _walk_files(root: Path, target: str) -> Iterator[str]:
+    """Relative paths of every file under OUT/<target>, refusing anything but files, folders and
+    symlinks to regular files inside OUT (which `artifact_path` resolves)."""
+    for folder, dirs, files in os.walk(root / target, onerror=_raise_walk_error):
+        rel_folder = Path(folder).relative_to(root).as_posix()
+        for d in dirs:
+            if os.path.islink(os.path.join(folder, d)):
+                raise MixexportError(f"{Path(folder) / d} is a symlink to a directory; an artifact's folders must be "
+                                     f"real directories")
+        for f in files:
+            path = Path(folder) / f
+            mode = path.lstat().st_mode
+            rel = f"{rel_folder}/{f}"
+            if stat.S_ISLNK(mode):
+                artifact_path(root, rel, f"{path}")  # inside OUT and a regular file, or refused
+            elif not stat.S_ISREG(mode):
+                raise MixexportError(f"{path} is not a regular file (a FIFO, socket or device?): an artifact holds "
+                                     f"regular files only")
+            yield rel
+
+
+def _raise_walk_error(exc: OSError) -> None:
+    raise MixexportError(f"{exc.filename}: cannot be listed ({exc.strerror})")
+
+
+def _listed_files(root: Path, target: str, entry: dict[str, Any], verify_hashes: bool) -> dict[str, str]:
+    """Relative path -> manifest field, for every file the target's entry lists; each is checked."""
+    where = root / MANIFEST
+    listed: dict[str, str] = {}
+    groups = [("files", entry["files"]), ("kernels.files", entry.get("kernels", {}).get("files", [])),
+              ("engine.files", entry.get("engine", {}).get("files", []))]
+    kernels_dir = entry.get("kernels", {}).get("dir")
+    if kernels_dir is not None and kernels_dir != KERNELS_DIR:
+        raise MixexportError(f"{where}: targets.{target}.kernels.dir is {kernels_dir!r}; the kernels live in "
+                             f"{KERNELS_DIR!r}")
+    for group, files in groups:
+        for i, f in enumerate(files):
+            field = f"targets.{target}.{group}[{i}].path"
+            path = f["path"]
+            prefix = f"{KERNELS_DIR}/" if group == "kernels.files" else f"{target}/"
+            if not path.startswith(prefix):
+                raise MixexportError(f"{where}: {field} is {path!r}, outside {prefix}")
+            if path in listed:
+                raise MixexportError(f"{where}: {field} lists {path} a second time ({listed[path]})")
+            listed[path] = field
+            file = artifact_path(root, path, f"{where}: {field}")
+            size = file.stat().st_size
+            if size != f["bytes"]:
+                raise MixexportError(f"target {target}: {file} has changed since the build (size or sha256 differ)")
+            if verify_hashes and sha256_file(file) != f["sha256"]:
+                raise MixexportError(f"target {target}: {file} has changed since the build (size or sha256 differ)")
+    return listed
+
+
+def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers, sparse initializers' values and indices, and
+    tensor attributes, in subgraphs (If branches) too. Iterative: a hostile nesting depth
+    cannot exhaust the stack."""
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path, target: str, listed: dict[str, str], where: Path) -> None:
+    """Every external tensor of the graph must live in a file of its own target that the manifest lists."""
+    for tensor in graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        rel = None if path_problem(location) else posixpath.join(target, location)
+        if rel is None or rel not in listed:
+            raise MixexportError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which is not one of "
+                                 f"the {target} files {where} lists")
+
+
+def graph_dtype(model: onnx.ModelProto, path: Path) -> str:
+    """The graph's dtype: the element type of its past_key_values inputs and float initializers.
+
+    Raises:
+        MixexportError: when the graph has no KV-cache inputs or mixes float dtypes.
+    """
+    kinds = {i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_key_values.")}
+    if not kinds:
+        raise MixexportError(f"{path} has no {graph_io.past_names(0)[0]} input: not a mixexport decoder graph")
+    kinds |= {t.data_type for t in model.graph.initializer if t.data_type in GRAPH_DTYPES}
+    if len(kinds) != 1 or next(iter(kinds)) not in GRAPH_DTYPES:
+        names = sorted(GRAPH_DTYPES.get(k, onnx.TensorProto.DataType.Name(k) if k in onnx.TensorProto.DataType.values()
+                                        else str(k)) for k in kinds)
+        raise MixexportError(f"{path}: past_key_values inputs and float weights are {', '.join(names)}: one "
+                             f"graph dtype (float32, float16 or bfloat16) expected")
+    return GRAPH_DTYPES[next(iter(kinds))]
