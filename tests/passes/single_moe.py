@@ -65,3 +65,20 @@ def tied_logits(tokens: int, experts: int, seed: int = 1, dtype=np.float32) -> n
     logits[2, :] = rng.standard_normal(experts)
     logits[2, [0, 2]] = logits[2].max() + 1.0  # tie for first place
     return logits
+
+
+
+def check_non_finite_rule(lowering, dtype=np.float32, tol: float = 1e-5) -> None:
+    """Lower a single MoE with `lowering` and run it on router logits with rows that have no softmax
+    (a NaN, a +inf, all -inf: the MoE rule makes them NaN rows) and one with a lone -inf among
+    finite logits (probability 0: an ordinary row), against the reference."""
+    w_gate_up, w_down = moe_weights(4, 16, 12, dtype=dtype)
+    x = np.random.default_rng(7).standard_normal((6, 16)).astype(dtype)
+    logits = np.random.default_rng(8).standard_normal((6, 4)).astype(dtype)
+    logits[1, 2], logits[3, 0], logits[4, :], logits[5, 1] = np.nan, np.inf, -np.inf, -np.inf
+    model = single_moe_model(w_gate_up, w_down, top_k=2, normalize=True)
+    lowering(model)
+    got = run(model, x, logits).astype(np.float32)
+    want = reference(x, logits, w_gate_up, w_down, 2, True).astype(np.float32)
+    assert np.isnan(got[[1, 3, 4]]).all() and np.isnan(want[[1, 3, 4]]).all()
+    np.testing.assert_allclose(got[[0, 2, 5]], want[[0, 2, 5]], atol=tol, rtol=tol)
