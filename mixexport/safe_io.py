@@ -200,3 +200,8 @@ def inside(root: Path, name: Any, source: str) -> Path:
     if why:
         raise MixexportError(f"{source}: file name {name!r} {why}; it must name a file inside {root}")
     return root / PurePosixPath(name)
+
+
+def format_bytes(nbytes: int) -> str:
+    """A byte count for messages: GB from 1 GB up, MB below."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"

@@ -31,7 +31,7 @@ from mixexport.checkpoint.reader import INDEX_FILE, SINGLE_FILE
 from mixexport.checkpoint.safetensors_io import ST_CODES, write_safetensors
 from mixexport.dtypes import torch_dtype
 from mixexport.errors import MixexportError
-from mixexport.safe_io import os_error
+from mixexport.safe_io import format_bytes, os_error
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
@@ -192,16 +192,12 @@ def _remove_dirs(paths: list[Path]) -> None:
             return  # not empty any more: someone else's files are in it now
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
-
-
 def _check_free_space(parent: Path, needed: int) -> None:
     free = shutil.disk_usage(parent).free
     needed += 1024**2  # config.json, headers and the index
     if free < needed:
         raise MixexportError(f"{parent}: not enough free space for the checkpoint: it needs {needed} bytes "
-                             f"({_size(needed)}), {free} bytes ({_size(free)}) are available")
+                             f"({format_bytes(needed)}), {free} bytes ({format_bytes(free)}) are available")
 
 
 def _pack(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_size: int) -> list[list[str]]:
@@ -235,8 +231,8 @@ def _write_into(tmp: Path, config: MixtralConfig, shapes: dict[str, tuple[int, .
         shard_bytes = sum(math.prod(shapes[name]) * itemsize for name in shard)
         written += shard_bytes
         if progress:
-            progress(f"wrote {file_name} ({len(shard)} tensors, {_size(shard_bytes)}; shard {k + 1} of {len(shards)}, "
-                     f"{_size(written)} of {_size(total)} in {time.perf_counter() - start:.1f}s)")
+            progress(f"wrote {file_name} ({len(shard)} tensors, {format_bytes(shard_bytes)}; shard {k + 1} of {len(shards)}, "
+                     f"{format_bytes(written)} of {format_bytes(total)} in {time.perf_counter() - start:.1f}s)")
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

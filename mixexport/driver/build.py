@@ -31,6 +31,7 @@ from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
 from mixexport.dtypes import torch_dtype
 from mixexport.errors import MixexportError
+from mixexport.safe_io import format_bytes
 from mixexport.targets import BACKENDS, TARGETS, backend
 from mixexport.validate.parity import validate_artifact
 
@@ -142,11 +143,11 @@ def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out
     per_target = weight_bytes(ckpt, dtype)
     need = per_target * len(targets) + 64 * 1024**2
     free = shutil.disk_usage(out.parent).free
-    progress(f"writing {len(targets)} target(s) of {per_target / 1e9:.2f} GB each to {out} "
-             f"({free / 1e9:.1f} GB free there)")
+    progress(f"writing {len(targets)} target(s) of {format_bytes(per_target)} each to {out} "
+             f"({format_bytes(free)} free there)")
     if need > free:
         raise MixexportError(f"not enough disk space for {out}: {len(targets)} target(s) need about "
-                             f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free on the filesystem of {out.parent}")
+                             f"{format_bytes(need)}, {format_bytes(free)} are free on the filesystem of {out.parent}")
     if validate:
         # Whole-model validation holds the reference and one onnxruntime session at a time; on CPU
         # onnxruntime keeps fp32 copies of fp16 weights for most ops.

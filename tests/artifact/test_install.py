@@ -188,7 +188,7 @@ def test_too_little_disk_is_refused_up_front(tiny_checkpoint, tmp_path, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     line = error_line(run_cli("build", tiny_checkpoint, "-o", tmp_path / "out", "--no-validate"))
     assert line.startswith(f"error: not enough disk space for {tmp_path / 'out'}: 2 target(s) need about ")
-    assert line.endswith(f"0.00 GB are free on the filesystem of {tmp_path}")
+    assert line.endswith(f"0.0 MB are free on the filesystem of {tmp_path}")
     assert list(tmp_path.iterdir()) == []
 
 
