@@ -231,8 +231,9 @@ def _write_into(tmp: Path, config: MixtralConfig, shapes: dict[str, tuple[int, .
         shard_bytes = sum(math.prod(shapes[name]) * itemsize for name in shard)
         written += shard_bytes
         if progress:
-            progress(f"wrote {file_name} ({len(shard)} tensors, {format_bytes(shard_bytes)}; shard {k + 1} of {len(shards)}, "
-                     f"{format_bytes(written)} of {format_bytes(total)} in {time.perf_counter() - start:.1f}s)")
+            progress(f"wrote {file_name} ({len(shard)} tensors, {format_bytes(shard_bytes)}; shard {k + 1} of "
+                     f"{len(shards)}, {format_bytes(written)} of {format_bytes(total)} in "
+                     f"{time.perf_counter() - start:.1f}s)")
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
