@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from mixexport import __version__, graph_io
+from mixexport.dtypes import DTYPES as GRAPH_DTYPES
 from mixexport.errors import MixexportError
 from mixexport.safe_io import inside, open_regular, os_error, parse_json_object, read_regular
 from mixexport.targets import TARGETS
@@ -37,7 +38,7 @@ FORMAT_VERSION = 2
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "polygraphy", "safetensors",
           "transformers", "triton", "tensorrt")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(GRAPH_DTYPES)
 VALIDATION_STATUSES = ("pass", "fail", "not validated")
 # The TensorRT engine is validated as a target of its own (beside the trt graph it was built from).
 ENGINE_TARGET = "trt-engine"

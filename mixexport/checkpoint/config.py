@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from mixexport.dtypes import canonical_dtype
+from mixexport.dtypes import DTYPES, canonical_dtype
 from mixexport.errors import MixexportError
 from mixexport.safe_io import cut, read_json_object
 
@@ -243,8 +243,8 @@ def _parse_hf_dict(raw: dict[str, Any]) -> dict[str, Any]:
 
     # transformers 5 writes "dtype", older versions "torch_dtype"; null means absent.
     dtype = next((raw[key] for key in ("dtype", "torch_dtype") if raw.get(key) is not None), "float32")
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise refuse("dtype", dtype, "use float32, float16 or bfloat16")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise refuse("dtype", dtype, f"use {', '.join(DTYPES)}")
 
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_local_experts", "num_experts_per_tok", "vocab_size")

@@ -28,6 +28,7 @@ from mixexport import graph_io
 from mixexport.artifact.inspect import MOE_KINDS, load_graph
 from mixexport.artifact.manifest import MANIFEST, artifact_path, path_problem, sha256_file
 from mixexport.artifact.save import ONNX_FILE
+from mixexport.dtypes import DTYPES
 from mixexport.errors import MixexportError
 from mixexport.targets import TARGETS
 from mixexport.targets.trt.engine import ENGINE_FILE, PLUGIN_LIBRARY
@@ -35,8 +36,7 @@ from mixexport.targets.trt.engine import ENGINE_FILE, PLUGIN_LIBRARY
 # Where the trt target keeps its kernels and what the engine runner loads (targets/trt/runner.py).
 KERNELS_DIR = "trt/kernels"
 ENGINE_PATH = f"trt/{ENGINE_FILE}"
-GRAPH_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.BFLOAT16: "bfloat16"}
+GRAPH_DTYPES = {d.onnx: d.name for d in DTYPES.values()}  # ONNX element type -> graph dtype
 REPORT_FILE = "validation.json"
 
 

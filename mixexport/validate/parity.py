@@ -77,6 +77,7 @@ def scenario_feeds(model, dtype: str, batch: int = 2, prompt: int = 7, pad: int 
     mask = torch.ones(batch, prompt, dtype=torch.int64)
     mask[1:, :pad] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # numpy has no bfloat16 onnxruntime takes: bf16 caches are fed as float32 (exactly representable).
     np_dtype = np.float16 if dtype == "float16" else np.float32
     past = model.empty_cache(batch)
     feeds = []
