@@ -36,6 +36,9 @@ from mixexport.targets import BACKENDS, TARGETS, backend
 from mixexport.validate.parity import validate_artifact
 
 DEFAULT_MAX_SEQUENCE, DEFAULT_MAX_CONTEXT = 2048, 8192
+# What a 2-core machine wrote per target, capture and hashing included (README, Performance): the
+# basis of the time estimate printed before a build; more cores write faster.
+ESTIMATE_WRITE_BYTES_PER_S = 300e6
 
 Progress = Callable[[str], None]
 
@@ -143,8 +146,10 @@ def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out
     per_target = weight_bytes(ckpt, dtype)
     need = per_target * len(targets) + 64 * 1024**2
     free = shutil.disk_usage(out.parent).free
+    minutes = per_target * len(targets) / ESTIMATE_WRITE_BYTES_PER_S / 60
     progress(f"writing {len(targets)} target(s) of {format_bytes(per_target)} each to {out} "
-             f"({format_bytes(free)} free there)")
+             f"({format_bytes(free)} free there; estimate: about {max(minutes, 0.1):.1f} min at the "
+             f"{ESTIMATE_WRITE_BYTES_PER_S / 1e6:.0f} MB/s a 2-core machine writes)")
     if need > free:
         raise MixexportError(f"not enough disk space for {out}: {len(targets)} target(s) need about "
                              f"{format_bytes(need)}, {format_bytes(free)} are free on the filesystem of {out.parent}")
@@ -153,11 +158,13 @@ def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out
         # onnxruntime keeps fp32 copies of fp16 weights for most ops.
         ram = per_target * (2 + (dtype != "float32")) + 512 * 1024**2
         available = memory_available()
+        progress(f"validation will hold about {format_bytes(ram)} in memory"
+                 + (f" ({format_bytes(available)} available)" if available is not None else ""))
         if available is not None and ram > available:
             raise MixexportError(
-                f"validating this model in memory needs about {ram / 1e9:.0f} GB of RAM (the PyTorch reference plus "
-                f"one onnxruntime session), {available / 1e9:.0f} GB are available: build with --no-validate here "
-                f"and validate on a machine with more memory")
+                f"validating this model in memory needs about {format_bytes(ram)} of RAM (the PyTorch reference "
+                f"plus one onnxruntime session), {format_bytes(available)} are available: build with --no-validate "
+                f"here and validate on a machine with more memory")
 
 
 def memory_available() -> int | None:
