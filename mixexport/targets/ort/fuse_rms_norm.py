@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mixexport.passes.base import AllOrNothingFusion, require_opset
+from mixexport.passes.base import AllOrNothingFusion, match_from, require_opset
 
 OPSET = 23  # the first standard opset with RMSNormalization
 
@@ -98,10 +98,9 @@ def match_rms_norm(graph: ir.Graph, weight_name: str) -> NormMatch | str:
     users = [node for node, _ in weight.uses()]
     if len(users) != 1 or users[0].op_type != "Mul" or len(users[0].inputs) != 2:
         return f"{weight_name} is not an input of exactly one Mul"
-    tries = [norm.match(None, graph, users[0], check_nodes_are_removable=False) for norm in _NORMS]
-    found = next((m for m in tries if m), None)
-    if found is None:  # the order that matched most nodes says why
-        return f"{weight_name} does not scale an RMSNorm: {max(tries, key=lambda m: m.num_matched_nodes()).reason}"
+    found = match_from(_NORMS, graph, users[0])
+    if not found:
+        return f"{weight_name} does not scale an RMSNorm: {found.reason}"
     x, keep, out = found.bindings["x"], found.bindings["keepdims"], found.bindings["out"]
     exponent, axes, eps = (_constant(found.bindings[name]) for name in ("exponent", "axes", "eps"))
     if exponent is None or exponent.size != 1 or float(exponent.item()) != 2.0:
