@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 from mixexport.capture import StackedLazyTensor, materialize
 
@@ -104,3 +105,20 @@ def expert_initializer(graph: ir.Graph, source: ir.Value, expert: int, name: str
 def require_opset(model: ir.Model, version: int) -> None:
     """Import at least `version` of the default domain (a fusion emitting a newer standard op)."""
     model.opset_imports[""] = max(model.opset_imports.get("", version), version)
+
+
+def match_from(patterns: list[pattern.Pattern], graph: ir.Graph, node: ir.Node) -> pattern.MatchResult:
+    """The first of `patterns` that matches the subgraph computing `node`, else the failed match
+    that got furthest (its `reason` says why).
+
+    Args:
+        patterns: onnxscript patterns, typically one rule's `commute()` variants (every order of
+            its commutative ops' inputs); used to match only, nothing is rewritten.
+        graph: the graph holding `node`.
+        node: the node the patterns' output node must match.
+
+    Returns:
+        A MatchResult: true with `bindings` on a match, false with `reason` otherwise.
+    """
+    tries = [p.match(None, graph, node, check_nodes_are_removable=False) for p in patterns]
+    return next((m for m in tries if m), None) or max(tries, key=lambda m: m.num_matched_nodes())

@@ -31,8 +31,9 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
-from mixexport.passes.base import AllOrNothingFusion, require_opset
+from mixexport.passes.base import AllOrNothingFusion, match_from, require_opset
 
 OPSET = 23  # the first standard opset with Attention and RotaryEmbedding
 
@@ -78,26 +79,26 @@ def _input(graph: ir.Graph, name: str) -> ir.Value | None:
     return next((v for v in graph.inputs if v.name == name), None)
 
 
-def _rope_cos_sin(rotated: ir.Value) -> tuple[ir.Value, ir.Value] | str:
-    """cos, sin [B, S, D] from the captured `x * Unsqueeze(cos) + rotate_half(x) * Unsqueeze(sin)`."""
+def _rope(op, x, cos, sin):
+    """The captured RoPE as an onnxscript pattern: `x * Unsqueeze(cos) + rotate_half(x) * Unsqueeze(sin)`
+    with rotate_half(x) = Concat(-x2, x1) of two Slices of x."""
+    half = op.Concat(op.Neg(op.Slice(x, _allow_other_inputs=True)), op.Slice(x, _allow_other_inputs=True))
+    return op.Add(op.Mul(x, op.Unsqueeze(cos, _allow_other_inputs=True)),
+                  op.Mul(half, op.Unsqueeze(sin, _allow_other_inputs=True)))
+
+
+# Every order of the Add's and both Muls' inputs (a rule only to get `commute`: nothing is rewritten by it).
+_ROPES = pattern.RewriteRule(_rope, lambda op, **_: None).commute()
+
+
+def _rope_cos_sin(graph: ir.Graph, rotated: ir.Value) -> tuple[ir.Value, ir.Value] | str:
+    """cos, sin [B, S, D] from the captured RoPE computing `rotated`."""
     add = rotated.producer()
-    if add is None or add.op_type != "Add":
-        return f"rotated key {rotated.name} is not an Add"
-    muls = [v.producer() for v in add.inputs]
-    if any(m is None or m.op_type != "Mul" for m in muls):
-        return f"{add.name}: RoPE terms are not two Muls"
-
-    def factor(mul: ir.Node) -> tuple[bool, ir.Value | None]:
-        # (is the rotate_half term, the Unsqueeze'd cos/sin input)
-        producers = [v.producer() for v in mul.inputs]
-        is_rotated = any(p is not None and p.op_type == "Concat" for p in producers)
-        table = next((p.inputs[0] for p in producers if p is not None and p.op_type == "Unsqueeze"), None)
-        return is_rotated, table
-
-    (rot0, t0), (rot1, t1) = factor(muls[0]), factor(muls[1])
-    if rot0 == rot1 or t0 is None or t1 is None:
-        return f"{add.name}: cannot tell the cos and sin terms of RoPE apart"
-    return (t1, t0) if rot0 else (t0, t1)
+    found = match_from(_ROPES, graph, add) if add is not None else None
+    if not found:
+        why = found.reason if found is not None else "a graph input"
+        return f"rotated key {rotated.name} is not x * cos + rotate_half(x) * sin: {why}"
+    return found.bindings["cos"], found.bindings["sin"]
 
 
 def match_attention(graph: ir.Graph, layer: int) -> AttentionMatch | str:
@@ -120,7 +121,7 @@ def match_attention(graph: ir.Graph, layer: int) -> AttentionMatch | str:
                 or concat.inputs[0] is not past or concat.attributes["axis"].as_int() not in (2, -2)):
             return f"layer {layer}: present.{layer}.{kind} is not Concat(past_key_values.{layer}.{kind}, new, axis=2)"
         ends[kind] = (present, past, concat.inputs[1])
-    tables = _rope_cos_sin(ends["key"][2])
+    tables = _rope_cos_sin(graph, ends["key"][2])
     if isinstance(tables, str):
         return f"layer {layer}: {tables}"
     past_shape = ends["key"][1].shape

@@ -17,9 +17,10 @@ before each norm: measured on onnxruntime 1.32 CPU (2 threads) it is no faster t
 Add + RMSNormalization for one row and 1.6-2x slower for 8 to 32 rows, and it is not a standard op.
 
 The norms are found by their weights (`layers.{i}.input_layernorm.weight`,
-`layers.{i}.post_attention_layernorm.weight`, `norm.weight`: 2 per layer + 1); the pass declines,
-with a reason, when any of them does not feed exactly this pattern. Only small constants (the
-exponent, axes and epsilon) are read, never a weight.
+`layers.{i}.post_attention_layernorm.weight`, `norm.weight`: 2 per layer + 1) and matched from
+there with an onnxscript rewriter pattern, in either order of each commutative op's inputs; the
+pass declines, with a reason, when any of them does not feed exactly this pattern. Only small
+constants (the exponent, axes and epsilon) are read, never a weight.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
-from mixexport.passes.base import AllOrNothingFusion, require_opset
+from mixexport.passes.base import AllOrNothingFusion, match_from, require_opset
 
 OPSET = 23  # the first standard opset with RMSNormalization
 
@@ -72,15 +74,20 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op_type and node.domain == "" else None
+def _norm(op, weight, x, exponent, axes, eps):
+    """The norm's structure as an onnxscript pattern (`op` builds pattern nodes, the rest are variables)."""
+    # h = x.float() and the rounding back to the model dtype: Casts in float16 graphs only. The tags
+    # are unused, but `commute` cannot copy an OrValue without one (onnxscript 0.5 to 0.7.2).
+    h = pattern.OrValue([op.Cast(x), x], name="h", tag_var="cast_in")
+    mean = op.ReduceMean(op.Pow(h, exponent), axes, keepdims=pattern.AttrVar("keepdims", can_match_none=True))
+    normed = op.Mul(h, op.Reciprocal(op.Sqrt(op.Add(mean, eps))))
+    return op.Mul(weight, pattern.OrValue([op.Cast(normed), normed], tag_var="cast_out"), _outputs=["out"])
 
 
-def _through_cast(value: ir.Value) -> ir.Value:
-    """The input of a Cast producing `value`, or `value` itself."""
-    cast = _producer(value, "Cast")
-    return cast.inputs[0] if cast is not None else value
+# The structure in every order of its commutative Mul, Mul and Add (a rule only to get `commute`:
+# nothing is rewritten by it). Constants are checked below: a Constant in the pattern would read
+# whatever tensor sits there, a weight included, and would not see through Reshape.
+_NORMS = pattern.RewriteRule(_norm, lambda op, **_: None).commute()
 
 
 def match_rms_norm(graph: ir.Graph, weight_name: str) -> NormMatch | str:
@@ -91,42 +98,21 @@ def match_rms_norm(graph: ir.Graph, weight_name: str) -> NormMatch | str:
     users = [node for node, _ in weight.uses()]
     if len(users) != 1 or users[0].op_type != "Mul" or len(users[0].inputs) != 2:
         return f"{weight_name} is not an input of exactly one Mul"
-    scale = users[0]
-    normed = _through_cast(scale.inputs[1] if scale.inputs[0] is weight else scale.inputs[0])
-    mul = _producer(normed, "Mul")
-    if mul is None:
-        return f"{weight_name} does not scale a Mul (x * rsqrt)"
-    for rsqrt_side in (0, 1):
-        reciprocal = _producer(mul.inputs[rsqrt_side], "Reciprocal")
-        if reciprocal is not None:
-            h = mul.inputs[1 - rsqrt_side]
-            break
-    else:
-        return f"{weight_name}: the normalising Mul has no Reciprocal input"
-    sqrt = _producer(reciprocal.inputs[0], "Sqrt")
-    add = _producer(sqrt.inputs[0] if sqrt else None, "Add")
-    if add is None:
-        return f"{weight_name}: expected Reciprocal(Sqrt(Add(mean, eps)))"
-    mean_side = next((i for i, v in enumerate(add.inputs) if _producer(v, "ReduceMean") is not None), None)
-    eps = _constant(add.inputs[1 - mean_side]) if mean_side is not None else None
-    if eps is None or eps.size != 1:
-        return f"{weight_name}: expected Add(ReduceMean(...), constant eps)"
-    mean = add.inputs[mean_side].producer()
-    pow_ = _producer(mean.inputs[0], "Pow")
-    if pow_ is None or pow_.inputs[0] is not h:
-        return f"{weight_name}: the mean is not over Pow(x, 2) of the normalised x"
-    exponent = _constant(pow_.inputs[1])
-    axes = _constant(mean.inputs[1]) if len(mean.inputs) > 1 else None
-    rank = len(h.shape) if h.shape is not None else None
-    keepdims = mean.attributes["keepdims"].as_int() if "keepdims" in mean.attributes else 1
+    found = match_from(_NORMS, graph, users[0])
+    if not found:
+        return f"{weight_name} does not scale an RMSNorm: {found.reason}"
+    x, keep, out = found.bindings["x"], found.bindings["keepdims"], found.bindings["out"]
+    exponent, axes, eps = (_constant(found.bindings[name]) for name in ("exponent", "axes", "eps"))
     if exponent is None or exponent.size != 1 or float(exponent.item()) != 2.0:
         return f"{weight_name}: Pow exponent is not 2"
-    if axes is None or axes.size != 1 or int(axes.item()) not in (-1, (rank or 0) - 1) or not keepdims:
+    last = (-1, len(x.shape) - 1 if x.shape is not None else -1)
+    if axes is None or axes.size != 1 or int(axes.item()) not in last or (keep is not None and not keep.as_int()):
         return f"{weight_name}: ReduceMean is not over the last axis with keepdims"
-    x = _through_cast(h)
-    if x.dtype != weight.dtype or scale.outputs[0].dtype != weight.dtype:
-        return f"{weight_name}: normalised input {x.dtype} and output {scale.outputs[0].dtype} are not {weight.dtype}"
-    return NormMatch(weight, x, scale.outputs[0], scale, float(eps.item()))
+    if eps is None or eps.size != 1:
+        return f"{weight_name}: expected Add(ReduceMean(...), constant eps)"
+    if x.dtype != weight.dtype or out.dtype != weight.dtype:
+        return f"{weight_name}: normalised input {x.dtype} and output {out.dtype} are not {weight.dtype}"
+    return NormMatch(weight, x, out, users[0], float(eps.item()))
 
 
 class FuseRMSNormOrt(AllOrNothingFusion):

@@ -88,6 +88,19 @@ def test_declines_with_reason_and_pipeline_fails(captured):
         backend("ort").lower(broken, LAYERS)
 
 
+
+def test_declines_a_rope_that_is_not_rotate_half(captured):
+    model = ort_graph(captured)
+    rotated = next(v for v in model.graph.outputs if v.name == "present.1.key").producer().inputs[1]
+    # x * cos + Concat(x2, x1) * sin: rotate_half without its Neg is not what RotaryEmbedding computes
+    neg = next(m.inputs[0].producer() for m in (v.producer() for v in rotated.producer().inputs)
+               if m.inputs[0].producer().op_type == "Concat").inputs[0].producer()
+    neg.op_type = "Identity"
+    fusion = FuseAttentionOrt(LAYERS)
+    assert fusion(model).rewrites == 0
+    assert fusion.reason == (f"layer 1: rotated key {rotated.name} is not x * cos + rotate_half(x) * sin: "
+                             "OpType mismatch: expected Neg, got Identity.")
+
 @pytest.mark.parametrize("batch,seq,past,pad", [
     (2, 7, 0, 3),  # left-padded prefill: padding queries see no key at all
     (2, 1, 7, 3),  # decode

@@ -113,6 +113,56 @@ def test_declines_another_exponent(captured):
     assert declined(graph, config.num_hidden_layers) == "layers.0.input_layernorm.weight: Pow exponent is not 2"
 
 
+
+NORM_OPS = ("Cast", "Mul", "Reciprocal", "Sqrt", "Add", "ReduceMean", "Pow")
+
+
+def first_norm(graph: ir.Graph) -> dict[str, ir.Node]:
+    """Layer 0's input norm by op type: its Muls as `scale` (by the weight) and `normalise` (x * rsqrt)."""
+    scale = next(node for node, _ in graph.initializers["layers.0.input_layernorm.weight"].uses())
+    nodes, todo = {"scale": scale}, [scale]
+    while todo:
+        for value in todo.pop().inputs:
+            node = value.producer() if value is not None else None
+            if node is not None and node.op_type in NORM_OPS:
+                nodes.setdefault("normalise" if node.op_type == "Mul" else node.op_type, node)
+                todo.append(node)
+    return nodes
+
+
+def test_matches_either_order_of_commutative_inputs(captured):
+    model, config = captured
+    graph = ort_graph(model)
+    for node in (first_norm(graph.graph)[op] for op in ("scale", "normalise", "Add")):
+        a, b = node.inputs
+        node.replace_input_with(0, b)
+        node.replace_input_with(1, a)
+    fusion = FuseRMSNormOrt(config.num_hidden_layers)
+    assert fusion(graph).rewrites == norms(config) and fusion.reason is None
+
+
+def test_declines_another_structure(captured):
+    model, config = captured
+    graph = ort_graph(model)
+    first_norm(graph.graph)["Reciprocal"].op_type = "Neg"
+    assert declined(graph, config.num_hidden_layers) == (
+        "layers.0.input_layernorm.weight does not scale an RMSNorm: OpType mismatch: expected Reciprocal, got Neg.")
+
+
+def test_reads_no_tensor_where_a_constant_belongs(captured):
+    model, config = captured
+    graph = ort_graph(model)
+
+    def read():
+        raise AssertionError("the matcher read a lazy tensor")
+
+    lazy = ir.Value(name="lazy", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
+                    const_value=ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=ir.Shape([]), name="lazy"))
+    graph.graph.register_initializer(lazy)
+    first_norm(graph.graph)["Pow"].replace_input_with(1, lazy)  # a weight where the exponent belongs
+    assert declined(graph, config.num_hidden_layers) == "layers.0.input_layernorm.weight: Pow exponent is not 2"
+
+
 @pytest.fixture(scope="module")
 def sessions(captured, tmp_path_factory):
     model, config = captured
