@@ -205,3 +205,12 @@ def inside(root: Path, name: Any, source: str) -> Path:
 def format_bytes(nbytes: int) -> str:
     """A byte count for messages: GB from 1 GB up, MB below."""
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from mixexport.errors import MixexportError
+from mixexport.safe_io import fsync_dir, read_json_object
 
 MANIFEST = "manifest.json"
 MARKER = ".mixexport-staging.json"
@@ -90,12 +91,9 @@ def _alive(marker: dict) -> bool:
 def is_artifact(path: Path) -> bool:
     """Whether `path` is a directory mixexport wrote: it holds a manifest.json whose JSON names
     mixexport as its writer. Cheap and bounded: the manifest is not otherwise checked here."""
-    manifest = path / MANIFEST
     try:
-        if not manifest.is_file() or manifest.stat().st_size > _MAX_MANIFEST_BYTES:
-            return False
-        data = json.loads(manifest.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        data = read_json_object(path / MANIFEST, _MAX_MANIFEST_BYTES)
+    except (MixexportError, OSError):
         return False
     return isinstance(data, dict) and isinstance(data.get("tools"), dict) and "mixexport" in data["tools"] \
         and "format" in data
@@ -196,15 +194,7 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file() and not path.is_symlink():
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 def install(staging: Path, out: Path, replace: bool) -> None:
@@ -233,7 +223,7 @@ def install(staging: Path, out: Path, replace: bool) -> None:
             shutil.rmtree(old)
     elif not _rename2(staging, out, _RENAME_NOREPLACE):
         os.rename(staging, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def keep_failed(staging: Path, out: Path) -> Path:

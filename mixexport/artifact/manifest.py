@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mixexport import __version__, graph_io
 from mixexport.dtypes import DTYPES as GRAPH_DTYPES
 from mixexport.errors import MixexportError
-from mixexport.safe_io import inside, open_regular, os_error, parse_json_object, read_regular
+from mixexport.safe_io import fsync_dir, inside, open_regular, os_error, parse_json_object, read_regular
 from mixexport.targets import TARGETS
 
 if TYPE_CHECKING:
@@ -134,11 +134,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise os_error(exc, path) from None
     finally:

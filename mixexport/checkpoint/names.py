@@ -7,6 +7,7 @@ each expert is three separate matrices, w1 (gate) [I, H], w3 (up) [I, H], w2 (do
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Iterator
 
@@ -65,6 +66,12 @@ def iter_expected_shapes(config: MixtralConfig) -> Iterator[tuple[str, tuple[int
 def expected_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of this config must hold, and its shape, in file order."""
     return dict(iter_expected_shapes(config))
+
+
+def weight_count(config: MixtralConfig) -> int:
+    """How many weight elements the model has: its size is this times the dtype's itemsize (the
+    config's bounds keep the walk over its tensors short)."""
+    return sum(math.prod(shape) for _, shape in iter_expected_shapes(config))
 
 
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")

@@ -111,7 +111,7 @@ def write_checkpoint(
     itemsize = torch_dtype(config.dtype).itemsize
     shapes = names.expected_shapes(config)
     shards = _pack(shapes, itemsize, max_shard_size)
-    total = sum(math.prod(shape) * itemsize for shape in shapes.values())
+    total = names.weight_count(config) * itemsize
 
     created = _make_parents(out.parent)
     tmp = None

@@ -8,7 +8,6 @@ artifact and never replaces a good one.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import tempfile
 import time
@@ -26,7 +25,7 @@ from mixexport.artifact.manifest import (FORMAT_VERSION, checkpoint_entries, fil
 from mixexport.artifact.save import ONNX_FILE, save_model
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
-from mixexport.checkpoint.names import expected_shapes
+from mixexport.checkpoint.names import weight_count
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
 from mixexport.dtypes import torch_dtype
@@ -136,8 +135,7 @@ def dynamic_ranges(options: BuildOptions, config: MixtralConfig) -> dict[str, li
 
 def weight_bytes(ckpt: Checkpoint, dtype: str) -> int:
     """Bytes of the model's weights in `dtype`: what each target's external data file holds."""
-    itemsize = torch_dtype(dtype).itemsize
-    return sum(math.prod(shape) for shape in expected_shapes(ckpt.config).values()) * itemsize
+    return weight_count(ckpt.config) * torch_dtype(dtype).itemsize
 
 
 def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out: Path, validate: bool,

@@ -30,6 +30,7 @@ from mixexport import graph_io
 from mixexport.artifact.manifest import (ENGINE_TARGET, MANIFEST, check_manifest, read_manifest, verify_checkpoint,
                                          write_json_atomic)
 from mixexport.checkpoint.config import MixtralConfig
+from mixexport.checkpoint.names import weight_count
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
 from mixexport.dtypes import torch_dtype
@@ -312,17 +313,6 @@ def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) 
             "failed_outputs": sorted(failed_outputs)}
 
 
-def weights_bytes_at_least(config: MixtralConfig, dtype: str) -> int:
-    """A lower bound on the bytes of a model's weights in `dtype`, from its config alone (no
-    per-tensor loop, so a config of a billion layers costs nothing): embeddings, attention
-    projections, norms, routers and experts."""
-    h, d, layers = config.hidden_size, config.head_dim, config.num_hidden_layers
-    per_layer = (h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o; k, v
-                 + config.num_local_experts * (h + 3 * config.intermediate_size * h) + 2 * h)  # router, experts, norms
-    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return (layers * per_layer + embeddings + h) * torch_dtype(dtype).itemsize
-
-
 def _check_model(manifest: dict, config: MixtralConfig, what: str) -> None:
     """The reference's config must be the model the manifest says was exported (fields a newer
     config may have added are not compared)."""
@@ -339,9 +329,9 @@ def _check_reference_size(root: Path, manifest: dict, config: MixtralConfig) -> 
     target stores all of them), before anything is allocated or written."""
     held = max(sum((root / f["path"]).stat().st_size for f in entry["files"])
                for entry in manifest["targets"].values())
-    needed = weights_bytes_at_least(config, manifest["dtype"])
+    needed = weight_count(config) * torch_dtype(manifest["dtype"]).itemsize
     if needed > 2 * held + 2**20:
-        raise MixexportError(f"{root / MANIFEST}: source.config describes at least {needed} bytes of "
+        raise MixexportError(f"{root / MANIFEST}: source.config describes {needed} bytes of "
                              f"{manifest['dtype']} weights, but the largest target holds {held} bytes: the source "
                              f"does not describe this artifact")
 

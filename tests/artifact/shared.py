@@ -9,6 +9,7 @@ dtype (float16 here): a float32 trt graph fails validation, since no engine coul
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx_ir as ir
@@ -104,6 +105,15 @@ def forced_unvalidated_ort_build(tmp_path_factory) -> tuple[Path, dict]:
                              lambda _: None)
         _forced["ort"] = (out, manifest)
     return _forced["ort"]
+
+
+def edit_manifest(out: Path, change) -> Path:
+    """Apply `change(manifest)` to OUT/manifest.json in place; returns its path (as errors name it)."""
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    return path
 
 
 def run_cli(*args: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from artifact.shared import error_line, forced_unvalidated_ort_build, run_cli
+from artifact.shared import edit_manifest, error_line, forced_unvalidated_ort_build, run_cli
 from mixexport.artifact.manifest import (FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, read_manifest,
                                          write_manifest)
 from mixexport.errors import MixexportError
@@ -23,15 +23,6 @@ def artifact(tmp_path_factory, tmp_path) -> Path:
     """A private copy of a small valid artifact (ort only, float32)."""
     out, _ = forced_unvalidated_ort_build(tmp_path_factory)
     return Path(shutil.copytree(out, tmp_path / "out"))
-
-
-def _edit(out: Path, change) -> str:
-    """Apply `change(manifest)` to OUT's manifest; returns the manifest path as errors name it."""
-    path = out / MANIFEST
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest))
-    return str(path)
 
 
 def _refused(out: Path) -> str:
@@ -111,7 +102,7 @@ FIELD_CASES = [
 
 @pytest.mark.parametrize("change, message", FIELD_CASES)
 def test_wrong_field_is_named(artifact, change, message):
-    path = _edit(artifact, change)
+    path = edit_manifest(artifact, change)
     assert _refused(artifact) == f"{path}: {message}"
 
 
@@ -126,7 +117,7 @@ def test_wrong_field_is_named(artifact, change, message):
 ])
 @pytest.mark.parametrize("field", [("targets", "ort", "onnx"), ("targets", "ort", "files", 1, "path")])
 def test_paths_must_stay_inside_out(artifact, field, name, why):
-    path = _edit(artifact, _set(*field, name))
+    path = edit_manifest(artifact, _set(*field, name))
     where = ".".join(str(k) for k in field).replace(".1.", "[1].")
     assert _refused(artifact) == f"{path}: {where} {name!r} {why}"
 
@@ -214,7 +205,7 @@ def test_oversized_manifest_is_refused_before_reading(artifact):
 
 
 def test_inspect_and_validate_give_one_line_errors(artifact):
-    path = _edit(artifact, _set("targets", "ort", "files", 0, "bytes", "many"))
+    path = edit_manifest(artifact, _set("targets", "ort", "files", 0, "bytes", "many"))
     for command in ("inspect", "validate"):
         assert error_line(run_cli(command, artifact)) == (
             f"error: {path}: targets.ort.files[0].bytes must be a non-negative integer")

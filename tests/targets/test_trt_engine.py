@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from artifact.shared import built, run_cli, unvalidated_build
+from artifact.shared import built, run_cli
 from mixexport import graph_io
 from mixexport.errors import MixexportError
 from mixexport.targets.trt import engine
