@@ -48,13 +48,18 @@ def grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def load_weights(w_ptr, w_rows, s_ptr, s_rows, k, mask, QUANT_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                 dtype: tl.constexpr):
-    """A [BLOCK_K, BLOCK_N] weight tile in `dtype`, element (k, n) of row n.
+def load_weights(w_ptr, w_rows, s_ptr, s_rows, k0, k, mask, col_ok, num_groups, QUANT_BITS: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] weight tile of the K step starting at k0, in `dtype`: element (k, n) of row n.
 
     w_rows [1, BLOCK_N] are the offsets of each row's first weight (element, or byte when quantized)
     from w_ptr; s_rows those of its first scale from s_ptr (None, and never touched, when QUANT_BITS
-    is 0); k [BLOCK_K, 1] indexes K. GROUP_SIZE 0 is one scale per row.
+    is 0), which has num_groups scales per row; k = k0 + arange(BLOCK_K) as [BLOCK_K, 1]; mask
+    [BLOCK_K, BLOCK_N] and col_ok [1, BLOCK_N] say which elements and rows exist. GROUP_SIZE 0 is one
+    scale per row; otherwise it and BLOCK_K divide one another (`kernel_shape_refusal`), so a step
+    reads whole groups' scales: [1, BLOCK_N] of them, or [BLOCK_K / GROUP_SIZE, BLOCK_N] broadcast
+    down their groups. Loading a scale per element instead would stage a second full tile per
+    pipeline stage in shared memory (too much for sm_90 at the small_m tile).
     """
     # One return at the end: the compiler visits the code after a return in a constexpr branch too.
     if QUANT_BITS == 0:
@@ -62,15 +67,20 @@ def load_weights(w_ptr, w_rows, s_ptr, s_rows, k, mask, QUANT_BITS: tl.constexpr
     else:
         per_byte: tl.constexpr = 8 // QUANT_BITS
         # int4: both nibbles of a byte come from the same address, so the second read hits L1 (DRAM
-        # traffic stays one read per byte).
+        # traffic stays one read per byte). A masked element decodes to -2**(bits-1) * its scale, a
+        # finite value that meets a zero of x (past K) or lands in an output column never stored.
         stored = tl.load(w_ptr + w_rows + k // per_byte, mask=mask, other=0).to(tl.int32)
         q = ((stored >> ((k % per_byte) * QUANT_BITS)) & ((1 << QUANT_BITS) - 1)) - (1 << (QUANT_BITS - 1))
         if GROUP_SIZE == 0:
-            group = k * 0
+            scale = tl.load(s_ptr + s_rows, mask=col_ok, other=0.0)
+        elif GROUP_SIZE >= BLOCK_K:
+            scale = tl.load(s_ptr + s_rows + k0 // GROUP_SIZE, mask=col_ok, other=0.0)
         else:
-            group = k // GROUP_SIZE
-        # Masked elements get scale 0, so they are 0 whatever their byte holds.
-        scale = tl.load(s_ptr + s_rows + group, mask=mask, other=0.0)
+            per_step: tl.constexpr = BLOCK_K // GROUP_SIZE
+            groups = (k0 // GROUP_SIZE + tl.arange(0, per_step))[:, None]
+            scales = tl.load(s_ptr + s_rows + groups, mask=(groups < num_groups) & col_ok, other=0.0)
+            scale = tl.reshape(tl.broadcast_to(scales[:, None, :], (per_step, GROUP_SIZE, scales.shape[1])),
+                               (BLOCK_K, scales.shape[1]))
         tile = (q.to(tl.float32) * scale.to(tl.float32)).to(dtype)
     return tile
 
@@ -131,10 +141,10 @@ def gate_up_kernel(
         k_ok = k < H
         b_mask = k_ok[:, None] & col_ok[None, :]
         a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b_gate = load_weights(w_ptr, gate_rows * w_row, s_ptr, gate_rows * s_row, k[:, None], b_mask, QUANT_BITS,
-                              GROUP_SIZE, x_ptr.dtype.element_ty)
-        b_up = load_weights(w_ptr, up_rows * w_row, s_ptr, up_rows * s_row, k[:, None], b_mask, QUANT_BITS,
-                            GROUP_SIZE, x_ptr.dtype.element_ty)
+        b_gate = load_weights(w_ptr, gate_rows * w_row, s_ptr, gate_rows * s_row, k0, k[:, None], b_mask,
+                              col_ok[None, :], s_row, QUANT_BITS, GROUP_SIZE, BLOCK_K, x_ptr.dtype.element_ty)
+        b_up = load_weights(w_ptr, up_rows * w_row, s_ptr, up_rows * s_row, k0, k[:, None], b_mask,
+                            col_ok[None, :], s_row, QUANT_BITS, GROUP_SIZE, BLOCK_K, x_ptr.dtype.element_ty)
         if UPCAST:
             a = a.to(tl.float32)
             b_gate = b_gate.to(tl.float32)
@@ -207,8 +217,8 @@ def down_kernel(
         k = k0 + ks
         k_ok = k < k_end
         a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = load_weights(w_ptr, b_rows * w_row, s_ptr, b_rows * s_row, k[:, None], k_ok[:, None] & col_ok[None, :],
-                         QUANT_BITS, GROUP_SIZE, act_ptr.dtype.element_ty)
+        b = load_weights(w_ptr, b_rows * w_row, s_ptr, b_rows * s_row, k0, k[:, None], k_ok[:, None] & col_ok[None, :],
+                         col_ok[None, :], s_row, QUANT_BITS, GROUP_SIZE, BLOCK_K, act_ptr.dtype.element_ty)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
