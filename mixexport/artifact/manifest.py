@@ -360,7 +360,8 @@ SOURCE = either(
 )
 SUMMARY = record({"passed": boolean, "targets": mapping(text(VALIDATION_STATUSES)),
                   "failed_targets": array(text(max_len=256)), "router_agreement": mapping(nullable(number(0, 1))),
-                  "not_validated": array(text(max_len=256)), "compared": integer()})
+                  "not_validated": array(text(max_len=256)), "compared": integer()},
+                 {"mode": text(("whole", "streamed"))})  # absent: nothing was compared (or an older build)
 
 
 def _dynamic_dims(value, where) -> None:

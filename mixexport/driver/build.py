@@ -33,6 +33,7 @@ from mixexport.errors import MixexportError
 from mixexport.safe_io import format_bytes
 from mixexport.targets import BACKENDS, TARGETS, backend
 from mixexport.validate.parity import validate_artifact
+from mixexport.validate.streamed import memory_available, whole_validation_bytes
 
 DEFAULT_MAX_SEQUENCE, DEFAULT_MAX_CONTEXT = 2048, 8192
 # What a 2-core machine wrote per target, capture and hashing included (README, Performance): the
@@ -51,6 +52,7 @@ class BuildOptions:
     max_context: int | None = None  # past + new; default: max_position_embeddings capped at 8192
     force: bool = False
     validate: bool = True
+    validation_mode: str = "auto"  # validate.streamed.MODES: auto streams what does not fit in memory
     allow_not_validated: bool = False  # accept targets this machine cannot run (exit 0)
     plugin: str | None = None  # MixtralMoE plugin library, for the trt engine
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
@@ -139,7 +141,7 @@ def weight_bytes(ckpt: Checkpoint, dtype: str) -> int:
 
 
 def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out: Path, validate: bool,
-                     progress: Progress) -> None:
+                     validation_mode: str, progress: Progress) -> None:
     """Say what the build will need, and refuse up front what cannot fit (not after an hour)."""
     per_target = weight_bytes(ckpt, dtype)
     need = per_target * len(targets) + 64 * 1024**2
@@ -152,28 +154,17 @@ def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out
         raise MixexportError(f"not enough disk space for {out}: {len(targets)} target(s) need about "
                              f"{format_bytes(need)}, {format_bytes(free)} are free on the filesystem of {out.parent}")
     if validate:
-        # Whole-model validation holds the reference and one onnxruntime session at a time; on CPU
-        # onnxruntime keeps fp32 copies of fp16 weights for most ops.
-        ram = per_target * (2 + (dtype != "float32")) + 512 * 1024**2
+        ram = whole_validation_bytes(ckpt.config, dtype)
         available = memory_available()
-        progress(f"validation will hold about {format_bytes(ram)} in memory"
-                 + (f" ({format_bytes(available)} available)" if available is not None else ""))
-        if available is not None and ram > available:
+        progress(f"whole-model validation would hold about {format_bytes(ram)} in memory"
+                 + (f" ({format_bytes(available)} available)" if available is not None else "")
+                 + f"; validation mode {validation_mode}")
+        if validation_mode == "whole" and available is not None and ram > available:
             raise MixexportError(
                 f"validating this model in memory needs about {format_bytes(ram)} of RAM (the PyTorch reference "
-                f"plus one onnxruntime session), {format_bytes(available)} are available: build with --no-validate "
-                f"here and validate on a machine with more memory")
-
-
-def memory_available() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is no /proc)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+                f"plus one onnxruntime session), {format_bytes(available)} are available: use --validation-mode "
+                f"streamed (one layer at a time), or build with --no-validate here and validate on a machine with "
+                f"more memory")
 
 
 def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions, progress: Progress) -> dict:
@@ -199,13 +190,13 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
     with output_lock(out):
         check_destination(out, options.force, protected)  # again, now that no other build can change it
         collect_stale(out, progress)
-        _check_resources(ckpt, dtype, targets, out, options.validate, progress)
+        _check_resources(ckpt, dtype, targets, out, options.validate, options.validation_mode, progress)
         staging = make_staging(out)
         try:
             manifest = _build_into(staging, ckpt, source, out, targets, dtype, ranges, options, progress)
             report = None
             if options.validate:
-                report = validate_artifact(staging, manifest, ckpt, progress=progress)
+                report = validate_artifact(staging, manifest, ckpt, progress=progress, mode=options.validation_mode)
                 manifest["validation"] = report["summary"]
                 write_manifest(staging, manifest)
                 if report["summary"]["failed_targets"]:

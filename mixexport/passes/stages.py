@@ -115,7 +115,8 @@ def cut_stage(model: ir.Model, stage: graph_io.Stage, config: MixtralConfig, dty
             new_inputs.append(source)
             continue
         # An inner value becomes an input: its users read the new input, its producer goes dead.
-        value = ir.Value(name=binding.name, type=source.type, shape=source.shape)
+        # Its shape is the contract's (the checked mask has none: it is what the check checks).
+        value = ir.Value(name=binding.name, type=source.type, shape=ir.Shape(binding.shape))
         source.replace_all_uses_with(value)
         if source.name == binding.name:
             source.name = f"{binding.name}/replaced_by_stage_input"

@@ -50,7 +50,8 @@ def test_intact_copies_pass(ort_only):
     assert result.exit_code == 0, result.output
     report = json.loads((ort_only / REPORT_FILE).read_text())
     assert report["summary"] == {"passed": True, "targets": {"ort": "pass"}, "failed_targets": [],
-                                 "router_agreement": {"ort": 1.0}, "not_validated": [], "compared": 1}
+                                 "router_agreement": {"ort": 1.0}, "not_validated": [], "compared": 1,
+                                 "mode": "whole"}
 
 
 def test_one_flipped_byte_in_the_weights_fails(ort_only):
