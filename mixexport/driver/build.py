@@ -52,7 +52,7 @@ class BuildOptions:
     max_context: int | None = None  # past + new; default: max_position_embeddings capped at 8192
     force: bool = False
     validate: bool = True
-    validation_mode: str = "auto"  # validate.streamed.MODES: auto streams what does not fit in memory
+    validation_mode: str = "auto"  # or "whole", "streamed"; auto streams what does not fit in memory
     allow_not_validated: bool = False  # accept targets this machine cannot run (exit 0)
     plugin: str | None = None  # MixtralMoE plugin library, for the trt engine
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels

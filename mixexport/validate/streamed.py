@@ -38,7 +38,6 @@ from mixexport.validate.inventory import GRAPH_DTYPES, TargetGraph
 from mixexport.validate.reference_runner import RecordingMoE, _numpy
 
 Progress = Callable[[str], None]
-MODES = ("auto", "whole", "streamed")
 REFERENCE = "reference"
 
 
@@ -65,7 +64,7 @@ def choose_mode(requested: str, config: MixtralConfig, dtype: str, progress: Pro
     not fit in the memory available now. Says which and why.
 
     Args:
-        requested: one of MODES (`--validation-mode`).
+        requested: "auto", "whole" or "streamed" (`--validation-mode`).
         config, dtype: the model validated.
         progress: where the choice is said.
 

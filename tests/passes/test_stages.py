@@ -119,3 +119,15 @@ def test_cut_refuses_an_undeclared_graph_input(lowered):
     with pytest.raises(MixexportError, match=r"stage layers\.1-1 needs tensor past_key_values\.0\.value, which is "
                                               r"not one of its boundary inputs"):
         cut_stage(model, graph_io.Stage(1, 2), config, config.dtype)
+
+
+def test_the_whole_stage_is_the_whole_graph(lowered):
+    """Stage(0, L, embedding, head) keeps every node, the attention-mask check included."""
+    graphs, config = lowered
+    for target, whole in graphs.items():
+        stage = cut_stage(whole, graph_io.Stage(0, config.num_hidden_layers, embedding=True, head=True), config,
+                          config.dtype)
+        assert [v.name for v in stage.graph.inputs] == [v.name for v in whole.graph.inputs], target
+        assert [v.name for v in stage.graph.outputs] == [v.name for v in whole.graph.outputs], target
+        assert sorted(n.name for n in stage.graph) == sorted(n.name for n in whole.graph), target
+        assert set(stage.graph.initializers) == set(whole.graph.initializers), target
