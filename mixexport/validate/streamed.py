@@ -30,11 +30,11 @@ from polygraphy.comparator.struct import IterationResult
 from mixexport import graph_io
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.names import weight_count
-from mixexport.dtypes import torch_dtype
+from mixexport.dtypes import dtype_info, torch_dtype
 from mixexport.model.decoder import (DecoderLayer, RMSNorm, attention_bias_mask, parameter_sources,
                                      rotary_cos_sin)
 from mixexport.passes.stages import cut_stage, layer_stages
-from mixexport.validate.inventory import GRAPH_DTYPES, TargetGraph
+from mixexport.validate.inventory import TargetGraph
 from mixexport.validate.reference_runner import RecordingMoE, _numpy
 
 Progress = Callable[[str], None]
@@ -156,8 +156,7 @@ def _stage_model_bytes(graph: TargetGraph, stage: graph_io.Stage, config: Mixtra
     def build() -> bytes:
         whole = ir.serde.deserialize_model(graph.model)
         model = ir.serde.serialize_model(cut_stage(whole, stage, config, graph.dtype, router_logits=True))
-        elem = next(code for code, name in GRAPH_DTYPES.items() if name == graph.dtype)
-        backend(graph.name).prepare_validation_model(model, elem)
+        backend(graph.name).prepare_validation_model(model, dtype_info(graph.dtype).onnx)
         return model.SerializeToString()
     return build
 
