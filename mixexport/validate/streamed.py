@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 from polygraphy.comparator.struct import IterationResult
