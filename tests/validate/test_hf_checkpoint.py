@@ -20,20 +20,25 @@ from mixexport.driver.build import BuildOptions, build, reference_source
 H, KVH, D, LAYERS, VOCAB = 48, 2, 16, 2, 97
 
 
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
+def write_hf_checkpoint(path, hidden: int = H, intermediate: int = 40) -> MixtralForCausalLM:
+    """A random Mixtral saved into `path` by transformers' own `save_pretrained`; returns the model."""
     torch.manual_seed(1234)
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=40, num_hidden_layers=LAYERS,
-                           num_attention_heads=4, num_key_value_heads=KVH, head_dim=D, num_local_experts=4,
-                           num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=256,
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KVH, head_dim=D,
+                           num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=256,
                            attn_implementation="eager")
     model = MixtralForCausalLM(config).eval()
     with torch.no_grad():  # decisive routing (logits O(1)) instead of the near-uniform 0.02 init
         for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0.0, 1.0 / math.sqrt(H))
-    path = tmp_path_factory.mktemp("hf") / "checkpoint"
+            layer.mlp.gate.weight.normal_(0.0, 1.0 / math.sqrt(hidden))
     model.save_pretrained(path)
-    return model, path
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "checkpoint"
+    return write_hf_checkpoint(path), path
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def hf_artifact(hf_model, tmp_path_factory):
 
 def test_build_validates(hf_artifact):
     _, manifest = hf_artifact
-    assert manifest["validation"]["passed"] and manifest["source"]["kind"] == "checkpoint"
+    assert manifest.validation["passed"] and manifest.source["kind"] == "checkpoint"
 
 
 def test_ort_matches_transformers_prefill_and_decode(hf_model, hf_artifact):
