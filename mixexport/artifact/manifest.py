@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mixexport import __version__, graph_io
 from mixexport.dtypes import DTYPES as GRAPH_DTYPES
 from mixexport.errors import MixexportError
+from mixexport.quant import QuantScheme
 from mixexport.safe_io import fsync_dir, inside, open_regular, os_error, parse_json_object, read_regular
 from mixexport.targets import TARGETS
 
@@ -376,10 +377,22 @@ def _targets(value, where) -> None:
         (TRT_TARGET if name == "trt" else TARGET)(entry, _join(where, name))
 
 
+def _experts_quant(value, where) -> None:
+    """The experts' quantization scheme: exactly what `QuantScheme.to_json` writes for a valid one."""
+    record({"bits": integer(0, 64), "group_size": nullable(integer(1, 1 << 20)), "symmetric": boolean,
+            "storage": text(max_len=256)})(value, where)
+    try:
+        scheme = QuantScheme(value["bits"], value["group_size"])
+    except MixexportError as exc:
+        raise _Invalid(where, str(exc)) from None
+    if scheme.to_json() != value:
+        raise _Invalid(where, f"must be {json.dumps(scheme.to_json())} for {scheme.name} (the one stored layout)")
+
+
 MANIFEST_SCHEMA = record(
     {"format": integer(0, 1_000_000), "created": text(max_len=64), "tools": mapping(text(max_len=256)),
      "model": MODEL, "dtype": text(DTYPES), "source": SOURCE, "dynamic_dims": _dynamic_dims, "targets": _targets},
-    {"validation": SUMMARY},
+    {"validation": SUMMARY, "experts_quant": _experts_quant},
 )
 
 

@@ -17,10 +17,11 @@ from mixexport.dtypes import dtype_info
 from mixexport.errors import InternalError, MixexportError
 from mixexport.kernels.configs import kernel_shape_refusal
 from mixexport.passes.pipeline import Step
+from mixexport.quant import QuantScheme
 from mixexport.targets.base import Backend, Progress
 from mixexport.targets.trt import engine
 from mixexport.targets.trt.contract import plugin_contract
-from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin
+from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin, contract_has_quant
 
 if TYPE_CHECKING:
     import onnx
@@ -44,8 +45,13 @@ class TrtBackend(Backend):
         return super().refusal(config, dtype) or kernel_shape_refusal(
             config.hidden_size, config.intermediate_size, config.num_local_experts)
 
-    def lowering(self, num_layers: int) -> list[Step]:
-        return [("lower_moe_trt", LowerMoEToTrtPlugin())]
+    def quant_refusal(self, scheme: QuantScheme) -> str | None:
+        if not contract_has_quant():
+            return "the MixtralMoE plugin contract has no quantized experts (quant_bits, s_gate_up, s_down)"
+        return None
+
+    def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:
+        return [("lower_moe_trt", LowerMoEToTrtPlugin(quant))]
 
     def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
         from mixexport.targets.trt.cpu_plugin import use_cpu_plugin
