@@ -76,9 +76,12 @@ def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progre
 
 
 def _target_refusal(target: str, config: MixtralConfig, dtype: str, quant: QuantScheme | None) -> str | None:
+    """Why `target` cannot serve this model in `dtype` with `quant` experts, or None."""
     chosen = BACKENDS[target]
-    return chosen.refusal(config, dtype) or (quant and chosen.quant_refusal(quant) and
-                                             f"{quant.name} experts: {chosen.quant_refusal(quant)}")
+    reason = chosen.refusal(config, dtype)
+    if reason is None and quant is not None:
+        reason = chosen.quant_refusal(quant)
+    return reason
 
 
 def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dtype: str,

@@ -115,7 +115,7 @@ def test_quantization_error_counts_real_positions_only():
      "error: experts quantization: int8 is per output channel; a group size applies to int4"),
     (("--group-size", "32"), "error: --group-size applies to --experts-quant int4"),
     (("--experts-quant", "int8", "--target", "trt", "--dtype", "float16"),
-     "error: target trt cannot be built for float16 with int8 experts: int8 experts: the MixtralMoE plugin "
+     "error: target trt cannot be built for float16 with int8 experts: the MixtralMoE plugin "
      "contract has no quantized experts (quant_bits, s_gate_up, s_down)"),
     (("--experts-quant", "int4", "--quant-min-top1", "1.5"),
      "error: quantization threshold min_top1 is a share: between 0 and 1, not 1.5"),
