@@ -217,20 +217,20 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
 
 
 def _print_build_summary(out, manifest, seconds) -> None:
-    validation = manifest.get("validation")
+    validation = manifest.validation
     rows = [("target", "moe op", "MoE nodes", "size MB", "parity", "router agreement")]
-    for target, entry in manifest["targets"].items():
+    for target, entry in manifest.targets.items():
         status = validation["targets"].get(target, "-") if validation else "not run (--no-validate)"
         agreement = validation["router_agreement"].get(target) if validation else None
-        rows.append((target, entry["moe_op"] or "standard ONNX", str(entry["moe_nodes"]),
-                     f"{sum(f['bytes'] for f in entry['files']) / 1e6:.1f}", status,
+        rows.append((target, entry.moe_op or "standard ONNX", str(entry.moe_nodes),
+                     f"{sum(f['bytes'] for f in entry.files) / 1e6:.1f}", status,
                      "-" if agreement is None else f"{agreement:.1%}"))
     _print_table(rows)
-    engine = manifest["targets"].get("trt", {}).get("engine")
+    engine = manifest.targets["trt"].extra.get("engine") if "trt" in manifest.targets else None
     if engine and engine.get("status") == "not built":
         click.echo(f"trt engine: not built here (missing {engine['missing']}); build it on a GPU machine as shown "
                    f"above")
-    click.echo(f"built {out} ({manifest['dtype']}) in {seconds:.1f}s")
+    click.echo(f"built {out} ({manifest.dtype}) in {seconds:.1f}s")
 
 
 def _print_table(rows) -> None:
@@ -256,12 +256,12 @@ def engine(out, plugin, timing_cache) -> None:
     root = Path(out)
     with output_lock(root):  # not while a build replaces OUT
         manifest = read_manifest(root)
-        if "trt" not in manifest["targets"]:
+        if "trt" not in manifest.targets:
             raise MixexportError(f"{out} has no trt target; rebuild with --target trt")
         start = time.perf_counter()
-        manifest["targets"]["trt"]["engine"] = build_engine(root, manifest, lambda path: file_entry(path, root),
-                                                            plugin, timing_cache, progress)
-        manifest.pop("validation", None)  # the engine has not been validated yet
+        manifest.targets["trt"].extra["engine"] = build_engine(root, manifest, lambda path: file_entry(path, root),
+                                                               plugin, timing_cache, progress)
+        manifest.validation = None  # the engine has not been validated yet
         write_manifest(root, manifest)
     click.echo(f"wrote {root / 'trt' / 'model.engine'} in {time.perf_counter() - start:.1f}s; "
                f"check it with: mixexport validate {out}")

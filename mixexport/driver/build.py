@@ -20,8 +20,7 @@ import onnx_ir as ir
 from mixexport import graph_io
 from mixexport.artifact.install import (check_destination, collect_stale, install, keep_failed, make_staging,
                                         output_lock)
-from mixexport.artifact.manifest import (FORMAT_VERSION, checkpoint_entries, file_entry, tool_versions,
-                                         write_manifest)
+from mixexport.artifact.manifest import Manifest, TargetRecord, checkpoint_entries, file_entry, write_manifest
 from mixexport.artifact.save import ONNX_FILE, save_model
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
@@ -202,7 +201,7 @@ def memory_available() -> int | None:
     return None
 
 
-def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions, progress: Progress) -> dict:
+def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions, progress: Progress) -> Manifest:
     """Build every requested target into OUT.
 
     Returns:
@@ -236,7 +235,7 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
             if options.validate:
                 report = validate_artifact(staging, manifest, ckpt, progress=progress,
                                            quant_thresholds=options.quant_thresholds)
-                manifest["validation"] = report["summary"]
+                manifest.validation = report["summary"]
                 write_manifest(staging, manifest)
                 if report["summary"]["failed_targets"]:
                     kept = keep_failed(staging, out)
@@ -264,13 +263,13 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
 class NotValidatedError(MixexportError):
     """The artifact was installed, but some of its targets could not be compared on this machine."""
 
-    def __init__(self, message: str, manifest: dict) -> None:
+    def __init__(self, message: str, manifest: Manifest) -> None:
         super().__init__(message)
         self.manifest = manifest
 
 
 def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: tuple[str, ...], dtype: str,
-                ranges: dict[str, list[int]], options: BuildOptions, progress: Progress) -> dict:
+                ranges: dict[str, list[int]], options: BuildOptions, progress: Progress) -> Manifest:
     """Capture once, lower and write every target into `root`; returns the manifest (written)."""
     config = ckpt.config
     start = time.perf_counter()
@@ -286,18 +285,8 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
         source = {**source, "files": checkpoint_entries(ckpt)}
-    manifest = {
-        "format": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tools": tool_versions(),
-        "model": config.summary(),
-        "dtype": dtype,
-        "source": source,
-        "dynamic_dims": ranges,
-        "targets": entries,
-    }
-    if quant is not None:
-        manifest["experts_quant"] = quant.to_json()
+    manifest = Manifest(model=config.summary(), dtype=dtype, source=source, dynamic_dims=ranges, targets=entries,
+                        experts_quant=None if quant is None else quant.to_json())
     for target in targets:
         BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress)
     write_manifest(root, manifest)
@@ -305,7 +294,7 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
-                  progress: Progress, quant: QuantScheme | None = None) -> dict:
+                  progress: Progress, quant: QuantScheme | None = None) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
     rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant)
@@ -314,13 +303,7 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     files = save_model(model, folder, root, target, progress)
     progress(f"{target}: {config.num_hidden_layers} MoE nodes lowered, {sum(f['bytes'] for f in files) / 1e6:.1f} MB "
              f"written in {time.perf_counter() - start:.1f}s")
-    return {
-        "dtype": dtype,
-        "files": files,
-        "onnx": f"{target}/{ONNX_FILE}",
-        "inputs": [b.as_dict() for b in graph_io.inputs(config, dtype)],
-        "outputs": [b.as_dict() for b in graph_io.outputs(config, dtype)],
-        "moe_op": BACKENDS[target].moe_op_for(quant),
-        "moe_nodes": rewrites[f"lower_moe_{target}"],
-        "passes": rewrites,
-    }
+    return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
+                        inputs=[b.as_dict() for b in graph_io.inputs(config, dtype)],
+                        outputs=[b.as_dict() for b in graph_io.outputs(config, dtype)],
+                        moe_op=BACKENDS[target].moe_op_for(quant), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)

@@ -27,21 +27,22 @@ from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
-from mixexport.artifact.manifest import (ENGINE_TARGET, MANIFEST, check_manifest, read_manifest, verify_checkpoint,
+from mixexport.artifact.manifest import (MANIFEST, Manifest, check_manifest, read_manifest, verify_checkpoint,
                                          write_json_atomic)
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.names import weight_count
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
-from mixexport.dtypes import torch_dtype
+from mixexport.dtypes import dtype_info, torch_dtype
 from mixexport.errors import InternalError, MixexportError
 from mixexport.model.decoder import load_reference
 from mixexport.model.moe import route
 from mixexport.graph_io import router_logits_name
 from mixexport.targets import backend
 from mixexport.targets.trt.engine import gpu_name, require_tensorrt
+from mixexport.targets.trt.manifest_fields import ENGINE_TARGET
 from mixexport.targets.trt.runner import engine_runner
-from mixexport.validate.inventory import GRAPH_DTYPES, REPORT_FILE, TargetGraph, artifact_targets
+from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets
 from mixexport.validate.quant_parity import QuantThresholds, quantization_error, scheme_of
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
 
@@ -104,7 +105,7 @@ def validation_graph(graph: TargetGraph, num_layers: int) -> bytes:
     read-only artifact validates too."""
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
-    elem = next(code for code, name in GRAPH_DTYPES.items() if name == graph.dtype)
+    elem = dtype_info(graph.dtype).onnx
     for i in range(num_layers):
         model.graph.output.append(onnx.helper.make_tensor_value_info(router_logits_name(i), elem, None))
     backend(graph.name).prepare_validation_model(model, elem)
@@ -173,7 +174,7 @@ def router_agreement(ref_iters, target_iters, feeds, num_layers: int, top_k: int
     return matches / max(total, 1)
 
 
-def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
+def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
                       verify_hashes: bool = False, write_report: bool = True,
                       quant_thresholds: QuantThresholds | None = None) -> dict[str, Any]:
     """Compare every target the artifact in `root` holds against the reference built from `ckpt`.
@@ -202,9 +203,9 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progr
     Raises:
         MixexportError: when the artifact disagrees with its manifest, or the report cannot be written.
     """
-    check_manifest(manifest, str(root / MANIFEST))
+    check_manifest(manifest.to_json(), str(root / MANIFEST))
     graphs = artifact_targets(root, manifest, verify_hashes)
-    dtype = manifest["dtype"]  # every graph's own dtype, which artifact_targets checked
+    dtype = manifest.dtype  # every graph's own dtype, which artifact_targets checked
     tolerances = TOLERANCES[dtype]
     report: dict[str, Any] = {"dtype": dtype, "scenario": {"batch": 2, "prompt": 7, "left_pad": 3,
                                                            "decode_steps": decode_steps},
@@ -343,26 +344,26 @@ def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) 
             "failed_outputs": sorted(failed_outputs)}
 
 
-def _check_model(manifest: dict, config: MixtralConfig, what: str) -> None:
+def _check_model(manifest: Manifest, config: MixtralConfig, what: str) -> None:
     """The reference's config must be the model the manifest says was exported (fields a newer
     config may have added are not compared)."""
     summary = config.summary()
-    for key, value in manifest["model"].items():
+    for key, value in manifest.model.items():
         if key in summary and summary[key] != value:
             raise MixexportError(f"{what}: {key} is {summary[key]!r} but the artifact's manifest records model.{key} "
                                  f"= {value!r}: not the model this artifact was exported from")
 
 
-def _check_reference_size(root: Path, manifest: dict, config: MixtralConfig) -> None:
+def _check_reference_size(root: Path, manifest: Manifest, config: MixtralConfig) -> None:
     """Regenerating a preset's reference writes and loads the whole model: refuse a manifest whose
     `source.config` describes far more weights than any target of the artifact holds (every
     target stores all of them), before anything is allocated or written."""
-    held = max(sum((root / f["path"]).stat().st_size for f in entry["files"])
-               for entry in manifest["targets"].values())
-    needed = weight_count(config) * torch_dtype(manifest["dtype"]).itemsize
+    held = max(sum((root / f["path"]).stat().st_size for f in entry.files)
+               for entry in manifest.targets.values())
+    needed = weight_count(config) * torch_dtype(manifest.dtype).itemsize
     if needed > 2 * held + 2**20:
         raise MixexportError(f"{root / MANIFEST}: source.config describes {needed} bytes of "
-                             f"{manifest['dtype']} weights, but the largest target holds {held} bytes: the source "
+                             f"{manifest.dtype} weights, but the largest target holds {held} bytes: the source "
                              f"does not describe this artifact")
 
 
@@ -381,7 +382,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
     """
     root = Path(out)
     manifest = read_manifest(root)
-    source = manifest["source"]
+    source = manifest.source
     if source["kind"] == "checkpoint":
         path = Path(checkpoint or source["path"])
         try:
@@ -402,9 +403,9 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
                                  f"its reference is regenerated, --checkpoint does not apply")
         config = MixtralConfig.from_hf_dict(source["config"], f"{root / MANIFEST}: source.config")
         _check_model(manifest, config, f"{root / MANIFEST}: source.config")
-        if not manifest["targets"]:  # nothing will be compared: no reference to regenerate
+        if not manifest.targets:  # nothing will be compared: no reference to regenerate
             report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False,
-                                           quant_thresholds=quant_thresholds)
+                                       quant_thresholds=quant_thresholds)
         else:
             _check_reference_size(root, manifest, config)
             with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:

@@ -63,9 +63,9 @@ class QuantThresholds:
                 "max_logits_rel_error": rel if self.max_logits_rel_error is None else float(self.max_logits_rel_error)}
 
 
-def scheme_of(manifest: dict) -> QuantScheme | None:
-    """The experts' quantization scheme a manifest records (None: full-precision experts)."""
-    record = manifest.get("experts_quant")
+def scheme_of(manifest) -> QuantScheme | None:
+    """The experts' quantization scheme a (typed) manifest records (None: full-precision experts)."""
+    record = manifest.experts_quant
     return None if record is None else QuantScheme(record["bits"], record["group_size"])
 
 

@@ -48,7 +48,7 @@ def hf_artifact(hf_model, tmp_path_factory):
 
 def test_build_validates(hf_artifact):
     _, manifest = hf_artifact
-    assert manifest["validation"]["passed"] and manifest["source"]["kind"] == "checkpoint"
+    assert manifest.validation["passed"] and manifest.source["kind"] == "checkpoint"
 
 
 def test_ort_matches_transformers_prefill_and_decode(hf_model, hf_artifact):

@@ -41,8 +41,8 @@ def quant_build(tmp_path_factory, scheme: QuantScheme, dtype: str = "float32"):
                                            (QuantScheme(4, 32), "float16")])
 def test_quantized_build_validates(tmp_path_factory, scheme, dtype):
     out, manifest = quant_build(tmp_path_factory, scheme, dtype)
-    assert manifest["experts_quant"] == scheme.to_json() == read_manifest(out)["experts_quant"]
-    assert manifest["targets"]["ort"]["moe_op"] == "com.microsoft.QMoE"
+    assert manifest.experts_quant == scheme.to_json() == read_manifest(out).experts_quant
+    assert manifest.targets["ort"].moe_op == "com.microsoft.QMoE"
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] and report["experts_quant"]["scheme"] == scheme.name
     for target in TARGETS:
@@ -161,7 +161,7 @@ def test_size_estimate_counts_quantized_experts(tmp_path_factory, scheme):
     from mixexport.driver.build import weight_bytes
 
     out, manifest = quant_build(tmp_path_factory, scheme)
-    written = next(f["bytes"] for f in manifest["targets"]["ort"]["files"] if f["path"].endswith(".data"))
+    written = next(f["bytes"] for f in manifest.targets["ort"].files if f["path"].endswith(".data"))
     with reference_source(None, "tiny", SEED, {}, lambda _: None) as (ckpt, _):
         estimate = weight_bytes(ckpt, "float32", scheme)
         assert estimate < weight_bytes(ckpt, "float32")
