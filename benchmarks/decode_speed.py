@@ -1,7 +1,7 @@
 """Prefill and per-token decode latency on CPU: our artifacts vs the PyTorch models, side by side.
 
     python benchmarks/decode_speed.py [--configs small mid] [--batches 1 8] [--steps 16]
-                                      [--prompt 32] [--workdir DIR] [--skip-hf-onnx]
+                                      [--prompt 32] [--workdir DIR] [--skip-hf-onnx] [--quant int8 int4]
 
 For each config (the `small` preset, and `mid`: hidden 512, intermediate 1792, 8 layers, 8 heads,
 2 KV heads, 8 experts, top-2, vocab 32000, fp32) it writes a random checkpoint, builds the
@@ -13,6 +13,10 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
 - hf onnx (ort):  a plain `torch.onnx.export(..., dynamo=True)` of transformers' Mixtral with
                   `experts_implementation="batched_mm"`, run in onnxruntime
 - ours portable / ours ort: the mixexport artifacts in onnxruntime (CPU EP)
+- ours portable int8 / ours ort int4-g32 ...: the same, built with `--experts-quant` (--quant;
+  int4 with group 32), each with its export time and artifact size, and its top-1 agreement with
+  the reference over --steps teacher-forced decode steps at batch 1 (every step's input token is
+  the reference's greedy token; a step agrees when both pick the same next token)
 
 torch uses 2 threads, onnxruntime intra_op_num_threads=2. Decode ms is the median over --steps
 steps (after 3 warmup steps), one new token per sequence per step. "x limit" compares with the
@@ -76,14 +80,18 @@ def dram_bandwidth() -> float:
     return 2 * 1024**3 / best
 
 
-def active_bytes(c, batch: int) -> float:
-    """Weight bytes one decode step must read (embedding rows ignored)."""
+def active_bytes(c, batch: int, quant=None) -> float:
+    """Weight bytes one decode step must read (embedding rows ignored); `quant` (a QuantScheme):
+    experts at bits/8 bytes per weight plus one model-dtype scale per group."""
     item = 4 if c.dtype == "float32" else 2
     H, I, E, K = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
     attn = H * c.num_attention_heads * c.head_dim * 2 + H * c.num_key_value_heads * c.head_dim * 2
     experts = E * (1 - (1 - K / E) ** batch)
-    per_layer = attn + H * E + experts * 3 * H * I + 2 * H
-    return item * (c.num_hidden_layers * per_layer + c.vocab_size * H + H)
+    per_expert = 3 * H * I * item
+    if quant is not None:
+        per_expert = 3 * H * I * quant.bits / 8 + item * (2 * I * H // quant.group(H) + H * I // quant.group(I))
+    per_layer = item * (attn + H * E + 2 * H) + experts * per_expert
+    return c.num_hidden_layers * per_layer + item * (c.vocab_size * H + H)
 
 
 def machine_info() -> str:
@@ -237,6 +245,23 @@ def time_runner(runner, batch: int, prompt: int, steps: int, vocab: int) -> tupl
     return prefill_ms, statistics.median(step_times) * 1e3
 
 
+def greedy_tokens(runner, prompt: int, steps: int, vocab: int, forced: list[torch.Tensor] | None = None):
+    """Batch 1: the argmax token after the prefill and after each of `steps` decode steps; a
+    step's input is `forced[s]` when given (teacher forcing), else the runner's own argmax."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (1, prompt), generator=g)
+    mask = torch.ones(1, prompt, dtype=torch.int64)
+    pos = torch.arange(prompt)[None]
+    logits, state = runner.prefill(ids, mask, pos)
+    picked = [logits[:, -1:].argmax(-1)]
+    for s in range(steps):
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.int64)], dim=1)
+        pos = pos[:, -1:] + 1
+        logits, state = runner.step(forced[s] if forced else picked[-1], mask, pos, state)
+        picked.append(logits[:, -1:].argmax(-1))
+    return picked
+
+
 def run_config(name: str, args, work: Path, bandwidth: float) -> None:
     from mixexport.checkpoint import write_checkpoint
     c = make_config(name)
@@ -244,14 +269,20 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
     ckpt, out = cdir / "ckpt", cdir / "out"
     cdir.mkdir(parents=True, exist_ok=True)
     write_checkpoint(ckpt, c, seed=0)
+    from mixexport.quant import parse_scheme
     exe = Path(sys.executable).with_name("mixexport")
-    t = time.perf_counter()
-    subprocess.run([str(exe), "build", str(ckpt), "-o", str(out), "--target", "portable,ort", "--no-validate"],
-                   check=True, stdout=subprocess.DEVNULL)
+    outs = {None: out, **{parse_scheme(q): cdir / f"out-{q}" for q in args.quant}}
     print(f"\n[{name}] H {c.hidden_size} I {c.intermediate_size} L {c.num_hidden_layers} E {c.num_local_experts} "
-          f"k {c.num_experts_per_tok} V {c.vocab_size} {c.dtype}; mixexport build {time.perf_counter() - t:.0f} s",
-          flush=True)
-    manifest = json.loads((out / "manifest.json").read_text())
+          f"k {c.num_experts_per_tok} V {c.vocab_size} {c.dtype}", flush=True)
+    for quant, folder in outs.items():
+        t = time.perf_counter()
+        extra = [] if quant is None else ["--experts-quant", f"int{quant.bits}"]
+        subprocess.run([str(exe), "build", str(ckpt), "-o", str(folder), "--target", "portable,ort", "--no-validate",
+                        *extra], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        entries = json.loads((folder / "manifest.json").read_text())["targets"]
+        sizes = ", ".join(f"{target} {sum(f['bytes'] for f in e['files']) / 1e6:.1f} MB" for target, e in entries.items())
+        print(f"[{name}] mixexport build ({'full precision' if quant is None else quant.name} experts): "
+              f"{time.perf_counter() - t:.0f} s; {sizes}", flush=True)
     kv = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
     runners: dict[str, object] = {}
@@ -278,11 +309,25 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
                   flush=True)
             return OrtRunner(path, *kv)
         add("hf onnx (ort)", hf_onnx)
-    for target in ("portable", "ort"):
-        add(f"ours {target}", lambda target=target: OrtRunner(out / manifest["targets"][target]["onnx"], *kv))
+    labels = ["reference", "hf eager", "hf onnx (ort)"]
+    schemes = {}
+    for quant, folder in outs.items():
+        for target in ("portable", "ort"):
+            label = f"ours {target}" + ("" if quant is None else f" {quant.name}")
+            labels.append(label)
+            schemes[label] = quant
+            add(label, lambda target=target, folder=folder: OrtRunner(folder / target / "model.onnx", *kv))
+    if "reference" in runners and args.quant:
+        forced = greedy_tokens(runners["reference"], args.prompt, args.steps, c.vocab_size)
+        print(f"[{name}] top-1 agreement with the reference over {args.steps} teacher-forced decode steps, batch 1:")
+        for label, runner in runners.items():
+            if label.startswith("ours"):
+                picked = greedy_tokens(runner, args.prompt, args.steps, c.vocab_size, forced[:-1])
+                print(f"    {label:<24} {sum(int(a == b) for a, b in zip(picked[1:], forced[1:]))}/{args.steps}")
 
     for batch in args.batches:
         limit_ms = active_bytes(c, batch) / bandwidth * 1e3
+        limits = {label: active_bytes(c, batch, quant) / bandwidth * 1e3 for label, quant in schemes.items()}
         results = {}
         for label, runner in runners.items():
             try:
@@ -292,23 +337,26 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
         base = results.get("hf eager")
         print(f"\n== {name}, batch {batch}, prompt {args.prompt}, {args.steps} decode steps; "
               f"bandwidth limit {limit_ms:.2f} ms/step ({active_bytes(c, batch) / 1e6:.0f} MB active weights) ==")
-        print(f"{'implementation':<16} {'prefill ms':>10} {'decode ms/tok':>13} {'prefill x hf':>12} "
-              f"{'decode x hf':>11} {'x limit':>8}")
-        for label in ["reference", "hf eager", "hf onnx (ort)", "ours portable", "ours ort"]:
+        print(f"{'implementation':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'prefill x hf':>12} "
+              f"{'decode x hf':>11} {'x limit':>8} {'x ours ort':>10}")
+        ours = results.get("ours ort")
+        for label in labels:
             r = results.get(label)
             if r is None:
                 if label in failures:
-                    print(f"{label:<16} FAILED: {failures[label]}")
+                    print(f"{label:<24} FAILED: {failures[label]}")
                 continue
             if isinstance(r, str):
-                print(f"{label:<16} FAILED: {r}")
+                print(f"{label:<24} FAILED: {r}")
                 continue
             pre, dec = r
             if isinstance(base, tuple):
                 xp, xd = f"{pre / base[0]:.2f}", f"{dec / base[1]:.2f}"
             else:
                 xp = xd = "n/a"
-            print(f"{label:<16} {pre:>10.1f} {dec:>13.2f} {xp:>12} {xd:>11} {dec / limit_ms:>8.2f}")
+            speedup = f"{ours[1] / dec:.2f}" if isinstance(ours, tuple) else "n/a"  # > 1: faster than fp ort
+            print(f"{label:<24} {pre:>10.1f} {dec:>13.2f} {xp:>12} {xd:>11} {dec / limits.get(label, limit_ms):>8.2f} "
+                  f"{speedup:>10}")
         sys.stdout.flush()
     for label, line in failures.items():
         print(f"[{name}] {label} skipped: {line}")
@@ -323,6 +371,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--skip-hf-onnx", action="store_true", help="skip the plain transformers export row")
+    ap.add_argument("--quant", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+                    help="also build and time artifacts with these --experts-quant schemes (int4: group 32)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     args = ap.parse_args()
 

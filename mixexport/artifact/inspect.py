@@ -21,7 +21,8 @@ from mixexport.safe_io import os_error, read_regular
 from mixexport.targets import BACKENDS
 
 # Node kinds that implement a MoE block: the captured op, and each target's fused one.
-MOE_KINDS = {(MOE_DOMAIN, MOE_OP), *(tuple(b.moe_op.rsplit(".", 1)) for b in BACKENDS.values() if b.moe_op)}
+MOE_KINDS = {(MOE_DOMAIN, MOE_OP), *(tuple(op.rsplit(".", 1)) for b in BACKENDS.values()
+                                     for op in (b.moe_op, b.quant_moe_op) if op)}
 # A graph whose weights are external is small; protobuf cannot parse more than 2 GiB anyway.
 MAX_GRAPH_BYTES = 2 * 1024**3 - 1
 
@@ -88,6 +89,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         manifest = read_manifest(path)
         where = path / MANIFEST
         return {"manifest": {k: getattr(manifest, k) for k in ("model", "dtype", "source", "dynamic_dims", "tools")},
+                "experts_quant": manifest.experts_quant,
                 "validation": manifest.validation,
                 "targets": {t: inspect_onnx(artifact_path(path, e.onnx, f"{where}: targets.{t}.onnx"))
                             for t, e in manifest.targets.items()}}

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mixexport import __version__, graph_io
 from mixexport.dtypes import DTYPES as GRAPH_DTYPES
 from mixexport.errors import MixexportError
+from mixexport.quant import QuantScheme
 from mixexport.safe_io import fsync_dir, open_regular, os_error, parse_json_object, read_regular
 from mixexport.schema import (FILE, SHA256, Invalid, absolute_path, array, boolean, either, exactly, integer, join,
                               mapping, nullable, number, path_problem, record, relative_path, text)
@@ -219,10 +220,22 @@ def _targets(value, where) -> None:
         record(_TARGET_FIELDS, BACKENDS[name].manifest_fields)(entry, join(where, name))
 
 
+def _experts_quant(value, where) -> None:
+    """The experts' quantization scheme: exactly what `QuantScheme.to_json` writes for a valid one."""
+    record({"bits": integer(0, 64), "group_size": nullable(integer(1, 1 << 20)), "symmetric": boolean,
+            "storage": text(max_len=256)})(value, where)
+    try:
+        scheme = QuantScheme(value["bits"], value["group_size"])
+    except MixexportError as exc:
+        raise Invalid(where, str(exc)) from None
+    if scheme.to_json() != value:
+        raise Invalid(where, f"must be {json.dumps(scheme.to_json())} for {scheme.name} (the one stored layout)")
+
+
 MANIFEST_SCHEMA = record(
     {"format": integer(0, 1_000_000), "created": text(max_len=64), "tools": mapping(text(max_len=256)),
      "model": MODEL, "dtype": text(DTYPES), "source": SOURCE, "dynamic_dims": _dynamic_dims, "targets": _targets},
-    {"validation": SUMMARY},
+    {"validation": SUMMARY, "experts_quant": _experts_quant},
 )
 
 
@@ -271,6 +284,7 @@ class Manifest:
     created: str = dataclasses.field(default_factory=_now)
     tools: dict[str, str] = dataclasses.field(default_factory=tool_versions)
     validation: dict[str, Any] | None = None  # the parity report's summary, once validation ran
+    experts_quant: dict[str, Any] | None = None  # `QuantScheme.to_json()` of quantized experts
 
     def to_json(self) -> dict[str, Any]:
         value = {"format": self.format, "created": self.created, "tools": self.tools, "model": self.model,
@@ -278,6 +292,8 @@ class Manifest:
                  "targets": {name: t.to_json() for name, t in self.targets.items()}}
         if self.validation is not None:
             value["validation"] = self.validation
+        if self.experts_quant is not None:
+            value["experts_quant"] = self.experts_quant
         return value
 
     @classmethod
@@ -293,7 +309,7 @@ class Manifest:
                    dynamic_dims=value["dynamic_dims"],
                    targets={name: TargetRecord.from_json(t) for name, t in value["targets"].items()},
                    format=value["format"], created=value["created"], tools=value["tools"],
-                   validation=value.get("validation"))
+                   validation=value.get("validation"), experts_quant=value.get("experts_quant"))
 
     def held_targets(self) -> list[str]:
         """What validation compares: every target, and what their backends add (the trt engine)."""

@@ -94,6 +94,26 @@ def _os_error_message(exc: OSError) -> str:
     return f"{where}{what}" + (f" ({hint})" if hint and hint.lower() != what.lower() else "")
 
 
+def quant_threshold_options(command):
+    """--quant-min-top1, --quant-min-router, --quant-max-logits-error: the gates of a quantized
+    artifact's quantization error (mixexport.validate.quant_parity; default: per bit width)."""
+    for name, help_text in reversed((
+            ("--quant-min-top1", "Quantized experts: least share of positions whose argmax token matches the "
+                                 "full-precision reference's (default: 0.9 for int8, 0.75 for int4)."),
+            ("--quant-min-router", "Quantized experts: least share of (token, layer) whose top-k experts match the "
+                                   "full-precision reference's (default: 0.9 for int8, 0.8 for int4)."),
+            ("--quant-max-logits-error", "Quantized experts: largest RMS logits error relative to the full-precision "
+                                         "reference's RMS (default: 0.05 for int8, 0.15 for int4)."))):
+        command = click.option(name, type=click.FloatRange(min=0.0), help=help_text)(command)
+    return command
+
+
+def quant_thresholds(quant_min_top1, quant_min_router, quant_max_logits_error):
+    from mixexport.validate.quant_parity import QuantThresholds
+
+    return QuantThresholds(quant_min_top1, quant_min_router, quant_max_logits_error)
+
+
 def dtype_option(help_text: str, default=None):
     return click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=default,
                         callback=lambda ctx, param, value: value and canonical_dtype(value), help=help_text)
@@ -172,17 +192,27 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
 @click.option("--plugin", type=click.Path(dir_okay=False),
               help="MixtralMoE plugin library for the trt engine (default: $MIXEXPORT_PLUGIN_LIB or "
                    "build/plugins/moe/libmixexport_plugins.so).")
+@click.option("--experts-quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantized experts: int8 per output row, int4 per row and group of --group-size "
+                   "columns (symmetric; attention, router, embeddings stay in the graph dtype).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="int4 columns per scale (default 32).")
+@quant_threshold_options
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
-          allow_not_validated, allow_non_finite, validation_mode, force, plugin) -> None:
+          allow_not_validated, allow_non_finite, validation_mode, force, plugin, experts_quant, group_size,
+          quant_min_top1, quant_min_router, quant_max_logits_error) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
+    from mixexport.quant import parse_scheme
 
     options = BuildOptions(targets=None if targets is None else tuple(t.strip() for t in targets.split(",")
                                                                       if t.strip()),
                            dtype=dtype, max_batch=max_batch, max_sequence=max_sequence, max_context=max_context,
                            force=force, validate=not no_validate, allow_not_validated=allow_not_validated,
-                           validation_mode=validation_mode, plugin=plugin)
+                           validation_mode=validation_mode, plugin=plugin,
+                           experts_quant=parse_scheme(experts_quant, group_size and int(group_size)),
+                           quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
+                                                             quant_max_logits_error))
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
@@ -257,18 +287,26 @@ def engine(out, plugin, timing_cache) -> None:
 @click.option("--allow-non-finite", is_flag=True,
               help="Read reference weights that hold NaN or Inf (an artifact built with --allow-non-finite).")
 @VALIDATION_MODE
-def validate(out, checkpoint, report, allow_not_validated, allow_non_finite, validation_mode) -> None:
+@quant_threshold_options
+def validate(out, checkpoint, report, allow_not_validated, allow_non_finite, validation_mode, quant_min_top1,
+             quant_min_router, quant_max_logits_error) -> None:
     """Check every target in OUT against the PyTorch reference; exit 1 unless every one passed."""
     from mixexport.validate.parity import validate_out
 
     result, written = validate_out(out, checkpoint, report, progress, allow_non_finite=allow_non_finite,
-                                   mode=validation_mode)
+                                   mode=validation_mode,
+                                   quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
+                                                                     quant_max_logits_error))
     rows = [("target", "status", "max |diff| logits", "max |diff| present", "router agreement", "why")]
     for target, r in result["targets"].items():
         diffs = r.get("max_abs_diff", {})
         rows.append((target, r["status"], _diff(diffs, "logits"), _diff(diffs, "present"),
                      "-" if r.get("router_agreement") is None else f"{r['router_agreement']:.1%}", _why(r)))
     _print_table(rows)
+    if "experts_quant" in result:
+        click.echo(f"quantization error ({result['experts_quant']['scheme']} experts, against the full-precision "
+                   f"reference; gates {result['experts_quant']['thresholds']}):")
+        _print_quant_rows(result)
     if written:
         click.echo("report: " + " and ".join(str(p) for p in written))
     summary = result["summary"]
@@ -284,6 +322,17 @@ def validate(out, checkpoint, report, allow_not_validated, allow_non_finite, val
                              f"--allow-not-validated to accept the targets that passed")
 
 
+def _print_quant_rows(result: dict) -> None:
+    rows = [("target", "top-1 agreement", "router agreement", "logits RMS rel. error", "max |diff| logits", "failed")]
+    for target, r in result["targets"].items():
+        q = r.get("quantization")
+        if q:
+            rows.append((target, f"{q['top1_agreement']:.1%}", "-" if q["router_agreement"] is None
+                         else f"{q['router_agreement']:.1%}", f"{q['logits_rel_error']:.3f}",
+                         f"{q['logits_max_abs_error']:.2e}", ", ".join(q["failed"]) or "-"))
+    _print_table(rows)
+
+
 def _diff(diffs: dict, group: str) -> str:
     if group not in diffs:
         return "-"
@@ -295,6 +344,8 @@ def _why(result: dict) -> str:
     if result.get("failed_outputs"):
         shown = result["failed_outputs"][:3]
         return "outside tolerance: " + ", ".join(shown) + (" ..." if len(result["failed_outputs"]) > 3 else "")
+    if result.get("quantization") and result["quantization"]["failed"]:
+        return "quantization error: " + ", ".join(result["quantization"]["failed"])
     if result["status"] == "fail" and result.get("router_agreement") is not None and "reason" not in result:
         return "router agreement too low"
     return result.get("reason", "")
@@ -318,6 +369,10 @@ def inspect(path, as_json) -> None:
                    f"E {model['num_local_experts']}, top-{model['num_experts_per_tok']}, dtype {m['dtype']}")
         click.echo(f"source: {m['source'].get('path') or m['source'].get('preset')}")
         click.echo("dynamic dims: " + ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in m["dynamic_dims"].items()))
+        quant = info["experts_quant"]
+        click.echo("experts: " + ("in the model dtype" if quant is None else
+                                  f"int{quant['bits']} weight-only, " + (f"group {quant['group_size']}" if quant["group_size"]
+                                                                          else "per output row") + f" ({quant['storage']})"))
         if info["validation"]:
             click.echo(f"validation: {'passed' if info['validation']['passed'] else 'FAILED'} "
                        f"{info['validation']['targets']}")

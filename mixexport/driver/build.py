@@ -29,9 +29,11 @@ from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
 from mixexport.dtypes import torch_dtype
 from mixexport.errors import MixexportError
+from mixexport.quant import QuantScheme
 from mixexport.safe_io import format_bytes
 from mixexport.targets import BACKENDS, TARGETS, backend
 from mixexport.validate.parity import validate_artifact
+from mixexport.validate.quant_parity import QuantThresholds
 from mixexport.validate.streamed import memory_available, whole_validation_bytes
 
 DEFAULT_MAX_SEQUENCE, DEFAULT_MAX_CONTEXT = 2048, 8192
@@ -55,6 +57,8 @@ class BuildOptions:
     allow_not_validated: bool = False  # accept targets this machine cannot run (exit 0)
     plugin: str | None = None  # MixtralMoE plugin library, for the trt engine
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
+    experts_quant: QuantScheme | None = None  # weight-only quantized experts (mixexport.quant)
+    quant_thresholds: QuantThresholds | None = None  # gates of validation's quantization error; None: defaults
 
 
 def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progress) -> str:
@@ -72,33 +76,45 @@ def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progre
     return config.dtype
 
 
+def _target_refusal(target: str, config: MixtralConfig, dtype: str, quant: QuantScheme | None) -> str | None:
+    """Why `target` cannot serve this model in `dtype` with `quant` experts, or None."""
+    chosen = BACKENDS[target]
+    reason = chosen.refusal(config, dtype)
+    if reason is None and quant is not None:
+        reason = chosen.quant_refusal(config, quant)
+    return reason
+
+
 def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dtype: str,
-                    progress: Progress) -> tuple[str, ...]:
-    """The targets to build: those asked for (each must be able to serve the model), or by
-    default every target that can, saying why any other is left out.
+                    progress: Progress, quant: QuantScheme | None = None) -> tuple[str, ...]:
+    """The targets to build: those asked for (each must be able to serve the model, its experts
+    quantized with `quant` when given), or by default every target that can, saying why any
+    other is left out.
 
     Raises:
         MixexportError: for an unknown, repeated or unsupported target, or an empty list.
     """
+    what = dtype if quant is None else f"{dtype} with {quant.name} experts"
     if requested is None:
         chosen = []
         for target in TARGETS:
-            reason = BACKENDS[target].refusal(config, dtype)
+            reason = _target_refusal(target, config, dtype, quant)
             if reason:
-                progress(f"{target}: not built for {dtype}: {reason} (--target {target} --dtype ... to choose)")
+                progress(f"{target}: not built for {what}: {reason} (--target {target} --dtype ... to choose)")
             else:
                 chosen.append(target)
         if not chosen:
-            raise MixexportError(f"no target can serve this model in {dtype}")
+            raise MixexportError(f"no target can serve this model in {what}")
         return tuple(chosen)
     if not requested:
         raise MixexportError(f"--target names no target; choose from {', '.join(TARGETS)}")
     for target in requested:
-        reason = backend(target).refusal(config, dtype)
+        backend(target)  # an unknown name is refused with the list of targets
+        reason = _target_refusal(target, config, dtype, quant)
         if requested.count(target) > 1:
             raise MixexportError(f"--target names {target} more than once")
         if reason:
-            raise MixexportError(f"target {target} cannot be built for {dtype}: {reason}")
+            raise MixexportError(f"target {target} cannot be built for {what}: {reason}")
     return requested
 
 
@@ -134,15 +150,24 @@ def dynamic_ranges(options: BuildOptions, config: MixtralConfig) -> dict[str, li
             graph_io.PAST: [0, total - 1], graph_io.TOTAL: [1, total]}
 
 
-def weight_bytes(ckpt: Checkpoint, dtype: str) -> int:
-    """Bytes of the model's weights in `dtype`: what each target's external data file holds."""
-    return weight_count(ckpt.config) * torch_dtype(dtype).itemsize
+def weight_bytes(ckpt: Checkpoint, dtype: str, quant: QuantScheme | None = None) -> int:
+    """Bytes of the model's weights in `dtype` (experts stored as `quant` says, when given): what
+    each target's external data file holds."""
+    c = ckpt.config
+    item = torch_dtype(dtype).itemsize
+    total = weight_count(c) * item
+    if quant is None:
+        return total
+    h, i, per_layer = c.hidden_size, c.intermediate_size, c.num_hidden_layers * c.num_local_experts
+    experts = per_layer * 3 * h * i
+    scales = per_layer * (2 * i * h // quant.group(h) + h * i // quant.group(i))
+    return total - experts * item + experts * quant.bits // 8 + scales * item
 
 
 def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out: Path, validate: bool,
-                     validation_mode: str, progress: Progress) -> None:
+                     validation_mode: str, progress: Progress, quant: QuantScheme | None = None) -> None:
     """Say what the build will need, and refuse up front what cannot fit (not after an hour)."""
-    per_target = weight_bytes(ckpt, dtype)
+    per_target = weight_bytes(ckpt, dtype, quant)
     need = per_target * len(targets) + 64 * 1024**2
     free = shutil.disk_usage(out.parent).free
     minutes = per_target * len(targets) / ESTIMATE_WRITE_BYTES_PER_S / 60
@@ -153,6 +178,8 @@ def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out
         raise MixexportError(f"not enough disk space for {out}: {len(targets)} target(s) need about "
                              f"{format_bytes(need)}, {format_bytes(free)} are free on the filesystem of {out.parent}")
     if validate:
+        # The reference is full precision also for quantized experts (and dequantizes one
+        # layer's experts per call), so the estimate is the full-precision model's.
         ram = whole_validation_bytes(ckpt.config, dtype)
         available = memory_available()
         progress(f"whole-model validation would hold about {format_bytes(ram)} in memory"
@@ -181,7 +208,10 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
     out = Path(out)
     config = ckpt.config
     dtype = resolve_dtype(config, options.dtype, progress)
-    targets = resolve_targets(options.targets, config, dtype, progress)
+    quant = options.experts_quant
+    if quant is not None and (reason := quant.refusal(config.hidden_size, config.intermediate_size)):
+        raise MixexportError(f"--experts-quant: {reason}")
+    targets = resolve_targets(options.targets, config, dtype, progress, quant)
     ranges = dynamic_ranges(options, config)
     protected = {"the checkpoint": ckpt.path}
     check_destination(out, options.force, protected)
@@ -189,13 +219,14 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
     with output_lock(out):
         check_destination(out, options.force, protected)  # again, now that no other build can change it
         collect_stale(out, progress)
-        _check_resources(ckpt, dtype, targets, out, options.validate, options.validation_mode, progress)
+        _check_resources(ckpt, dtype, targets, out, options.validate, options.validation_mode, progress, quant)
         staging = make_staging(out)
         try:
             manifest = _build_into(staging, ckpt, source, out, targets, dtype, ranges, options, progress)
             report = None
             if options.validate:
-                report = validate_artifact(staging, manifest, ckpt, progress=progress, mode=options.validation_mode)
+                report = validate_artifact(staging, manifest, ckpt, progress=progress, mode=options.validation_mode,
+                                           quant_thresholds=options.quant_thresholds)
                 manifest.validation = report["summary"]
                 write_manifest(staging, manifest)
                 if report["summary"]["failed_targets"]:
@@ -239,11 +270,15 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
                                max_sequence=ranges[graph_io.SEQUENCE][1], max_total=ranges[graph_io.TOTAL][1])
     attach_checkpoint_weights(captured, ckpt, dtype)
     progress(f"captured in {time.perf_counter() - start:.1f}s")
-    entries = {target: _build_target(captured, target, config, dtype, root, progress) for target in targets}
+    quant = options.experts_quant
+    if quant is not None:
+        progress(f"experts quantized {quant.name} while they are written (attention, router, embeddings stay {dtype})")
+    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant) for target in targets}
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
         source = {**source, "files": checkpoint_entries(ckpt)}
-    manifest = Manifest(model=config.summary(), dtype=dtype, source=source, dynamic_dims=ranges, targets=entries)
+    manifest = Manifest(model=config.summary(), dtype=dtype, source=source, dynamic_dims=ranges, targets=entries,
+                        experts_quant=None if quant is None else quant.to_json())
     for target in targets:
         BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress)
     write_manifest(root, manifest)
@@ -251,10 +286,10 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
-                  progress: Progress) -> TargetRecord:
+                  progress: Progress, quant: QuantScheme | None = None) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
-    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers)
+    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant)
     folder = root / target
     folder.mkdir()
     files = save_model(model, folder, root, target, progress)
@@ -263,4 +298,4 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
                         inputs=[b.as_dict() for b in graph_io.inputs(config, dtype)],
                         outputs=[b.as_dict() for b in graph_io.outputs(config, dtype)],
-                        moe_op=BACKENDS[target].moe_op, moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)
+                        moe_op=BACKENDS[target].moe_op_for(quant), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)

@@ -8,7 +8,8 @@ import re
 import onnx_ir as ir
 
 from mixexport.capture.moe_op import MOE_DOMAIN, MOE_OP
-from mixexport.passes.base import RewriteResult
+from mixexport.passes.base import RewriteResult, require_opset
+from mixexport.quant import QuantScheme
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -103,19 +104,30 @@ def replace_moe(graph: ir.Graph, match: MoEMatch, new_nodes: list[ir.Node], outp
 class MoELowering(ir.passes.InPlacePass):
     """A pass that rewrites every `mixexport.MoE` node with `lower_one`, one rewrite per node.
 
-    Subclasses set `lower_one(graph, match)` and the opset `domain` their nodes need (if any).
+    Subclasses set `lower_one(graph, match, quant)`, the opset `domain` their nodes need (if any)
+    and `quant_opset`, the default-domain opset their quantized form needs (if any).
+
+    Args:
+        quant: the experts' quantization scheme (None: experts in the model dtype).
     """
 
     domain: str | None = None
+    quant_opset: int | None = None
+
+    def __init__(self, quant: QuantScheme | None = None):
+        super().__init__()
+        self.quant = quant
 
     @staticmethod
-    def lower_one(graph: ir.Graph, m: MoEMatch) -> None:
+    def lower_one(graph: ir.Graph, m: MoEMatch, quant: QuantScheme | None) -> None:
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> RewriteResult:
         matches = find_moe(model.graph)
         for m in matches:
-            self.lower_one(model.graph, m)
+            self.lower_one(model.graph, m, self.quant)
         if matches and self.domain:
             model.opset_imports.setdefault(self.domain, 1)
+        if matches and self.quant and self.quant_opset:
+            require_opset(model, self.quant_opset)
         return RewriteResult(model, bool(matches), rewrites=len(matches))

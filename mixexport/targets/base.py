@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import onnxruntime
 
     from mixexport.checkpoint.config import MixtralConfig
+    from mixexport.quant import QuantScheme
 
 Progress = Callable[[str], None]
 
@@ -43,6 +44,8 @@ class Backend:
     dtype_reason: ClassVar[str] = ""
     # "domain.op_type" of the fused node its lowering emits per MoE block; None: standard ONNX ops.
     moe_op: ClassVar[str | None] = None
+    # The fused node it emits for quantized experts, where that is another op (ort: QMoE).
+    quant_moe_op: ClassVar[str | None] = None
     # Fields its manifest entry may hold beyond the common ones (name -> schema check); they are
     # the entry's `extra` (`mixexport.artifact.manifest.TargetRecord`).
     manifest_fields: ClassVar[dict[str, Check]] = {}
@@ -53,14 +56,24 @@ class Backend:
             return f"{self.dtype_reason or 'unsupported'}; it supports {', '.join(self.dtypes)}"
         return None
 
-    def lowering(self, num_layers: int) -> list[Step]:
+    def quant_refusal(self, config: "MixtralConfig", scheme: "QuantScheme") -> str | None:
+        """Why this target cannot serve `config`'s experts quantized with `scheme`, or None when it can."""
+        return None
+
+    def moe_op_for(self, quant: "QuantScheme | None") -> str | None:
+        """The fused MoE node's "domain.op_type" for experts quantized with `quant` (or not)."""
+        return self.quant_moe_op if quant is not None and self.quant_moe_op else self.moe_op
+
+    def lowering(self, num_layers: int, quant: "QuantScheme | None" = None) -> list[Step]:
         """(report name, pass) that lower a captured graph of `num_layers` decoder layers, the MoE
-        lowering (`lower_moe_<name>`) first; the pipeline adds the common passes around them."""
+        lowering (`lower_moe_<name>`, its experts quantized with `quant` when given) first; the
+        pipeline adds the common passes around them."""
         raise NotImplementedError
 
-    def lower(self, model: ir.Model, num_layers: int) -> dict[str, int]:
-        """Lower a clone of the captured graph in place; returns the rewrites per pass."""
-        return run_pipeline(model, self.name, self.lowering(num_layers), num_layers)
+    def lower(self, model: ir.Model, num_layers: int, quant: "QuantScheme | None" = None) -> dict[str, int]:
+        """Lower a clone of the captured graph in place (experts quantized with `quant` when
+        given); returns the rewrites per pass."""
+        return run_pipeline(model, self.name, self.lowering(num_layers, quant), num_layers)
 
     # -- validation on this machine (onnxruntime, CPU) --------------------------------------------
 

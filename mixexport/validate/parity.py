@@ -43,6 +43,7 @@ from mixexport.targets.trt.engine import gpu_name, require_tensorrt
 from mixexport.targets.trt.manifest_fields import ENGINE_TARGET
 from mixexport.targets.trt.runner import engine_runner
 from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets
+from mixexport.validate.quant_parity import QuantThresholds, quantization_error, scheme_of
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
 from mixexport.validate.streamed import choose_mode, streamed_compare
 
@@ -183,7 +184,8 @@ def router_agreement(ref_iters, target_iters, feeds, layers: range, top_k: int) 
 
 
 def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
-                      verify_hashes: bool = False, write_report: bool = True, mode: str = "auto") -> dict[str, Any]:
+                      verify_hashes: bool = False, write_report: bool = True, mode: str = "auto",
+                      quant_thresholds: QuantThresholds | None = None) -> dict[str, Any]:
     """Compare every target the artifact in `root` holds against the reference built from `ckpt`.
 
     What is compared comes from the files (`artifact_targets`), each graph at the tolerance of its
@@ -201,6 +203,9 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
         write_report: write the report to `root/validation.json` (atomically).
         mode: "whole", "streamed" (one stage at a time, `validate.streamed`) or "auto" (streamed
             when the whole model does not fit in the memory available); the report records it.
+        quant_thresholds: the gates of a quantized artifact's quantization error (`quant_parity`;
+            None: the defaults of its bit width). Such an artifact is compared with the dequantized
+            reference at the usual tolerances, and with the full-precision one under these gates.
 
     Returns:
         the report: per-target results, `passed`, and `summary` (`passed`, `targets`,
@@ -217,6 +222,11 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                                                            "decode_steps": decode_steps},
                               "tolerances": {k: {"atol": a, "rtol": r} for k, (a, r) in tolerances.items()},
                               "min_router_agreement": MIN_ROUTER_AGREEMENT, "targets": {}}
+    quant = scheme_of(manifest)
+    if quant is not None:
+        report["experts_quant"] = {"scheme": quant.name, "reference": "dequantized experts (exactness), and "
+                                   "the full-precision reference (quantization error)",
+                                   "thresholds": (quant_thresholds or QuantThresholds()).resolve(quant)}
     if graphs and ckpt is None:
         raise InternalError("validate_artifact has targets to compare but was given no reference checkpoint")
     to_run = []
@@ -234,7 +244,14 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                 to_run.append((ENGINE_TARGET, None))
     if to_run:
         report["mode"] = choose_mode(mode, ckpt.config, dtype, progress)
-    if to_run and report["mode"] == "streamed":
+    if to_run and report["mode"] == "streamed" and quant is not None:
+        # Fail closed: the streamed reference has no dequantized-experts path yet.
+        for name, _ in to_run:
+            report["targets"][name] = {
+                "status": NOT_VALIDATED, "reason": f"streamed validation of {quant.name} experts is not implemented: "
+                                                   f"validate with --validation-mode whole on a machine that holds "
+                                                   f"the model"}
+    elif to_run and report["mode"] == "streamed":
         if (ENGINE_TARGET, None) in to_run:
             to_run.remove((ENGINE_TARGET, None))
             report["targets"][ENGINE_TARGET] = {
@@ -251,7 +268,20 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                  f"batch 2, left padding)")
         recorder = RecordingMoE()
         model = load_reference(ckpt, dtype=torch_dtype(dtype), moe_impl=recorder)
-        feeds = scenario_feeds(model, dtype, decode_steps=decode_steps)
+        feeds = scenario_feeds(model, dtype, decode_steps=decode_steps)  # teacher-forced at full precision
+        check_quant = None
+        if quant is not None:
+            with G_LOGGER.verbosity(G_LOGGER.ERROR):
+                full = Comparator.run([TorchReferenceRunner(model, recorder, name="full-precision")], data_loader=feeds)
+            full_iters = next(iter(full.values()))
+            recorder.quant = quant  # the reference of the exactness check: the stored experts
+
+            def check_quant(target_iters):
+                has_router = bool(num_layers) and router_logits_name(0) in target_iters[0]
+                agreement = (router_agreement(full_iters, target_iters, feeds, range(num_layers), top_k) if has_router
+                             else None)
+                return quantization_error(full_iters, target_iters, feeds, agreement,
+                                          report["experts_quant"]["thresholds"])
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
             reference = Comparator.run([TorchReferenceRunner(model, recorder)], data_loader=feeds)
         ref_name, ref_iters = next(iter(reference.items()))
@@ -263,7 +293,7 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                 def make_runner(graph=graph):
                     return OnnxrtRunner(session_loader(graph, num_layers), name=graph.name)
             report["targets"][name] = _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances,
-                                                      range(num_layers), top_k)
+                                                      range(num_layers), top_k, check_quant)
     report["targets"] = {t: report["targets"][t] for t in [*graphs, ENGINE_TARGET] if t in report["targets"]}
     statuses = {t: r["status"] for t, r in report["targets"].items()}
     failed = [t for t, s in statuses.items() if s == "fail"]
@@ -283,11 +313,14 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
     return report
 
 
-def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers: range, top_k) -> dict[str, Any]:
+def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers: range, top_k,
+                    check_quant=None) -> dict[str, Any]:
     """Run one target (or one stage of it: `layers` are those whose router logits it outputs) on
     the scenario and compare it with the reference's outputs.
 
     A target that onnxruntime (or TensorRT) cannot load or run has failed; its error is the reason.
+    `check_quant` (quantized artifacts): the target's outputs -> its quantization-error record
+    (`quant_parity.quantization_error`), which fails the target when a gate is missed.
     """
     try:
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
@@ -311,7 +344,12 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers:
     except Exception as exc:  # e.g. an output of the wrong shape: the target did not compute the contract
         first = (str(exc).strip().splitlines() or [""])[0][:400]
         return {"status": "fail", "reason": f"outputs not comparable: {type(exc).__name__}: {first}"}
-    return _target_report(accuracy, target_iters, ref_iters, feeds, layers, top_k)
+    result = _target_report(accuracy, target_iters, ref_iters, feeds, layers, top_k)
+    if check_quant is not None:
+        result["quantization"] = check_quant(target_iters)
+        if not result["quantization"]["passed"]:
+            result["status"] = "fail"
+    return result
 
 
 def _target_report(accuracy, target_iters, ref_iters, feeds, layers: range, top_k) -> dict[str, Any]:
@@ -365,7 +403,8 @@ def _check_reference_size(root: Path, manifest: Manifest, config: MixtralConfig)
 
 def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_path: str | Path | None = None,
                  progress: Progress = lambda _: None, allow_non_finite: bool = False,
-                 mode: str = "auto") -> tuple[dict[str, Any], list[Path]]:
+                 mode: str = "auto",
+                 quant_thresholds: QuantThresholds | None = None) -> tuple[dict[str, Any], list[Path]]:
     """`mixexport validate OUT`: check the artifact's files, find the reference weights the manifest
     names and compare. Writes nothing into OUT but validation.json, and that only where OUT is
     writable. `mode`: as `validate_artifact`'s.
@@ -392,7 +431,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
         verify_checkpoint(ckpt, source["files"], f"reference checkpoint {path}")
         report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
-                                     mode=mode)
+                                   mode=mode, quant_thresholds=quant_thresholds)
     else:
         if checkpoint is not None:
             raise MixexportError(f"{out} was built from preset {source['preset']!r} (seed {source['seed']}); "
@@ -401,14 +440,14 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         _check_model(manifest, config, f"{root / MANIFEST}: source.config")
         if not manifest.targets:  # nothing will be compared: no reference to regenerate
             report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False,
-                                     mode=mode)
+                                       mode=mode, quant_thresholds=quant_thresholds)
         else:
             _check_reference_size(root, manifest, config)
             with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
                 progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
                 ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
                 report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
-                                     mode=mode)
+                                           mode=mode, quant_thresholds=quant_thresholds)
     written = []
     if os.access(root, os.W_OK):
         try:

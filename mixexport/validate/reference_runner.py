@@ -19,16 +19,25 @@ from mixexport import graph_io
 from mixexport.dtypes import canonical_dtype
 from mixexport.model.moe import moe_reference
 from mixexport.graph_io import router_logits_name
+from mixexport.quant import QuantScheme
+from mixexport.validate.quant_parity import dequantized_moe
 
 
 class RecordingMoE:
-    """The MoE reference, remembering the router logits of every call (one call per layer)."""
+    """The MoE reference, remembering the router logits of every call (one call per layer).
+
+    `quant` (settable between runs): compute with the dequantized experts of that scheme, the
+    reference of a quantized artifact's exactness check (`quant_parity`); None: as stored.
+    """
 
     def __init__(self) -> None:
         self.router_logits: list[torch.Tensor] = []
+        self.quant: QuantScheme | None = None
 
     def __call__(self, x, router_logits, w_gate_up, w_down, top_k, normalize):
         self.router_logits.append(router_logits.detach())
+        if self.quant is not None:
+            return dequantized_moe(x, router_logits, w_gate_up, w_down, top_k, normalize, self.quant)
         return moe_reference(x, router_logits, w_gate_up, w_down, top_k, normalize)
 
 

@@ -4,6 +4,7 @@ TensorRT baseline)."""
 from __future__ import annotations
 
 from mixexport.passes.pipeline import Step
+from mixexport.quant import QuantScheme
 from mixexport.targets.base import Backend
 from mixexport.targets.portable.lowering import LowerMoEToPortable
 
@@ -12,5 +13,5 @@ class PortableBackend(Backend):
     name = "portable"
     dtypes = ("float32", "float16", "bfloat16")
 
-    def lowering(self, num_layers: int) -> list[Step]:
-        return [("lower_moe_portable", LowerMoEToPortable())]
+    def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:
+        return [("lower_moe_portable", LowerMoEToPortable(quant))]

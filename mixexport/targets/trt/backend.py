@@ -17,11 +17,12 @@ from mixexport.dtypes import dtype_info
 from mixexport.errors import InternalError, MixexportError
 from mixexport.kernels.configs import kernel_shape_refusal
 from mixexport.passes.pipeline import Step
+from mixexport.quant import QuantScheme
 from mixexport.targets.base import Backend, Progress
 from mixexport.targets.trt import engine
 from mixexport.targets.trt import manifest_fields as fields
 from mixexport.targets.trt.contract import plugin_contract
-from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin
+from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin, contract_has_quant
 
 if TYPE_CHECKING:
     import onnx
@@ -45,8 +46,13 @@ class TrtBackend(Backend):
         return super().refusal(config, dtype) or kernel_shape_refusal(
             config.hidden_size, config.intermediate_size, config.num_local_experts)
 
-    def lowering(self, num_layers: int) -> list[Step]:
-        return [("lower_moe_trt", LowerMoEToTrtPlugin())]
+    def quant_refusal(self, config: "MixtralConfig", scheme: QuantScheme) -> str | None:
+        if not contract_has_quant():
+            return "the MixtralMoE plugin contract has no quantized experts (quant_bits, s_gate_up, s_down)"
+        return kernel_shape_refusal(config.hidden_size, config.intermediate_size, config.num_local_experts, scheme)
+
+    def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:
+        return [("lower_moe_trt", LowerMoEToTrtPlugin(quant))]
 
     def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
         from mixexport.targets.trt.cpu_plugin import use_cpu_plugin
@@ -64,7 +70,7 @@ class TrtBackend(Backend):
                progress: Progress) -> None:
         extra = manifest.targets["trt"].extra
         if options.trt_kernels:
-            extra["kernels"] = _write_kernels(root, manifest.dtype, record, progress)
+            extra["kernels"] = _write_kernels(root, manifest.dtype, options.experts_quant, record, progress)
         _try_engine(root, out, manifest, options, record, progress)
 
     def entry_paths(self, extra: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -77,7 +83,8 @@ class TrtBackend(Backend):
         return [fields.ENGINE_TARGET] if fields.engine_built(extra) else []
 
 
-def _write_kernels(root: Path, dtype: str, record: Callable[[Path], dict], progress: Progress) -> dict:
+def _write_kernels(root: Path, dtype: str, quant: QuantScheme | None, record: Callable[[Path], dict],
+                   progress: Progress) -> dict:
     """AOT-compile the MixtralMoE kernels (cubin + PTX + metadata) into OUT/trt/kernels, which the
     plugin's CMake build embeds (-DMIXEXPORT_AOT_DIR). `refusal` has checked dtype and shapes."""
     if importlib.util.find_spec("triton") is None:
@@ -88,7 +95,8 @@ def _write_kernels(root: Path, dtype: str, record: Callable[[Path], dict], progr
     # A subprocess, without TRITON_INTERPRET: the AOT compile must see real GPU targets.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-m", "mixexport.kernels.aot", "--arch", KERNEL_ARCHS,
-                          "--dtype", dtype_info(dtype).short, "-o", str(folder)], env=env, capture_output=True, text=True)
+                          "--dtype", dtype_info(dtype).short, "--quant", quant.name if quant else "none",
+                          "-o", str(folder)], env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise InternalError(f"AOT kernel compile failed:\n{run.stderr[-2000:]}")
     files = sorted(folder.iterdir())
