@@ -264,7 +264,8 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
         "targets": entries,
     }
     for target in targets:
-        BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress)
+        BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress,
+                                checkpoint=ckpt.path)
     write_manifest(root, manifest)
     return manifest
 

@@ -7,7 +7,7 @@ A backend is a deployment target (`portable`, `ort`, `trt`). It says:
 - the passes that lower the captured graph for it (`lowering`), run by `lower`;
 - how validation runs its graph on this machine (`validation_refusal`, `prepare_validation_model`,
   `configure_session`), always onnxruntime's CPU provider;
-- what else it writes into the artifact after its graph (`finish`: kernels, engine).
+- what else it writes into the artifact after its graph (`finish`: runtime files, kernels, engine).
 
 Adding a target is a folder `targets/<name>/` with `backend.py` and `lowering.py` and one line in
 the registry (`mixexport.targets`).
@@ -73,11 +73,12 @@ class Backend:
     # -- artifact ---------------------------------------------------------------------------------
 
     def finish(self, root: Path, out: Path, manifest: dict[str, Any], options: Any, record: Callable[[Path], dict],
-               progress: Progress) -> None:
+               progress: Progress, checkpoint: Path) -> None:
         """Write what the target needs beyond its graph into `root` (the artifact being built,
         installed at `out`) and record it in its entry of `manifest`.
 
         Args:
             options: the build's options (the driver's BuildOptions).
             record: a written file -> its manifest file entry (path, bytes, sha256).
+            checkpoint: the checkpoint directory exported (read only: its tokenizer, its ids).
         """

@@ -4,13 +4,14 @@ TensorRT baseline)."""
 from __future__ import annotations
 
 from mixexport.passes.pipeline import Step
-from mixexport.targets.base import Backend
+from mixexport.targets.runtime_files import RuntimeFilesBackend
 from mixexport.targets.portable.lowering import LowerMoEToPortable
 
 
-class PortableBackend(Backend):
+class PortableBackend(RuntimeFilesBackend):
     name = "portable"
     dtypes = ("float32", "float16", "bfloat16")
 
     def lowering(self, num_layers: int) -> list[Step]:
         return [("lower_moe_portable", LowerMoEToPortable())]
+

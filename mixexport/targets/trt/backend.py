@@ -58,7 +58,7 @@ class TrtBackend(Backend):
         options.register_custom_ops_library(register())
 
     def finish(self, root: Path, out: Path, manifest: dict[str, Any], options: Any, record: Callable[[Path], dict],
-               progress: Progress) -> None:
+               progress: Progress, checkpoint: Path) -> None:
         entry = manifest["targets"]["trt"]
         if options.trt_kernels:
             entry["kernels"] = _write_kernels(root, manifest["dtype"], record, progress)
