@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +33,6 @@ from mixexport.targets.runtime_files import GENERATION_CONFIG, MAX_TOKENIZER_BYT
 
 # The targets whose folder holds a graph onnxruntime runs on this machine, with their runtime files.
 GENERATE_TARGETS = ("ort", "portable")
-RUNTIMES = ("auto", "genai", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,14 +277,12 @@ def run(out: str | Path, target: str | None, prompt: str | None, ids: str | None
         ids: comma-separated token ids, or None.
         max_new_tokens: at most this many new tokens.
         sampling: greedy or sampling parameters.
-        runtime: one of RUNTIMES.
+        runtime: "auto", "genai" or "onnxruntime" (`choose_runtime`).
         emit: called with each piece of output text: decoded text for a text prompt, else ids.
 
     Returns:
         the `Run` (tokens and timings).
     """
-    import time
-
     if (prompt is None) == (ids is None):
         raise MixexportError("give either --prompt TEXT or --ids 1,2,3")
     sampling.check()
