@@ -33,6 +33,7 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("bfloat16", "bf16", torch.bfloat16, np.dtype(ml_dtypes.bfloat16), _ONNX_BFLOAT16, 2),
 )}
 TORCH_DTYPES = {name: d.torch for name, d in DTYPES.items()}
+BY_ONNX: dict[int, DType] = {d.onnx: d for d in DTYPES.values()}  # ONNX element type -> its row
 ALIASES = {"float": "float32", "half": "float16", **{d.short: d.name for d in DTYPES.values()}}
 CHOICES = tuple(DTYPES) + tuple(d.short for d in DTYPES.values())
 

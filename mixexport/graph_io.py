@@ -61,3 +61,53 @@ def outputs(config: MixtralConfig, dtype: str) -> list[Binding]:
     for layer in range(config.num_hidden_layers):
         bindings += [Binding(name, dtype, kv) for name in present_names(layer)]
     return bindings
+
+
+def hidden_state_name(layer: int) -> str:
+    """The residual stream [B, S, H] (model dtype) entering decoder layer `layer`: 0 is the
+    embedding's output, `num_hidden_layers` the last layer's output (the final norm's input).
+    Stage graphs meet at these values; `passes.name_graph` names them in every target graph."""
+    return f"hidden_states.{layer}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A contiguous part of the decoder graph: optionally the embedding, layers [first, end), and
+    optionally the final norm + lm_head. Its inputs and outputs are its boundary: the whole graph
+    is `Stage(0, L, embedding=True, head=True)`.
+    """
+
+    first: int
+    end: int
+    embedding: bool = False
+    head: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = (["embedding"] if self.embedding else []) + (
+            [f"layers.{self.first}-{self.end - 1}"] if self.end > self.first else []) + (
+            ["head"] if self.head else [])
+        return "+".join(parts)
+
+    def inputs(self, config: MixtralConfig, dtype: str) -> list[Binding]:
+        """Its inputs in positional order: input_ids (embedding) or the residual stream entering
+        `first`; then, with layers, the mask, the positions and its layers' past (key, value)."""
+        whole = {b.name: b for b in inputs(config, dtype)}
+        hidden = Binding(hidden_state_name(self.first), dtype, (BATCH, SEQUENCE, config.hidden_size))
+        bindings = [whole["input_ids"] if self.embedding else hidden]
+        if self.end > self.first:
+            bindings += [whole["attention_mask"], whole["position_ids"]]
+            bindings += [whole[name] for layer in range(self.first, self.end) for name in past_names(layer)]
+        return bindings
+
+    def outputs(self, config: MixtralConfig, dtype: str, router_logits: bool = False) -> list[Binding]:
+        """Its outputs in positional order: logits (head) or the residual stream leaving `end - 1`,
+        its layers' present (key, value), then (with `router_logits`) its layers' router logits."""
+        whole = {b.name: b for b in outputs(config, dtype)}
+        hidden = Binding(hidden_state_name(self.end), dtype, (BATCH, SEQUENCE, config.hidden_size))
+        bindings = [whole["logits"] if self.head else hidden]
+        bindings += [whole[name] for layer in range(self.first, self.end) for name in present_names(layer)]
+        if router_logits:
+            bindings += [Binding(router_logits_name(layer), dtype, (f"{BATCH}*{SEQUENCE}", config.num_local_experts))
+                         for layer in range(self.first, self.end)]
+        return bindings

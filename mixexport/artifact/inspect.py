@@ -15,6 +15,7 @@ import onnx
 
 from mixexport.artifact.manifest import MANIFEST, artifact_path, read_manifest
 from mixexport.capture.moe_op import MOE_DOMAIN, MOE_OP
+from mixexport.dtypes import BY_ONNX
 from mixexport.errors import MixexportError
 from mixexport.safe_io import os_error, read_regular
 from mixexport.targets import BACKENDS
@@ -25,20 +26,22 @@ MOE_KINDS = {(MOE_DOMAIN, MOE_OP), *(tuple(b.moe_op.rsplit(".", 1)) for b in BAC
 MAX_GRAPH_BYTES = 2 * 1024**3 - 1
 
 
-def _dtype_name(elem_type: int) -> str:
-    """The dtype of a tensor type as numpy names it; an unknown code (a broken file) by its number."""
-    if elem_type == onnx.TensorProto.BFLOAT16:
-        return "bfloat16"
+def dtype_name(elem_type: int) -> str:
+    """The name of an ONNX element type: a graph dtype's canonical name (the dtype table's), any
+    other type as numpy names it (int64, uint8), an unknown code (a broken file) by its number."""
+    if elem_type in BY_ONNX:
+        return BY_ONNX[elem_type].name
     try:
         return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
     except (KeyError, ValueError, TypeError):
         return f"unknown({elem_type})"
 
 
-def _binding(value: onnx.ValueInfoProto) -> dict[str, Any]:
+def binding(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    """A graph input or output as the manifest records it: name, dtype, shape (ints and dimension names)."""
     tensor = value.type.tensor_type
     shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "dtype": _dtype_name(tensor.elem_type), "shape": shape}
+    return {"name": value.name, "dtype": dtype_name(tensor.elem_type), "shape": shape}
 
 
 def load_graph(path: str | Path) -> onnx.ModelProto:
@@ -67,8 +70,8 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "initializers": len(model.graph.initializer),
         "moe_nodes": moe,
         "ops": dict(ops.most_common()),
-        "inputs": [_binding(v) for v in model.graph.input],
-        "outputs": [_binding(v) for v in model.graph.output],
+        "inputs": [binding(v) for v in model.graph.input],
+        "outputs": [binding(v) for v in model.graph.output],
     }
 
 
@@ -84,8 +87,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
             raise MixexportError(f"{path} has no {MANIFEST}: give a mixexport build directory or a .onnx file")
         manifest = read_manifest(path)
         where = path / MANIFEST
-        return {"manifest": {k: manifest[k] for k in ("model", "dtype", "source", "dynamic_dims", "tools")},
-                "validation": manifest.get("validation"),
-                "targets": {t: inspect_onnx(artifact_path(path, e["onnx"], f"{where}: targets.{t}.onnx"))
-                            for t, e in manifest["targets"].items()}}
+        return {"manifest": {k: getattr(manifest, k) for k in ("model", "dtype", "source", "dynamic_dims", "tools")},
+                "validation": manifest.validation,
+                "targets": {t: inspect_onnx(artifact_path(path, e.onnx, f"{where}: targets.{t}.onnx"))
+                            for t, e in manifest.targets.items()}}
     return {"targets": {path.stem: inspect_onnx(path)}}

@@ -5,28 +5,30 @@ Validation, inspection, the TensorRT build and runtimes read the manifest instea
 never blocking on a FIFO), parsed strictly, checked against a schema for every field's type and
 range (errors name the field: `OUT/manifest.json: targets.ort.files[0].bytes must be ...`), and
 every path it names must stay inside OUT, lexically and after resolving symlinks (`artifact_path`).
-The result is still the plain dict the rest of the code indexes.
+The result is a typed `Manifest`; `write_manifest` is the one writer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
-import posixpath
-import re
 import stat
 import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from mixexport import __version__, graph_io
 from mixexport.dtypes import DTYPES as GRAPH_DTYPES
 from mixexport.errors import MixexportError
-from mixexport.safe_io import fsync_dir, inside, open_regular, os_error, parse_json_object, read_regular
-from mixexport.targets import TARGETS
+from mixexport.safe_io import fsync_dir, open_regular, os_error, parse_json_object, read_regular
+from mixexport.schema import (FILE, SHA256, Invalid, absolute_path, array, boolean, either, exactly, integer, join,
+                              mapping, nullable, number, path_problem, record, relative_path, text)
+from mixexport.targets import BACKENDS, TARGETS
 
 if TYPE_CHECKING:
     from mixexport.checkpoint.reader import Checkpoint
@@ -40,8 +42,6 @@ _TOOLS = ("torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "polygraphy",
           "transformers", "triton", "tensorrt")
 DTYPES = tuple(GRAPH_DTYPES)
 VALIDATION_STATUSES = ("pass", "fail", "not validated")
-# The TensorRT engine is validated as a target of its own (beside the trt graph it was built from).
-ENGINE_TARGET = "trt-engine"
 _INT64_MAX = 2**63 - 1
 
 
@@ -142,16 +142,19 @@ def write_json_atomic(path: Path, value: Any) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write OUT/manifest.json atomically (`write_json_atomic`)."""
-    write_json_atomic(Path(out) / MANIFEST, manifest)
+def write_manifest(out: Path, manifest: "Manifest") -> None:
+    """Write OUT/manifest.json atomically (`write_json_atomic`), checked against the schema first:
+    the writer cannot record what the reader would refuse."""
+    value = manifest.to_json()
+    check_manifest(value, str(Path(out) / MANIFEST))
+    write_json_atomic(Path(out) / MANIFEST, value)
 
 
-def read_manifest(out: str | Path) -> dict[str, Any]:
+def read_manifest(out: str | Path) -> "Manifest":
     """Read OUT/manifest.json, checking its schema and that every path it names is inside OUT.
 
     Returns:
-        the manifest as a plain dict (every field `check_manifest` describes has its type).
+        the typed manifest.
 
     Raises:
         MixexportError: one line naming the file and the field at fault.
@@ -161,156 +164,13 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     if not path.exists() and not path.is_symlink():
         raise MixexportError(f"{path} not found: is {out} a mixexport build directory?")
     artifact_path(root, MANIFEST, str(path))  # a regular file inside OUT, even through a symlink
-    manifest = parse_json_object(read_regular(path, MAX_MANIFEST_BYTES), str(path))
-    check_values(manifest, str(path))
-    check_manifest(manifest, str(path))
+    manifest = Manifest.from_json(parse_json_object(read_regular(path, MAX_MANIFEST_BYTES), str(path)), str(path))
     check_manifest_paths(root, manifest, str(path))
     return manifest
 
 
 # --- the schema -----------------------------------------------------------------------------------
 
-class _Invalid(Exception):
-    """A field that fails the schema: `where` is its path (`targets.ort.files[0].bytes`)."""
-
-    def __init__(self, where: str, what: str):
-        super().__init__(where, what)
-        self.where, self.what = where, what
-
-
-Check = Callable[[Any, str], None]
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def integer(lo: int = 0, hi: int = _INT64_MAX) -> Check:
-    def check(value, where):
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _Invalid(where, "must be a non-negative integer" if (lo, hi) == (0, _INT64_MAX) else
-                           f"must be an integer in [{lo}, {hi}]")
-    return check
-
-
-def number(lo: float, hi: float) -> Check:
-    def check(value, where):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not lo <= value <= hi:
-            raise _Invalid(where, f"must be a finite number in [{lo}, {hi}]")
-    return check
-
-
-def boolean(value, where) -> None:
-    if not isinstance(value, bool):
-        raise _Invalid(where, "must be true or false")
-
-
-def text(choices: tuple[str, ...] | None = None, pattern: str | None = None, max_len: int = 4096) -> Check:
-    def check(value, where):
-        if not isinstance(value, str) or len(value) > max_len:
-            raise _Invalid(where, f"must be a string of at most {max_len} characters")
-        if choices is not None and value not in choices:
-            raise _Invalid(where, f"must be one of {', '.join(choices)} (found {value!r})")
-        if pattern is not None and not re.fullmatch(pattern, value):
-            raise _Invalid(where, f"{value!r} is not of the form {pattern}")
-    return check
-
-
-def exactly(expected: Any) -> Check:
-    def check(value, where):
-        if type(value) is not type(expected) or value != expected:
-            raise _Invalid(where, f"must be {json.dumps(expected)}")
-    return check
-
-
-def nullable(inner: Check) -> Check:
-    def check(value, where):
-        if value is not None:
-            inner(value, where)
-    return check
-
-
-def array(item: Check, min_len: int = 0, max_len: int = 1_000_000) -> Check:
-    def check(value, where):
-        if not isinstance(value, list) or not min_len <= len(value) <= max_len:
-            raise _Invalid(where, f"must be a list of {min_len} to {max_len} items")
-        for i, v in enumerate(value):
-            item(v, f"{where}[{i}]")
-    return check
-
-
-def mapping(value_check: Check, keys: Check = text(max_len=256)) -> Check:
-    def check(value, where):
-        if not isinstance(value, dict):
-            raise _Invalid(where, "must be a JSON object")
-        for k, v in value.items():
-            keys(k, f"{where} key")
-            value_check(v, _join(where, k))
-    return check
-
-
-def record(required: dict[str, Check], optional: dict[str, Check] | None = None, open_: bool = False) -> Check:
-    """An object with these fields; unknown fields are refused unless `open_`."""
-    optional = optional or {}
-
-    def check(value, where):
-        if not isinstance(value, dict):
-            raise _Invalid(where, "must be a JSON object")
-        for key, field in required.items():
-            if key not in value:
-                raise _Invalid(_join(where, key), "is missing")
-            field(value[key], _join(where, key))
-        for key, v in value.items():
-            if key in optional:
-                optional[key](v, _join(where, key))
-            elif key not in required and not open_:
-                raise _Invalid(_join(where, key), "is not a known field")
-    return check
-
-
-def either(*choices: tuple[Callable[[dict], bool], Check]) -> Check:
-    """The first check whose predicate accepts the object (a tagged union)."""
-    def check(value, where):
-        for accepts, inner in choices:
-            if isinstance(value, dict) and accepts(value):
-                return inner(value, where)
-        raise _Invalid(where, "is none of the kinds of record expected here")
-    return check
-
-
-def path_problem(name: Any) -> str | None:
-    """Why `name` is not a '/'-separated path relative to OUT that stays inside it (None: it is).
-
-    Relative, normalised, no '..', no NUL, no backslash (a Windows separator that would hide a '..').
-    """
-    if not isinstance(name, str) or len(name) > 1024:
-        return "must be a string of at most 1024 characters"
-    try:
-        inside(Path("OUT"), name, "")
-    except MixexportError:
-        return f"{name!r} must be a relative path inside the artifact (no '..', not absolute)"
-    if posixpath.normpath(name) != name:
-        return f"{name!r} must be a normalised path (no '.', '//' or trailing '/')"
-    return None
-
-
-def relative_path(value, where) -> None:
-    """Schema check: a path relative to OUT (`path_problem`)."""
-    problem = path_problem(value)
-    if problem:
-        raise _Invalid(where, problem)
-
-
-def absolute_path(value, where) -> None:
-    """Schema check: an absolute path outside the artifact (the checkpoint a build read)."""
-    text()(value, where)
-    if not os.path.isabs(value) or "\0" in value:
-        raise _Invalid(where, f"{value!r} must be an absolute path without NUL bytes")
-
-
-_SHA256 = text(pattern="[0-9a-f]{64}")
-FILE = record({"path": relative_path, "bytes": integer(), "sha256": _SHA256})
 
 def _dim(value, where) -> None:
     if isinstance(value, str):
@@ -321,28 +181,9 @@ def _dim(value, where) -> None:
 
 BINDING = record({"name": text(max_len=256), "dtype": text(("int64",) + DTYPES), "shape": array(_dim, max_len=16)})
 _RANGE = array(integer(), 2, 2)
-KERNELS = either(
-    (lambda v: v.get("status") == "compiled",
-     record({"status": exactly("compiled"), "dir": relative_path, "archs": array(integer(1, 1000), 1, 64),
-             "dtype": text(max_len=64), "files": array(FILE)},
-            # per architecture: the ptxas that compiled its cubins and the CUDA driver they need
-            {"toolkit": mapping(record({"ptxas_version": text(max_len=64), "cuda_for_cubin": text(max_len=64)}))})),
-    (lambda v: v.get("status") == "skipped", record({"status": exactly("skipped"), "reason": text()})),
-)
-_PROFILE = record({"name": text(max_len=256), "shapes": mapping(array(array(integer(), max_len=16), 3, 3))})
-ENGINE = either(
-    (lambda v: v.get("status") == "not built", record({"status": exactly("not built"), "missing": text()})),
-    (lambda v: "file" in v,
-     record({"file": relative_path, "files": array(FILE), "tensorrt": text(max_len=64), "gpu": text(max_len=256),
-             "profiles": array(_PROFILE, max_len=64), "plugin": text(max_len=256)},
-            # timing_cache: where the build kept TensorRT's timing cache (outside OUT; never opened here)
-            {"status": exactly("built"), "timing_cache": nullable(text())})),
-)
 _TARGET_FIELDS = {"dtype": text(DTYPES), "files": array(FILE), "onnx": relative_path,
                   "inputs": array(BINDING), "outputs": array(BINDING), "moe_op": nullable(text(max_len=256)),
                   "moe_nodes": integer(), "passes": mapping(integer())}
-TARGET = record(_TARGET_FIELDS)
-TRT_TARGET = record(_TARGET_FIELDS, {"kernels": KERNELS, "engine": ENGINE})
 # The model summary (`MixtralConfig.summary()`): the sizes every reader of the manifest uses are
 # checked; more fields may come and go with the config.
 MODEL = record({name: integer(1) for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -356,24 +197,26 @@ SOURCE = either(
      record({"kind": exactly("checkpoint"), "path": absolute_path, "files": array(either(
          (lambda v: "sha256" in v, FILE),
          (lambda v: "weights_sha256" in v,
-          record({"path": relative_path, "bytes": integer(), "weights_sha256": _SHA256}))))})),
+          record({"path": relative_path, "bytes": integer(), "weights_sha256": SHA256}))))})),
 )
 SUMMARY = record({"passed": boolean, "targets": mapping(text(VALIDATION_STATUSES)),
                   "failed_targets": array(text(max_len=256)), "router_agreement": mapping(nullable(number(0, 1))),
-                  "not_validated": array(text(max_len=256)), "compared": integer()})
+                  "not_validated": array(text(max_len=256)), "compared": integer()},
+                 {"mode": text(("whole", "streamed"))})  # absent: nothing was compared (or an older build)
 
 
 def _dynamic_dims(value, where) -> None:
     record({name: _RANGE for name in (graph_io.BATCH, graph_io.SEQUENCE, graph_io.PAST, graph_io.TOTAL)})(value, where)
     for name, (lo, hi) in value.items():
         if lo > hi:
-            raise _Invalid(_join(where, name), f"is [{lo}, {hi}]: the minimum exceeds the maximum")
+            raise Invalid(join(where, name), f"is [{lo}, {hi}]: the minimum exceeds the maximum")
 
 
 def _targets(value, where) -> None:
+    """Each target's entry: the common fields, and those its backend declares (`manifest_fields`)."""
     mapping(lambda v, w: None, keys=text(TARGETS))(value, where)
     for name, entry in value.items():
-        (TRT_TARGET if name == "trt" else TARGET)(entry, _join(where, name))
+        record(_TARGET_FIELDS, BACKENDS[name].manifest_fields)(entry, join(where, name))
 
 
 MANIFEST_SCHEMA = record(
@@ -381,6 +224,80 @@ MANIFEST_SCHEMA = record(
      "model": MODEL, "dtype": text(DTYPES), "source": SOURCE, "dynamic_dims": _dynamic_dims, "targets": _targets},
     {"validation": SUMMARY},
 )
+
+
+# --- the typed manifest ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TargetRecord:
+    """One target's entry: its graph, files and bindings, and in `extra` the fields its backend
+    declares (`Backend.manifest_fields`; trt: kernels, engine), which that backend writes and reads."""
+
+    dtype: str
+    files: list[dict[str, Any]]  # `file_entry` records: path (relative to OUT), bytes, sha256
+    onnx: str
+    inputs: list[dict[str, Any]]  # bindings: name, dtype, shape (ints and dimension names)
+    outputs: list[dict[str, Any]]
+    moe_op: str | None
+    moe_nodes: int
+    passes: dict[str, int]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{name: getattr(self, name) for name in _TARGET_FIELDS}, **self.extra}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "TargetRecord":
+        """The record of a schema-checked entry."""
+        return cls(**{name: value[name] for name in _TARGET_FIELDS},
+                   extra={k: v for k, v in value.items() if k not in _TARGET_FIELDS})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclasses.dataclass
+class Manifest:
+    """OUT/manifest.json as the code uses it; `read_manifest` and `write_manifest` are its one
+    reader and one writer, and `MANIFEST_SCHEMA` is what the JSON must satisfy."""
+
+    model: dict[str, Any]  # `MixtralConfig.summary()`
+    dtype: str
+    source: dict[str, Any]  # a preset (name, seed, config) or a checkpoint (path, files)
+    dynamic_dims: dict[str, list[int]]  # graph_io dimension name -> [min, max]
+    targets: dict[str, TargetRecord]
+    format: int = FORMAT_VERSION
+    created: str = dataclasses.field(default_factory=_now)
+    tools: dict[str, str] = dataclasses.field(default_factory=tool_versions)
+    validation: dict[str, Any] | None = None  # the parity report's summary, once validation ran
+
+    def to_json(self) -> dict[str, Any]:
+        value = {"format": self.format, "created": self.created, "tools": self.tools, "model": self.model,
+                 "dtype": self.dtype, "source": self.source, "dynamic_dims": self.dynamic_dims,
+                 "targets": {name: t.to_json() for name, t in self.targets.items()}}
+        if self.validation is not None:
+            value["validation"] = self.validation
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any], source: str) -> "Manifest":
+        """The manifest of a parsed JSON object, after checking it against the schema.
+
+        Raises:
+            MixexportError: `SOURCE: FIELD must be ...`.
+        """
+        check_values(value, source)
+        check_manifest(value, source)
+        return cls(model=value["model"], dtype=value["dtype"], source=value["source"],
+                   dynamic_dims=value["dynamic_dims"],
+                   targets={name: TargetRecord.from_json(t) for name, t in value["targets"].items()},
+                   format=value["format"], created=value["created"], tools=value["tools"],
+                   validation=value.get("validation"))
+
+    def held_targets(self) -> list[str]:
+        """What validation compares: every target, and what their backends add (the trt engine)."""
+        return [held for name, t in self.targets.items() for held in (name, *BACKENDS[name].extra_targets(t.extra))]
 
 
 def check_values(value: Any, source: str) -> None:
@@ -401,7 +318,7 @@ def check_values(value: Any, source: str) -> None:
                 if not _is_unicode(k):
                     raise MixexportError(f"{source}: a key in {where or 'the document'} holds a lone surrogate, "
                                          f"not Unicode text")
-                stack.append((_join(where, k), x))
+                stack.append((join(where, k), x))
         elif isinstance(v, list):
             stack += [(f"{where}[{i}]", x) for i, x in enumerate(v)]
 
@@ -429,7 +346,7 @@ def check_manifest(manifest: Any, source: str) -> None:
                              f"rebuild with mixexport {__version__}")
     try:
         MANIFEST_SCHEMA(manifest, "")
-    except _Invalid as exc:
+    except Invalid as exc:
         raise MixexportError(f"{source}: {exc.where or 'the manifest'} {exc.what}") from None
     if "validation" in manifest:
         _check_summary(manifest["validation"], manifest["targets"], source)
@@ -438,7 +355,8 @@ def check_manifest(manifest: Any, source: str) -> None:
 def _check_summary(summary: dict[str, Any], targets: dict[str, Any], source: str) -> None:
     """A recorded validation summary must agree with itself and with the targets (inspect shows it)."""
     statuses = summary["targets"]
-    held = set(targets) | ({ENGINE_TARGET} if "file" in targets.get("trt", {}).get("engine", {}) else set())
+    held = {h for name, entry in targets.items()
+            for h in (name, *BACKENDS[name].extra_targets({k: v for k, v in entry.items() if k not in _TARGET_FIELDS}))}
     unknown = sorted(set(statuses) - held)
     if unknown:
         raise MixexportError(f"{source}: validation.targets names {', '.join(unknown)}, which the artifact does not "
@@ -495,25 +413,18 @@ def artifact_path(root: Path, name: str, source: str, kind: str = "file") -> Pat
     return path
 
 
-def manifest_paths(manifest: dict[str, Any]) -> list[tuple[str, str, str]]:
+def manifest_paths(manifest: "Manifest") -> list[tuple[str, str, str]]:
     """Every (field path, relative path, kind) of OUT the manifest names."""
     paths = []
-    for target, entry in manifest["targets"].items():
+    for target, entry in manifest.targets.items():
         where = f"targets.{target}"
-        paths.append((f"{where}.onnx", entry["onnx"], "file"))
-        paths += [(f"{where}.files[{i}].path", f["path"], "file") for i, f in enumerate(entry["files"])]
-        kernels = entry.get("kernels", {})
-        if "dir" in kernels:
-            paths.append((f"{where}.kernels.dir", kernels["dir"], "dir"))
-        paths += [(f"{where}.kernels.files[{i}].path", f["path"], "file") for i, f in enumerate(kernels.get("files", []))]
-        engine = entry.get("engine", {})
-        if "file" in engine:
-            paths.append((f"{where}.engine.file", engine["file"], "file"))
-        paths += [(f"{where}.engine.files[{i}].path", f["path"], "file") for i, f in enumerate(engine.get("files", []))]
+        paths.append((f"{where}.onnx", entry.onnx, "file"))
+        paths += [(f"{where}.files[{i}].path", f["path"], "file") for i, f in enumerate(entry.files)]
+        paths += [(f"{where}.{field}", name, kind) for field, name, kind in BACKENDS[target].entry_paths(entry.extra)]
     return paths
 
 
-def check_manifest_paths(root: Path, manifest: dict[str, Any], source: str) -> None:
+def check_manifest_paths(root: Path, manifest: "Manifest", source: str) -> None:
     """Check that every path a (schema-checked) manifest names is a regular file (folder) inside OUT."""
     for where, name, kind in manifest_paths(manifest):
         artifact_path(root, name, f"{source}: {where}", kind)

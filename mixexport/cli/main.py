@@ -99,6 +99,13 @@ def dtype_option(help_text: str, default=None):
                         callback=lambda ctx, param, value: value and canonical_dtype(value), help=help_text)
 
 
+# build and validate: how parity is checked (validate.streamed.choose_mode says which in the output).
+VALIDATION_MODE = click.option(
+    "--validation-mode", type=click.Choice(["auto", "whole", "streamed"]), default="auto", show_default=True,
+    help="whole: the reference and each target graph in memory at once; streamed: one decoder layer at a time "
+         "(about one layer's weights in memory); auto: streamed when the whole model does not fit.")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mixexport")
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks for errors.")
@@ -159,13 +166,14 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
               help="Exit 0 even when a target could not be validated on this machine (failures still exit 1).")
 @click.option("--allow-non-finite", is_flag=True,
               help="Export weights that hold NaN or Inf (refused by default, naming the tensor).")
+@VALIDATION_MODE
 @click.option("--force", is_flag=True,
               help="Replace an existing OUT that is a mixexport artifact (only once the new build succeeded).")
 @click.option("--plugin", type=click.Path(dir_okay=False),
               help="MixtralMoE plugin library for the trt engine (default: $MIXEXPORT_PLUGIN_LIB or "
                    "build/plugins/moe/libmixexport_plugins.so).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
-          allow_not_validated, allow_non_finite, force, plugin) -> None:
+          allow_not_validated, allow_non_finite, validation_mode, force, plugin) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -174,7 +182,7 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
                                                                       if t.strip()),
                            dtype=dtype, max_batch=max_batch, max_sequence=max_sequence, max_context=max_context,
                            force=force, validate=not no_validate, allow_not_validated=allow_not_validated,
-                           plugin=plugin)
+                           validation_mode=validation_mode, plugin=plugin)
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
@@ -188,20 +196,20 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
 
 
 def _print_build_summary(out, manifest, seconds) -> None:
-    validation = manifest.get("validation")
+    validation = manifest.validation
     rows = [("target", "moe op", "MoE nodes", "size MB", "parity", "router agreement")]
-    for target, entry in manifest["targets"].items():
+    for target, entry in manifest.targets.items():
         status = validation["targets"].get(target, "-") if validation else "not run (--no-validate)"
         agreement = validation["router_agreement"].get(target) if validation else None
-        rows.append((target, entry["moe_op"] or "standard ONNX", str(entry["moe_nodes"]),
-                     f"{sum(f['bytes'] for f in entry['files']) / 1e6:.1f}", status,
+        rows.append((target, entry.moe_op or "standard ONNX", str(entry.moe_nodes),
+                     f"{sum(f['bytes'] for f in entry.files) / 1e6:.1f}", status,
                      "-" if agreement is None else f"{agreement:.1%}"))
     _print_table(rows)
-    engine = manifest["targets"].get("trt", {}).get("engine")
+    engine = manifest.targets["trt"].extra.get("engine") if "trt" in manifest.targets else None
     if engine and engine.get("status") == "not built":
         click.echo(f"trt engine: not built here (missing {engine['missing']}); build it on a GPU machine as shown "
                    f"above")
-    click.echo(f"built {out} ({manifest['dtype']}) in {seconds:.1f}s")
+    click.echo(f"built {out} ({manifest.dtype}) in {seconds:.1f}s")
 
 
 def _print_table(rows) -> None:
@@ -227,12 +235,12 @@ def engine(out, plugin, timing_cache) -> None:
     root = Path(out)
     with output_lock(root):  # not while a build replaces OUT
         manifest = read_manifest(root)
-        if "trt" not in manifest["targets"]:
+        if "trt" not in manifest.targets:
             raise MixexportError(f"{out} has no trt target; rebuild with --target trt")
         start = time.perf_counter()
-        manifest["targets"]["trt"]["engine"] = build_engine(root, manifest, lambda path: file_entry(path, root),
-                                                            plugin, timing_cache, progress)
-        manifest.pop("validation", None)  # the engine has not been validated yet
+        manifest.targets["trt"].extra["engine"] = build_engine(root, manifest, lambda path: file_entry(path, root),
+                                                               plugin, timing_cache, progress)
+        manifest.validation = None  # the engine has not been validated yet
         write_manifest(root, manifest)
     click.echo(f"wrote {root / 'trt' / 'model.engine'} in {time.perf_counter() - start:.1f}s; "
                f"check it with: mixexport validate {out}")
@@ -248,11 +256,13 @@ def engine(out, plugin, timing_cache) -> None:
                    "GPU) are the only ones not passed; a failed target or comparing nothing still exits 1.")
 @click.option("--allow-non-finite", is_flag=True,
               help="Read reference weights that hold NaN or Inf (an artifact built with --allow-non-finite).")
-def validate(out, checkpoint, report, allow_not_validated, allow_non_finite) -> None:
+@VALIDATION_MODE
+def validate(out, checkpoint, report, allow_not_validated, allow_non_finite, validation_mode) -> None:
     """Check every target in OUT against the PyTorch reference; exit 1 unless every one passed."""
     from mixexport.validate.parity import validate_out
 
-    result, written = validate_out(out, checkpoint, report, progress, allow_non_finite=allow_non_finite)
+    result, written = validate_out(out, checkpoint, report, progress, allow_non_finite=allow_non_finite,
+                                   mode=validation_mode)
     rows = [("target", "status", "max |diff| logits", "max |diff| present", "router agreement", "why")]
     for target, r in result["targets"].items():
         diffs = r.get("max_abs_diff", {})

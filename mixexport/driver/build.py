@@ -20,8 +20,7 @@ import onnx_ir as ir
 from mixexport import graph_io
 from mixexport.artifact.install import (check_destination, collect_stale, install, keep_failed, make_staging,
                                         output_lock)
-from mixexport.artifact.manifest import (FORMAT_VERSION, checkpoint_entries, file_entry, tool_versions,
-                                         write_manifest)
+from mixexport.artifact.manifest import Manifest, TargetRecord, checkpoint_entries, file_entry, write_manifest
 from mixexport.artifact.save import ONNX_FILE, save_model
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
@@ -33,6 +32,7 @@ from mixexport.errors import MixexportError
 from mixexport.safe_io import format_bytes
 from mixexport.targets import BACKENDS, TARGETS, backend
 from mixexport.validate.parity import validate_artifact
+from mixexport.validate.streamed import memory_available, whole_validation_bytes
 
 DEFAULT_MAX_SEQUENCE, DEFAULT_MAX_CONTEXT = 2048, 8192
 # What a 2-core machine wrote per target, capture and hashing included (README, Performance): the
@@ -51,6 +51,7 @@ class BuildOptions:
     max_context: int | None = None  # past + new; default: max_position_embeddings capped at 8192
     force: bool = False
     validate: bool = True
+    validation_mode: str = "auto"  # or "whole", "streamed"; auto streams what does not fit in memory
     allow_not_validated: bool = False  # accept targets this machine cannot run (exit 0)
     plugin: str | None = None  # MixtralMoE plugin library, for the trt engine
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
@@ -139,7 +140,7 @@ def weight_bytes(ckpt: Checkpoint, dtype: str) -> int:
 
 
 def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out: Path, validate: bool,
-                     progress: Progress) -> None:
+                     validation_mode: str, progress: Progress) -> None:
     """Say what the build will need, and refuse up front what cannot fit (not after an hour)."""
     per_target = weight_bytes(ckpt, dtype)
     need = per_target * len(targets) + 64 * 1024**2
@@ -152,31 +153,20 @@ def _check_resources(ckpt: Checkpoint, dtype: str, targets: tuple[str, ...], out
         raise MixexportError(f"not enough disk space for {out}: {len(targets)} target(s) need about "
                              f"{format_bytes(need)}, {format_bytes(free)} are free on the filesystem of {out.parent}")
     if validate:
-        # Whole-model validation holds the reference and one onnxruntime session at a time; on CPU
-        # onnxruntime keeps fp32 copies of fp16 weights for most ops.
-        ram = per_target * (2 + (dtype != "float32")) + 512 * 1024**2
+        ram = whole_validation_bytes(ckpt.config, dtype)
         available = memory_available()
-        progress(f"validation will hold about {format_bytes(ram)} in memory"
-                 + (f" ({format_bytes(available)} available)" if available is not None else ""))
-        if available is not None and ram > available:
+        progress(f"whole-model validation would hold about {format_bytes(ram)} in memory"
+                 + (f" ({format_bytes(available)} available)" if available is not None else "")
+                 + f"; validation mode {validation_mode}")
+        if validation_mode == "whole" and available is not None and ram > available:
             raise MixexportError(
                 f"validating this model in memory needs about {format_bytes(ram)} of RAM (the PyTorch reference "
-                f"plus one onnxruntime session), {format_bytes(available)} are available: build with --no-validate "
-                f"here and validate on a machine with more memory")
+                f"plus one onnxruntime session), {format_bytes(available)} are available: use --validation-mode "
+                f"streamed (one layer at a time), or build with --no-validate here and validate on a machine with "
+                f"more memory")
 
 
-def memory_available() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is no /proc)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions, progress: Progress) -> dict:
+def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions, progress: Progress) -> Manifest:
     """Build every requested target into OUT.
 
     Returns:
@@ -199,14 +189,14 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
     with output_lock(out):
         check_destination(out, options.force, protected)  # again, now that no other build can change it
         collect_stale(out, progress)
-        _check_resources(ckpt, dtype, targets, out, options.validate, progress)
+        _check_resources(ckpt, dtype, targets, out, options.validate, options.validation_mode, progress)
         staging = make_staging(out)
         try:
             manifest = _build_into(staging, ckpt, source, out, targets, dtype, ranges, options, progress)
             report = None
             if options.validate:
-                report = validate_artifact(staging, manifest, ckpt, progress=progress)
-                manifest["validation"] = report["summary"]
+                report = validate_artifact(staging, manifest, ckpt, progress=progress, mode=options.validation_mode)
+                manifest.validation = report["summary"]
                 write_manifest(staging, manifest)
                 if report["summary"]["failed_targets"]:
                     kept = keep_failed(staging, out)
@@ -234,13 +224,13 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
 class NotValidatedError(MixexportError):
     """The artifact was installed, but some of its targets could not be compared on this machine."""
 
-    def __init__(self, message: str, manifest: dict) -> None:
+    def __init__(self, message: str, manifest: Manifest) -> None:
         super().__init__(message)
         self.manifest = manifest
 
 
 def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: tuple[str, ...], dtype: str,
-                ranges: dict[str, list[int]], options: BuildOptions, progress: Progress) -> dict:
+                ranges: dict[str, list[int]], options: BuildOptions, progress: Progress) -> Manifest:
     """Capture once, lower and write every target into `root`; returns the manifest (written)."""
     config = ckpt.config
     start = time.perf_counter()
@@ -253,16 +243,7 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
         source = {**source, "files": checkpoint_entries(ckpt)}
-    manifest = {
-        "format": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tools": tool_versions(),
-        "model": config.summary(),
-        "dtype": dtype,
-        "source": source,
-        "dynamic_dims": ranges,
-        "targets": entries,
-    }
+    manifest = Manifest(model=config.summary(), dtype=dtype, source=source, dynamic_dims=ranges, targets=entries)
     for target in targets:
         BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress,
                                 checkpoint=ckpt.path)
@@ -271,7 +252,7 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
-                  progress: Progress) -> dict:
+                  progress: Progress) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
     rewrites = BACKENDS[target].lower(model, config.num_hidden_layers)
@@ -280,13 +261,7 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     files = save_model(model, folder, root, target, progress)
     progress(f"{target}: {config.num_hidden_layers} MoE nodes lowered, {sum(f['bytes'] for f in files) / 1e6:.1f} MB "
              f"written in {time.perf_counter() - start:.1f}s")
-    return {
-        "dtype": dtype,
-        "files": files,
-        "onnx": f"{target}/{ONNX_FILE}",
-        "inputs": [b.as_dict() for b in graph_io.inputs(config, dtype)],
-        "outputs": [b.as_dict() for b in graph_io.outputs(config, dtype)],
-        "moe_op": BACKENDS[target].moe_op,
-        "moe_nodes": rewrites[f"lower_moe_{target}"],
-        "passes": rewrites,
-    }
+    return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
+                        inputs=[b.as_dict() for b in graph_io.inputs(config, dtype)],
+                        outputs=[b.as_dict() for b in graph_io.outputs(config, dtype)],
+                        moe_op=BACKENDS[target].moe_op, moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)

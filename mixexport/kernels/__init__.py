@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from mixexport.errors import MixexportError
+from mixexport.quant import QuantScheme
 
 
 def require_triton() -> None:
@@ -20,7 +21,8 @@ def require_triton() -> None:
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-              top_k: int, normalize: bool = True) -> torch.Tensor:
+              top_k: int, normalize: bool = True, scheme: QuantScheme | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The MoE op computed by the Triton pipeline (routing, alignment, two grouped GEMMs, reduction).
 
     Runs natively on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton
@@ -33,6 +35,9 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
         w_down: [E, H, I] in x's dtype.
         top_k: experts per token.
         normalize: renormalize the top-k probabilities (Mixtral does).
+        scheme: weight-only quantized experts (`mixexport.quant.QuantScheme`): the weights are then
+            `mixexport.quant.quantize`'s uint8 storage, dequantized in the GEMMs' load path.
+        scales: with `scheme`, (s_gate_up [E, 2I, H/G], s_down [E, H, I/G]) in x's dtype.
 
     Returns:
         [N, H] in x's dtype.
@@ -40,7 +45,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     require_triton()
     from mixexport.kernels.pipeline import fused_moe as run
 
-    return run(x, router_logits, w_gate_up, w_down, top_k, normalize)
+    return run(x, router_logits, w_gate_up, w_down, top_k, normalize, scheme, scales)
 
 
 @torch.library.custom_op("mixexport::fused_moe_triton", mutates_args=())

@@ -14,6 +14,7 @@ import dataclasses
 import re
 
 from mixexport.errors import MixexportError
+from mixexport.quant import QuantScheme
 
 # Largest dynamic shared memory one block may opt into (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES),
 # from the CUDA programming guide's compute-capability table.
@@ -137,6 +138,13 @@ def evaluate(formula: str, **values: int) -> int:
     return int(eval(formula, {"__builtins__": {}}, {"cdiv": cdiv, "min": min, **values}))  # noqa: S307 (checked above)
 
 
+def quant_constexprs(bits: int, group_size: int | None) -> dict[str, int]:
+    """The GEMM kernels' QUANT_BITS and GROUP_SIZE for weights of `bits` (0: the activation dtype) with
+    `group_size` columns per scale (None: one scale per row, which the kernels and the plugin
+    contract spell 0)."""
+    return {"QUANT_BITS": bits, "GROUP_SIZE": group_size or 0}
+
+
 def tile_name(num_slots: int, num_experts: int) -> str:
     """TILE_RULE: "small_m" or "large_m" for N*K routed slots over E experts."""
     return "small_m" if num_slots <= SMALL_M_MAX_SLOTS_PER_EXPERT * num_experts else "large_m"
@@ -161,11 +169,31 @@ def gemm_tile(arch: int, num_slots: int, num_experts: int) -> tuple[str, GemmTil
     return name, GEMM_TILES[known][name]
 
 
-def kernel_shape_refusal(hidden: int, intermediate: int, experts: int) -> str | None:
+def kernel_shape_refusal(hidden: int, intermediate: int, experts: int, scheme: QuantScheme | None = None) -> str | None:
     """Why the AOT kernels cannot serve a model of these shapes, or None when they can: the one
-    statement of the shape limits, read by the trt backend and (through the AOT metadata) the plugin."""
+    statement of the shape limits, read by the trt backend and (through the AOT metadata) the plugin.
+
+    Args:
+        hidden, intermediate, experts: H, I, E.
+        scheme: the experts' weight-only quantization, None for weights in the model dtype.
+
+    Returns:
+        One line saying what the kernels need and what this model has, or None.
+    """
     if hidden % SHAPE_MULTIPLE or intermediate % SHAPE_MULTIPLE or experts > AOT_MAX_EXPERTS:
         return (f"the MixtralMoE plugin's kernels need hidden and intermediate sizes that are multiples of "
                 f"{SHAPE_MULTIPLE} and at most {AOT_MAX_EXPERTS} experts; this model has H {hidden}, "
                 f"I {intermediate}, E {experts}")
+    if scheme is None or scheme.group_size is None:
+        return None
+    refusal = scheme.refusal(hidden, intermediate)
+    if refusal:
+        return f"the MixtralMoE plugin's {scheme.name} kernels dequantize whole groups: {refusal}"
+    # A K step of the GEMMs must cover whole groups or lie inside one (the two sizes nest), so each
+    # step reads whole groups' scales and a group never straddles a step boundary.
+    for arch, tiles in GEMM_TILES.items():
+        for name, tile in tiles.items():
+            if tile.block_k % scheme.group_size and scheme.group_size % tile.block_k:
+                return (f"the MixtralMoE plugin's {scheme.name} kernels need the group size {scheme.group_size} and "
+                        f"the sm_{arch} {name} tile's K block {tile.block_k} to divide one another")
     return None

@@ -32,6 +32,7 @@ from mixexport.passes.base import RewriteResult
 
 MASK = "attention_mask"
 CHECK_PREFIX = f"{MASK}.check/"  # names of the check's nodes
+CHECKED_MASK = f"{CHECK_PREFIX}is_batch_by_past_plus_sequence"  # the checked mask every user reads
 INT64 = ir.DataType.INT64
 
 
@@ -71,7 +72,7 @@ class CheckAttentionMask(ir.passes.InPlacePass):
         same = node("Equal", [shape.outputs[0], expected.outputs[0]], "is_expected")  # [2] bool
         grown = node("Add", [shape.outputs[0], one.outputs[0]], "grown_shape")
         target = node("Where", [same.outputs[0], shape.outputs[0], grown.outputs[0]], "target_shape")
-        checked = node("Reshape", [mask, target.outputs[0]], "is_batch_by_past_plus_sequence")
+        checked = node("Reshape", [mask, target.outputs[0]], CHECKED_MASK[len(CHECK_PREFIX):])
         checked.outputs[0].type = ir.TensorType(INT64)  # no static shape: it is what is checked
         # Everything the check reads is a graph input, so it can go first.
         graph.insert_before(next(iter(graph)),

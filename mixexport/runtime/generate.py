@@ -64,7 +64,7 @@ class Generation:
     folder: Path  # OUT/<target>
     target: str
     dtype: str
-    config: dict[str, Any]  # manifest["model"]
+    config: dict[str, Any]  # the manifest's model (MixtralConfig.summary())
     max_sequence: int  # new tokens per graph call
     context: int  # past + new tokens
     eos: set[int]
@@ -85,16 +85,16 @@ def open_target(out: str | Path, target: str | None) -> Generation:
     if not root.is_dir():
         raise MixexportError(f"{out} is not a directory: give the OUT of a mixexport build")
     manifest = read_manifest(root)
-    held = [t for t in GENERATE_TARGETS if t in manifest["targets"]]
+    held = [t for t in GENERATE_TARGETS if t in manifest.targets]
     if target is None:
         if not held:
-            raise MixexportError(f"{out} holds no ort or portable target (it holds {', '.join(manifest['targets'])})")
+            raise MixexportError(f"{out} holds no ort or portable target (it holds {', '.join(manifest.targets)})")
         target = held[0]
     elif target not in GENERATE_TARGETS:
         raise MixexportError(f"--target {target!r}: generate runs {' or '.join(GENERATE_TARGETS)}")
     elif target not in held:
-        raise MixexportError(f"{out} has no {target} target (it holds {', '.join(manifest['targets'])})")
-    dtype = manifest["targets"][target]["dtype"]
+        raise MixexportError(f"{out} has no {target} target (it holds {', '.join(manifest.targets)})")
+    dtype = manifest.targets[target].dtype
     refusal = BACKENDS[target].validation_refusal(dtype)
     if refusal:
         raise MixexportError(f"{out}: the {target} graph cannot run here: {refusal}")
@@ -102,8 +102,8 @@ def open_target(out: str | Path, target: str | None) -> Generation:
     generation_config = artifact_path(root, f"{target}/{GENERATION_CONFIG}", f"{out}: {target}")
     eos = read_json_object(generation_config, 1024**2).get("eos_token_id")
     eos_ids = set(eos) if isinstance(eos, list) else {eos}
-    dims = manifest["dynamic_dims"]
-    return Generation(folder, target, dtype, manifest["model"], dims[graph_io.SEQUENCE][1], dims[graph_io.TOTAL][1],
+    dims = manifest.dynamic_dims
+    return Generation(folder, target, dtype, manifest.model, dims[graph_io.SEQUENCE][1], dims[graph_io.TOTAL][1],
                       {i for i in eos_ids if isinstance(i, int)})
 
 

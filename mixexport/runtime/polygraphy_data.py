@@ -38,8 +38,8 @@ def feeds(manifest: dict[str, Any], batch: int = 1, prompt: int = 8, decode_step
     Args:
         manifest: an artifact's manifest (`read_manifest`).
     """
-    model, dims = manifest["model"], manifest["dynamic_dims"]
-    dtype = dtype_info(manifest["dtype"]).numpy
+    model, dims = manifest.model, manifest.dynamic_dims
+    dtype = dtype_info(manifest.dtype).numpy
     batch = max(1, min(batch, dims[graph_io.BATCH][1]))
     total = dims[graph_io.TOTAL][1]
     decode_steps = max(0, min(decode_steps, total - 1))

@@ -7,7 +7,9 @@ A backend is a deployment target (`portable`, `ort`, `trt`). It says:
 - the passes that lower the captured graph for it (`lowering`), run by `lower`;
 - how validation runs its graph on this machine (`validation_refusal`, `prepare_validation_model`,
   `configure_session`), always onnxruntime's CPU provider;
-- what else it writes into the artifact after its graph (`finish`: runtime files, kernels, engine).
+- what else it writes into the artifact after its graph (`finish`: runtime files, kernels, engine), and the
+  fields that adds to its manifest entry (`manifest_fields`, `entry_paths`, `entry_file_groups`,
+  `extra_targets`), so the manifest reader and validation's inventory know no target by name.
 
 Adding a target is a folder `targets/<name>/` with `backend.py` and `lowering.py` and one line in
 the registry (`mixexport.targets`).
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import onnx_ir as ir
 
 from mixexport.passes.pipeline import Step, run_pipeline
+from mixexport.schema import Check
 
 if TYPE_CHECKING:
     import onnx
@@ -40,6 +43,9 @@ class Backend:
     dtype_reason: ClassVar[str] = ""
     # "domain.op_type" of the fused node its lowering emits per MoE block; None: standard ONNX ops.
     moe_op: ClassVar[str | None] = None
+    # Fields its manifest entry may hold beyond the common ones (name -> schema check); they are
+    # the entry's `extra` (`mixexport.artifact.manifest.TargetRecord`).
+    manifest_fields: ClassVar[dict[str, Check]] = {}
 
     def refusal(self, config: "MixtralConfig", dtype: str) -> str | None:
         """Why this target cannot serve `config` in `dtype`, or None when it can."""
@@ -72,13 +78,30 @@ class Backend:
 
     # -- artifact ---------------------------------------------------------------------------------
 
-    def finish(self, root: Path, out: Path, manifest: dict[str, Any], options: Any, record: Callable[[Path], dict],
+    def finish(self, root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
                progress: Progress, checkpoint: Path) -> None:
         """Write what the target needs beyond its graph into `root` (the artifact being built,
         installed at `out`) and record it in its entry of `manifest`.
 
         Args:
+            manifest: the `mixexport.artifact.manifest.Manifest` being built; this target's
+                entry is `manifest.targets[self.name]`, its own fields go in that entry's `extra`.
             options: the build's options (the driver's BuildOptions).
             record: a written file -> its manifest file entry (path, bytes, sha256).
             checkpoint: the checkpoint directory exported (read only: its tokenizer, its ids).
         """
+
+    def entry_paths(self, extra: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """(field, path relative to OUT, "file" or "dir") of everything the entry's own fields
+        name, which the manifest reader checks are inside OUT."""
+        return []
+
+    def entry_file_groups(self, extra: dict[str, Any], where: str) -> list[tuple[str, list[dict[str, Any]], str]]:
+        """(field, file records, the folder of OUT they must be in) of the files the entry's own
+        fields list, beside its `files`; validation's inventory checks each (`where` names the
+        entry in errors)."""
+        return []
+
+    def extra_targets(self, extra: dict[str, Any]) -> list[str]:
+        """Names validation compares beside the target's graph (trt: its engine, once built)."""
+        return []

@@ -102,14 +102,15 @@ def optimum_config(model: MixtralConfig, dtype: str, context: int, ids: dict[str
             "max_position_embeddings": context, "torch_dtype": dtype, "dtype": dtype}
 
 
-def write_runtime_files(root: Path, target: str, manifest: dict[str, Any], checkpoint: Path,
+def write_runtime_files(root: Path, target: str, manifest: Any, checkpoint: Path,
                         record: Callable[[Path], dict]) -> list[str]:
     """Write the runtime files into `root/target` and add them to the target's manifest `files`.
 
     Args:
         root: the artifact being built (its staging directory).
         target: the target whose folder gets them (its graph is `root/target/model.onnx`).
-        manifest: the manifest being built (`model`, `dtype`, `dynamic_dims`, `targets`).
+        manifest: the manifest being built (the artifact stage's `Manifest`: `model`, `dtype`,
+            `dynamic_dims`, `targets[target].files`).
         checkpoint: the checkpoint directory exported (its config.json and tokenizer files).
         record: a written file -> its manifest file entry.
 
@@ -120,13 +121,13 @@ def write_runtime_files(root: Path, target: str, manifest: dict[str, Any], check
         MixexportError: for a checkpoint tokenizer file that is not a regular file of at most
             MAX_TOKENIZER_BYTES, or a bad special token id in its config.json.
     """
-    model = MixtralConfig(**manifest["model"])
-    context = manifest["dynamic_dims"][graph_io.TOTAL][1]
+    model = MixtralConfig(**manifest.model)
+    context = manifest.dynamic_dims[graph_io.TOTAL][1]
     ids = special_token_ids(checkpoint, model.vocab_size)
     folder = root / target
     documents = {
         GENAI_CONFIG: genai_config(model, context, ids),
-        CONFIG_FILE: optimum_config(model, manifest["dtype"], context, ids),
+        CONFIG_FILE: optimum_config(model, manifest.dtype, context, ids),
         GENERATION_CONFIG: {**ids, "do_sample": False, "max_length": context},
     }
     written = []
@@ -139,7 +140,7 @@ def write_runtime_files(root: Path, target: str, manifest: dict[str, Any], check
             # Bounded, and a FIFO or device in its place is refused without blocking.
             (folder / name).write_bytes(read_regular(source, MAX_TOKENIZER_BYTES))
             written.append(name)
-    manifest["targets"][target]["files"] += [record(folder / name) for name in written]
+    manifest.targets[target].files += [record(folder / name) for name in written]
     return written
 
 
@@ -147,7 +148,7 @@ def write_runtime_files(root: Path, target: str, manifest: dict[str, Any], check
 class RuntimeFilesBackend(Backend):
     """A target whose folder onnxruntime-genai and Optimum open: its `finish` writes the runtime files."""
 
-    def finish(self, root: Path, out: Path, manifest: dict[str, Any], options: Any, record: Callable[[Path], dict],
+    def finish(self, root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
                progress: Progress, checkpoint: Path) -> None:
         written = write_runtime_files(root, self.name, manifest, checkpoint, record)
         progress(f"{self.name}: files for onnxruntime-genai and Optimum beside the graph: {', '.join(written)}")

@@ -20,23 +20,18 @@ from collections import Counter
 import posixpath
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import onnx
 
 from mixexport import graph_io
-from mixexport.artifact.inspect import MOE_KINDS, load_graph
-from mixexport.artifact.manifest import MANIFEST, artifact_path, path_problem, sha256_file
+from mixexport.artifact.inspect import MOE_KINDS, binding, dtype_name, load_graph
+from mixexport.artifact.manifest import MANIFEST, Manifest, TargetRecord, artifact_path, path_problem, sha256_file
 from mixexport.artifact.save import ONNX_FILE
-from mixexport.dtypes import DTYPES
+from mixexport.dtypes import BY_ONNX
 from mixexport.errors import MixexportError
-from mixexport.targets import TARGETS
-from mixexport.targets.trt.engine import ENGINE_FILE, PLUGIN_LIBRARY
+from mixexport.targets import BACKENDS, TARGETS
 
-# Where the trt target keeps its kernels and what the engine runner loads (targets/trt/runner.py).
-KERNELS_DIR = "trt/kernels"
-ENGINE_PATH = f"trt/{ENGINE_FILE}"
-GRAPH_DTYPES = {d.onnx: d.name for d in DTYPES.values()}  # ONNX element type -> graph dtype
 REPORT_FILE = "validation.json"
 
 
@@ -51,7 +46,7 @@ class TargetGraph:
     engine: bool  # a TensorRT engine is part of this target
 
 
-def artifact_targets(root: Path, manifest: dict[str, Any], verify_hashes: bool) -> dict[str, TargetGraph]:
+def artifact_targets(root: Path, manifest: Manifest, verify_hashes: bool) -> dict[str, TargetGraph]:
     """Every target the artifact holds, from its directories, after checking them against the manifest.
 
     Args:
@@ -67,18 +62,18 @@ def artifact_targets(root: Path, manifest: dict[str, Any], verify_hashes: bool) 
     """
     where = root / MANIFEST
     present = _target_dirs(root)
-    recorded = manifest["targets"]
+    recorded = manifest.targets
     for name in present:
         if name not in recorded:
             raise MixexportError(f"{root / name} is a target directory that {where} does not list in targets")
     for name in recorded:
         if name not in present:
             raise MixexportError(f"{where}: targets.{name} has no directory {root / name}")
-    return {name: _target_graph(root, name, entry, manifest["dtype"], verify_hashes)
+    return {name: _target_graph(root, name, entry, manifest.dtype, verify_hashes)
             for name, entry in recorded.items()}
 
 
-def _target_graph(root: Path, name: str, entry: dict[str, Any], dtype: str, verify_hashes: bool) -> TargetGraph:
+def _target_graph(root: Path, name: str, entry: TargetRecord, dtype: str, verify_hashes: bool) -> TargetGraph:
     """One target directory checked against its manifest entry (`artifact_targets`)."""
     where = root / MANIFEST
     listed = _listed_files(root, name, entry, verify_hashes)
@@ -92,50 +87,36 @@ def _target_graph(root: Path, name: str, entry: dict[str, Any], dtype: str, veri
         raise MixexportError(f"{root / unlisted[0]} is not listed in {where} (targets.{name}): an artifact holds "
                              f"only the files its manifest records")
     onnx_name = f"{name}/{ONNX_FILE}"
-    if entry["onnx"] != onnx_name:
-        raise MixexportError(f"{where}: targets.{name}.onnx is {entry['onnx']!r}; the {name} graph is {onnx_name!r}")
+    if entry.onnx != onnx_name:
+        raise MixexportError(f"{where}: targets.{name}.onnx is {entry.onnx!r}; the {name} graph is {onnx_name!r}")
     if onnx_name not in listed:
         raise MixexportError(f"{root / onnx_name} is missing (targets.{name}.files does not list it)")
     graph_path = artifact_path(root, onnx_name, f"{where}: targets.{name}.onnx")
     model = load_graph(graph_path)
     _check_external_data(model, graph_path, name, listed, where)
     graph = graph_dtype(model, graph_path)
-    for field, value in (("dtype", dtype), (f"targets.{name}.dtype", entry["dtype"])):
+    for field, value in (("dtype", dtype), (f"targets.{name}.dtype", entry.dtype)):
         if value != graph:
             raise MixexportError(f"{where}: {field} is {value!r} but {graph_path} is a {graph} graph")
     _check_description(model, entry, graph_path, f"{where}: targets.{name}")
-    engine = entry.get("engine", {})
-    if "file" in engine:
-        if engine["file"] != ENGINE_PATH:
-            raise MixexportError(f"{where}: targets.trt.engine.file is {engine['file']!r}; the engine is "
-                                 f"{ENGINE_PATH!r}")
-        for needed in (ENGINE_PATH, f"trt/{PLUGIN_LIBRARY}"):
-            if needed not in listed:
-                raise MixexportError(f"{where}: targets.trt.engine.files does not list {needed}")
-    return TargetGraph(name, (root / name).resolve(), model, graph, "file" in engine)
+    return TargetGraph(name, (root / name).resolve(), model, graph, bool(BACKENDS[name].extra_targets(entry.extra)))
 
 
-def _binding(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    tensor = value.type.tensor_type
-    dtype = "int64" if tensor.elem_type == onnx.TensorProto.INT64 else GRAPH_DTYPES.get(tensor.elem_type,
-                                                                                      str(tensor.elem_type))
-    return {"name": value.name, "dtype": dtype, "shape": [d.dim_param or d.dim_value for d in tensor.shape.dim]}
-
-
-def _check_description(model: onnx.ModelProto, entry: dict[str, Any], path: Path, where: str) -> None:
+def _check_description(model: onnx.ModelProto, entry: TargetRecord, path: Path, where: str) -> None:
     """The manifest's account of a graph (its bindings, which runtimes and the TensorRT profiles
     read, and its MoE op) must be the graph's."""
     for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
-        actual = [_binding(v) for v in values]
-        if actual != entry[kind]:
-            first = next((i for i, (a, b) in enumerate(zip(actual, entry[kind])) if a != b),
-                         min(len(actual), len(entry[kind])))
+        actual = [binding(v) for v in values]
+        recorded = getattr(entry, kind)
+        if actual != recorded:
+            first = next((i for i, (a, b) in enumerate(zip(actual, recorded)) if a != b),
+                         min(len(actual), len(recorded)))
             raise MixexportError(f"{where}.{kind} differ from {path}'s at [{first}] "
                                  f"(graph: {actual[first] if first < len(actual) else 'none'})")
     kinds = Counter(f"{n.domain}.{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in MOE_KINDS)
-    if entry["moe_op"] is None and kinds or entry["moe_op"] is not None and (
-            set(kinds) != {entry["moe_op"]} or kinds[entry["moe_op"]] != entry["moe_nodes"]):
-        raise MixexportError(f"{where}: moe_op {entry['moe_op']!r} x {entry['moe_nodes']} but {path} holds "
+    if entry.moe_op is None and kinds or entry.moe_op is not None and (
+            set(kinds) != {entry.moe_op} or kinds[entry.moe_op] != entry.moe_nodes):
+        raise MixexportError(f"{where}: moe_op {entry.moe_op!r} x {entry.moe_nodes} but {path} holds "
                              f"{dict(kinds) or 'no MoE node'}")
 
 
@@ -184,21 +165,18 @@ def _raise_walk_error(exc: OSError) -> None:
     raise MixexportError(f"{exc.filename}: cannot be listed ({exc.strerror})")
 
 
-def _listed_files(root: Path, target: str, entry: dict[str, Any], verify_hashes: bool) -> dict[str, str]:
-    """Relative path -> manifest field, for every file the target's entry lists; each is checked."""
+def _listed_files(root: Path, target: str, entry: TargetRecord, verify_hashes: bool) -> dict[str, str]:
+    """Relative path -> manifest field, for every file the target's entry lists (its `files` and
+    those of its backend's own fields); each is checked."""
     where = root / MANIFEST
     listed: dict[str, str] = {}
-    groups = [("files", entry["files"]), ("kernels.files", entry.get("kernels", {}).get("files", [])),
-              ("engine.files", entry.get("engine", {}).get("files", []))]
-    kernels_dir = entry.get("kernels", {}).get("dir")
-    if kernels_dir is not None and kernels_dir != KERNELS_DIR:
-        raise MixexportError(f"{where}: targets.{target}.kernels.dir is {kernels_dir!r}; the kernels live in "
-                             f"{KERNELS_DIR!r}")
-    for group, files in groups:
+    groups = [("files", entry.files, target),
+              *BACKENDS[target].entry_file_groups(entry.extra, f"{where}: targets.{target}")]
+    for group, files, folder in groups:
         for i, f in enumerate(files):
             field = f"targets.{target}.{group}[{i}].path"
             path = f["path"]
-            prefix = f"{KERNELS_DIR}/" if group == "kernels.files" else f"{target}/"
+            prefix = f"{folder}/"
             if not path.startswith(prefix):
                 raise MixexportError(f"{where}: {field} is {path!r}, outside {prefix}")
             if path in listed:
@@ -255,10 +233,9 @@ def graph_dtype(model: onnx.ModelProto, path: Path) -> str:
     kinds = {i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_key_values.")}
     if not kinds:
         raise MixexportError(f"{path} has no {graph_io.past_names(0)[0]} input: not a mixexport decoder graph")
-    kinds |= {t.data_type for t in model.graph.initializer if t.data_type in GRAPH_DTYPES}
-    if len(kinds) != 1 or next(iter(kinds)) not in GRAPH_DTYPES:
-        names = sorted(GRAPH_DTYPES.get(k, onnx.TensorProto.DataType.Name(k) if k in onnx.TensorProto.DataType.values()
-                                        else str(k)) for k in kinds)
+    kinds |= {t.data_type for t in model.graph.initializer if t.data_type in BY_ONNX}
+    if len(kinds) != 1 or next(iter(kinds)) not in BY_ONNX:
+        names = sorted(dtype_name(k) for k in kinds)
         raise MixexportError(f"{path}: past_key_values inputs and float weights are {', '.join(names)}: one "
                              f"graph dtype (float32, float16 or bfloat16) expected")
-    return GRAPH_DTYPES[next(iter(kinds))]
+    return BY_ONNX[next(iter(kinds))].name

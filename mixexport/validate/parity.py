@@ -27,22 +27,24 @@ from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
-from mixexport.artifact.manifest import (ENGINE_TARGET, MANIFEST, check_manifest, read_manifest, verify_checkpoint,
+from mixexport.artifact.manifest import (MANIFEST, Manifest, check_manifest, read_manifest, verify_checkpoint,
                                          write_json_atomic)
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.names import weight_count
 from mixexport.checkpoint.reader import Checkpoint
 from mixexport.checkpoint.writer import write_checkpoint
-from mixexport.dtypes import torch_dtype
+from mixexport.dtypes import dtype_info, torch_dtype
 from mixexport.errors import InternalError, MixexportError
 from mixexport.model.decoder import load_reference
 from mixexport.model.moe import route
 from mixexport.graph_io import router_logits_name
 from mixexport.targets import backend
 from mixexport.targets.trt.engine import gpu_name, require_tensorrt
+from mixexport.targets.trt.manifest_fields import ENGINE_TARGET
 from mixexport.targets.trt.runner import engine_runner
-from mixexport.validate.inventory import GRAPH_DTYPES, REPORT_FILE, TargetGraph, artifact_targets
+from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
+from mixexport.validate.streamed import choose_mode, streamed_compare
 
 Progress = Callable[[str], None]
 NOT_VALIDATED = "not validated"
@@ -50,9 +52,12 @@ NOT_VALIDATED = "not validated"
 # (atol, rtol) per output group and dtype. fp32 targets must match to round-off; fp16/bf16 targets
 # differ from the reference (same dtype) by accumulation order, amplified through the layers.
 TOLERANCES = {
-    "float32": {"logits": (1e-4, 1e-3), "present": (1e-4, 1e-3), "router_logits": (1e-4, 1e-3)},
-    "float16": {"logits": (2e-2, 2e-2), "present": (2e-2, 2e-2), "router_logits": (2e-2, 2e-2)},
-    "bfloat16": {"logits": (1e-1, 5e-2), "present": (1e-1, 5e-2), "router_logits": (1e-1, 5e-2)},
+    "float32": {"logits": (1e-4, 1e-3), "present": (1e-4, 1e-3), "router_logits": (1e-4, 1e-3),
+                 "hidden_states": (1e-4, 1e-3)},
+    "float16": {"logits": (2e-2, 2e-2), "present": (2e-2, 2e-2), "router_logits": (2e-2, 2e-2),
+                 "hidden_states": (2e-2, 2e-2)},
+    "bfloat16": {"logits": (1e-1, 5e-2), "present": (1e-1, 5e-2), "router_logits": (1e-1, 5e-2),
+                 "hidden_states": (1e-1, 5e-2)},
 }
 # Below this share of matching (token, layer) top-k sets a target fails even within tolerance.
 MIN_ROUTER_AGREEMENT = 0.98
@@ -61,6 +66,8 @@ MIN_ROUTER_AGREEMENT = 0.98
 def output_group(name: str) -> str:
     if name.startswith("present."):
         return "present"
+    if name.startswith("hidden_states."):  # a stage boundary (streamed validation)
+        return "hidden_states"
     if name.endswith("router_logits"):
         return "router_logits"
     return name
@@ -103,15 +110,16 @@ def validation_graph(graph: TargetGraph, num_layers: int) -> bytes:
     read-only artifact validates too."""
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
-    elem = next(code for code, name in GRAPH_DTYPES.items() if name == graph.dtype)
+    elem = dtype_info(graph.dtype).onnx
     for i in range(num_layers):
         model.graph.output.append(onnx.helper.make_tensor_value_info(router_logits_name(i), elem, None))
     backend(graph.name).prepare_validation_model(model, elem)
     return model.SerializeToString()
 
 
-def session_loader(graph: TargetGraph, num_layers: int):
-    """A Polygraphy loader of an onnxruntime CPU session over `validation_graph`.
+def session_loader(graph: TargetGraph, num_layers: int, model_bytes: Callable[[], bytes] | None = None):
+    """A Polygraphy loader of an onnxruntime CPU session over `validation_graph` (or over
+    `model_bytes()`, a graph of the same target folder: a stage of it).
 
     The model is given as bytes, so onnxruntime resolves its external data against
     `session.model_external_initializers_file_folder_path`: the target's folder in OUT.
@@ -122,7 +130,8 @@ def session_loader(graph: TargetGraph, num_layers: int):
         options = ort.SessionOptions()
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.folder))
         backend(graph.name).configure_session(options)
-        return ort.InferenceSession(validation_graph(graph, num_layers), options, providers=["CPUExecutionProvider"])
+        model = model_bytes() if model_bytes else validation_graph(graph, num_layers)
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return load
 
 
@@ -156,13 +165,14 @@ def not_run_status(graph: TargetGraph, config: MixtralConfig) -> dict[str, str] 
     return {"status": NOT_VALIDATED, "reason": reason} if reason else None
 
 
-def router_agreement(ref_iters, target_iters, feeds, num_layers: int, top_k: int) -> float:
-    """Share of (real token, layer) whose top-k expert set equals the reference's."""
+def router_agreement(ref_iters, target_iters, feeds, layers: range, top_k: int) -> float:
+    """Share of (real token, layer in `layers`) whose top-k expert set equals the reference's."""
     matches = total = 0
     for ref, out, feed in zip(ref_iters, target_iters, feeds):
-        seq = feed["input_ids"].shape[1]
-        real = feed["attention_mask"][:, -seq:].reshape(-1).astype(bool)
-        for i in range(num_layers):
+        mask = feed["attention_mask"]
+        seq = np.asarray(ref[router_logits_name(layers[0])]).shape[0] // mask.shape[0] if layers else 0
+        real = mask[:, mask.shape[1] - seq:].reshape(-1).astype(bool)
+        for i in layers:
             name = router_logits_name(i)
             _, ref_e = route(torch.from_numpy(np.asarray(ref[name], dtype=np.float32)), top_k)
             _, out_e = route(torch.from_numpy(np.asarray(out[name], dtype=np.float32)), top_k)
@@ -172,8 +182,8 @@ def router_agreement(ref_iters, target_iters, feeds, num_layers: int, top_k: int
     return matches / max(total, 1)
 
 
-def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
-                      verify_hashes: bool = False, write_report: bool = True) -> dict[str, Any]:
+def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
+                      verify_hashes: bool = False, write_report: bool = True, mode: str = "auto") -> dict[str, Any]:
     """Compare every target the artifact in `root` holds against the reference built from `ckpt`.
 
     What is compared comes from the files (`artifact_targets`), each graph at the tolerance of its
@@ -189,6 +199,8 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progr
         verify_hashes: compare every file's sha256 with the manifest (sizes are always compared):
             `build` passes the manifest of files it has just hashed while writing them.
         write_report: write the report to `root/validation.json` (atomically).
+        mode: "whole", "streamed" (one stage at a time, `validate.streamed`) or "auto" (streamed
+            when the whole model does not fit in the memory available); the report records it.
 
     Returns:
         the report: per-target results, `passed`, and `summary` (`passed`, `targets`,
@@ -197,9 +209,9 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progr
     Raises:
         MixexportError: when the artifact disagrees with its manifest, or the report cannot be written.
     """
-    check_manifest(manifest, str(root / MANIFEST))
+    check_manifest(manifest.to_json(), str(root / MANIFEST))
     graphs = artifact_targets(root, manifest, verify_hashes)
-    dtype = manifest["dtype"]  # every graph's own dtype, which artifact_targets checked
+    dtype = manifest.dtype  # every graph's own dtype, which artifact_targets checked
     tolerances = TOLERANCES[dtype]
     report: dict[str, Any] = {"dtype": dtype, "scenario": {"batch": 2, "prompt": 7, "left_pad": 3,
                                                            "decode_steps": decode_steps},
@@ -221,6 +233,19 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progr
             else:
                 to_run.append((ENGINE_TARGET, None))
     if to_run:
+        report["mode"] = choose_mode(mode, ckpt.config, dtype, progress)
+    if to_run and report["mode"] == "streamed":
+        if (ENGINE_TARGET, None) in to_run:
+            to_run.remove((ENGINE_TARGET, None))
+            report["targets"][ENGINE_TARGET] = {
+                "status": NOT_VALIDATED, "reason": "streamed validation compares stage graphs in onnxruntime, not the "
+                                                   "engine: validate with --validation-mode whole on a machine that "
+                                                   "holds the model"}
+        progress(f"validating against the PyTorch reference one stage at a time ({dtype}, prefill + {decode_steps} "
+                 f"decode steps, batch 2, left padding)")
+        report["scenario"]["decode_tokens"] = "seeded random"  # greedy ones need every layer per step
+        report["targets"].update(streamed_compare(to_run, ckpt, dtype, tolerances, decode_steps, progress))
+    elif to_run:
         num_layers, top_k = ckpt.config.num_hidden_layers, ckpt.config.num_experts_per_tok
         progress(f"validating against the PyTorch reference ({dtype}, prefill + {decode_steps} decode steps, "
                  f"batch 2, left padding)")
@@ -238,7 +263,7 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progr
                 def make_runner(graph=graph):
                     return OnnxrtRunner(session_loader(graph, num_layers), name=graph.name)
             report["targets"][name] = _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances,
-                                                      num_layers, top_k)
+                                                      range(num_layers), top_k)
     report["targets"] = {t: report["targets"][t] for t in [*graphs, ENGINE_TARGET] if t in report["targets"]}
     statuses = {t: r["status"] for t, r in report["targets"].items()}
     failed = [t for t, s in statuses.items() if s == "fail"]
@@ -251,14 +276,16 @@ def validate_artifact(root: Path, manifest: dict, ckpt: Checkpoint | None, progr
                                                    "no target could be run here")
     report["summary"] = {"passed": passed, "targets": statuses, "failed_targets": failed,
                          "router_agreement": {t: r.get("router_agreement") for t, r in report["targets"].items()},
-                         "not_validated": not_validated, "compared": compared}
+                         "not_validated": not_validated, "compared": compared,
+                         **({"mode": report["mode"]} if "mode" in report else {})}
     if write_report:
         write_json_atomic(root / REPORT_FILE, report)
     return report
 
 
-def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, num_layers, top_k) -> dict[str, Any]:
-    """Run one target on the scenario and compare it with the reference's outputs.
+def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers: range, top_k) -> dict[str, Any]:
+    """Run one target (or one stage of it: `layers` are those whose router logits it outputs) on
+    the scenario and compare it with the reference's outputs.
 
     A target that onnxruntime (or TensorRT) cannot load or run has failed; its error is the reason.
     """
@@ -284,10 +311,10 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, num_lay
     except Exception as exc:  # e.g. an output of the wrong shape: the target did not compute the contract
         first = (str(exc).strip().splitlines() or [""])[0][:400]
         return {"status": "fail", "reason": f"outputs not comparable: {type(exc).__name__}: {first}"}
-    return _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k)
+    return _target_report(accuracy, target_iters, ref_iters, feeds, layers, top_k)
 
 
-def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) -> dict[str, Any]:
+def _target_report(accuracy, target_iters, ref_iters, feeds, layers: range, top_k) -> dict[str, Any]:
     max_abs: dict[str, float | None] = {}  # None: a non-finite difference (NaN or inf in an output)
     failed_outputs: set[str] = set()
     # AccuracyResults: one AccuracyResult per compare function, each {runner pair: [per iteration:
@@ -306,42 +333,42 @@ def _target_report(accuracy, target_iters, ref_iters, feeds, num_layers, top_k) 
                     if not bool(result):
                         failed_outputs.add(name)
     # The engine has no router-logit outputs (they are not part of the deployed graph).
-    has_router = router_logits_name(0) in target_iters[0] if num_layers else False
-    agreement = router_agreement(ref_iters, target_iters, feeds, num_layers, top_k) if has_router else None
+    has_router = bool(layers) and router_logits_name(layers[0]) in target_iters[0]
+    agreement = router_agreement(ref_iters, target_iters, feeds, layers, top_k) if has_router else None
     passed = not failed_outputs and (agreement is None or agreement >= MIN_ROUTER_AGREEMENT)
     return {"status": "pass" if passed else "fail", "max_abs_diff": max_abs, "router_agreement": agreement,
             "failed_outputs": sorted(failed_outputs)}
 
 
-def _check_model(manifest: dict, config: MixtralConfig, what: str) -> None:
+def _check_model(manifest: Manifest, config: MixtralConfig, what: str) -> None:
     """The reference's config must be the model the manifest says was exported (fields a newer
     config may have added are not compared)."""
     summary = config.summary()
-    for key, value in manifest["model"].items():
+    for key, value in manifest.model.items():
         if key in summary and summary[key] != value:
             raise MixexportError(f"{what}: {key} is {summary[key]!r} but the artifact's manifest records model.{key} "
                                  f"= {value!r}: not the model this artifact was exported from")
 
 
-def _check_reference_size(root: Path, manifest: dict, config: MixtralConfig) -> None:
+def _check_reference_size(root: Path, manifest: Manifest, config: MixtralConfig) -> None:
     """Regenerating a preset's reference writes and loads the whole model: refuse a manifest whose
     `source.config` describes far more weights than any target of the artifact holds (every
     target stores all of them), before anything is allocated or written."""
-    held = max(sum((root / f["path"]).stat().st_size for f in entry["files"])
-               for entry in manifest["targets"].values())
-    needed = weight_count(config) * torch_dtype(manifest["dtype"]).itemsize
+    held = max(sum((root / f["path"]).stat().st_size for f in entry.files)
+               for entry in manifest.targets.values())
+    needed = weight_count(config) * torch_dtype(manifest.dtype).itemsize
     if needed > 2 * held + 2**20:
         raise MixexportError(f"{root / MANIFEST}: source.config describes {needed} bytes of "
-                             f"{manifest['dtype']} weights, but the largest target holds {held} bytes: the source "
+                             f"{manifest.dtype} weights, but the largest target holds {held} bytes: the source "
                              f"does not describe this artifact")
 
 
 def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_path: str | Path | None = None,
-                 progress: Progress = lambda _: None,
-                 allow_non_finite: bool = False) -> tuple[dict[str, Any], list[Path]]:
+                 progress: Progress = lambda _: None, allow_non_finite: bool = False,
+                 mode: str = "auto") -> tuple[dict[str, Any], list[Path]]:
     """`mixexport validate OUT`: check the artifact's files, find the reference weights the manifest
     names and compare. Writes nothing into OUT but validation.json, and that only where OUT is
-    writable.
+    writable. `mode`: as `validate_artifact`'s.
 
     Returns:
         (the report, the paths it was written to).
@@ -351,7 +378,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
     """
     root = Path(out)
     manifest = read_manifest(root)
-    source = manifest["source"]
+    source = manifest.source
     if source["kind"] == "checkpoint":
         path = Path(checkpoint or source["path"])
         try:
@@ -364,21 +391,24 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         ckpt = Checkpoint(path, allow_non_finite=allow_non_finite)
         _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
         verify_checkpoint(ckpt, source["files"], f"reference checkpoint {path}")
-        report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False)
+        report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
+                                     mode=mode)
     else:
         if checkpoint is not None:
             raise MixexportError(f"{out} was built from preset {source['preset']!r} (seed {source['seed']}); "
                                  f"its reference is regenerated, --checkpoint does not apply")
         config = MixtralConfig.from_hf_dict(source["config"], f"{root / MANIFEST}: source.config")
         _check_model(manifest, config, f"{root / MANIFEST}: source.config")
-        if not manifest["targets"]:  # nothing will be compared: no reference to regenerate
-            report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False)
+        if not manifest.targets:  # nothing will be compared: no reference to regenerate
+            report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False,
+                                     mode=mode)
         else:
             _check_reference_size(root, manifest, config)
             with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
                 progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
                 ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
-                report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False)
+                report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
+                                     mode=mode)
     written = []
     if os.access(root, os.W_OK):
         try:

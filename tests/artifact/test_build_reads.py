@@ -17,6 +17,6 @@ def test_a_checkpoint_build_reads_each_tensor_once(tiny_checkpoint, tmp_path, mo
         manifest = build(ckpt, source, tmp_path / "out", BuildOptions(targets=("ort",), validate=False, **RANGES),
                          lambda _: None)
     assert sorted(reads) == sorted(info.offset for info in ckpt.tensors.values())
-    weights = [f for f in manifest["source"]["files"] if "weights_sha256" in f]
+    weights = [f for f in manifest.source["files"] if "weights_sha256" in f]
     assert [f["path"] for f in weights] == ["model.safetensors"]
     assert weights[0]["weights_sha256"] == Checkpoint(tiny_checkpoint).weights_sha256()["model.safetensors"]

@@ -64,7 +64,7 @@ def test_inspect_artifact(name, tmp_path_factory):
     result = run_cli("inspect", out)
     assert result.exit_code == 0, result.output
     text = result.stdout
-    assert f"dtype {manifest['dtype']}" in text and "validation: passed" in text
+    assert f"dtype {manifest.dtype}" in text and "validation: passed" in text
     for target in targets_of(name):
         header = [line for line in text.splitlines() if line.startswith(f"[{target}]")]
         assert len(header) == 1
@@ -82,7 +82,7 @@ def test_inspect_artifact(name, tmp_path_factory):
         assert targets["trt"]["ops"]["trt.plugins.MixtralMoE"] == 2
     assert targets["ort"]["outputs"][0] == {"name": "logits", "dtype": "float32",
                                             "shape": ["batch", "sequence", 256]}
-    assert as_json["manifest"]["dtype"] == manifest["dtype"] and as_json["validation"]["passed"] is True
+    assert as_json["manifest"]["dtype"] == manifest.dtype and as_json["validation"]["passed"] is True
 
 
 def test_inspect_onnx_file(tmp_path_factory):
@@ -102,7 +102,7 @@ def test_force_replaces_out_after_success(tmp_path_factory):
     out, manifest = forced_unvalidated_ort_build(tmp_path_factory)
     assert not (out / STALE_MARKER).exists()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "ort"]
-    assert "validation" not in manifest
+    assert manifest.validation is None
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no .old or .building dirs left
 
 

@@ -192,10 +192,10 @@ def test_too_little_disk_is_refused_up_front(tiny_checkpoint, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_validation_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, monkeypatch):
+def test_whole_validation_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, monkeypatch):
     monkeypatch.setattr("mixexport.driver.build.memory_available", lambda: 1000)
-    line = error_line(run_cli("build", "--preset", "tiny", "-o", tmp_path / "out"))
-    assert "validating this model in memory needs about" in line and "build with --no-validate" in line
+    line = error_line(run_cli("build", "--preset", "tiny", "-o", tmp_path / "out", "--validation-mode", "whole"))
+    assert "validating this model in memory needs about" in line and "use --validation-mode streamed" in line
     assert list(tmp_path.iterdir()) == []
 
 

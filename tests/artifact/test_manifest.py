@@ -14,7 +14,7 @@ import pytest
 
 from artifact.shared import edit_manifest, error_line, forced_unvalidated_ort_build, run_cli
 from mixexport.artifact.manifest import (FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, read_manifest,
-                                         write_manifest)
+                                         write_json_atomic, write_manifest)
 from mixexport.errors import MixexportError
 
 
@@ -53,7 +53,18 @@ def _drop(*keys):
 
 def test_valid_manifest_reads(artifact):
     manifest = read_manifest(artifact)
-    assert manifest["format"] == FORMAT_VERSION and set(manifest["targets"]) == {"ort"}
+    assert manifest.format == FORMAT_VERSION and set(manifest.targets) == {"ort"}
+    # the one writer writes back what the one reader read, field for field
+    assert manifest.to_json() == json.loads((artifact / MANIFEST).read_text())
+
+
+def test_write_manifest_refuses_what_the_reader_would(artifact):
+    manifest = read_manifest(artifact)
+    manifest.targets["ort"].moe_nodes = -1
+    before = (artifact / MANIFEST).read_bytes()
+    with pytest.raises(MixexportError, match=r"targets\.ort\.moe_nodes must be a non-negative integer"):
+        write_manifest(artifact, manifest)
+    assert (artifact / MANIFEST).read_bytes() == before
 
 
 # (change, the error after "OUT/manifest.json: ")
@@ -135,7 +146,7 @@ def test_symlink_out_of_out_is_refused(artifact, tmp_path):
 def test_symlink_inside_out_is_followed(artifact):
     (artifact / "ort" / "model.onnx.data").rename(artifact / "weights.data")
     (artifact / "ort" / "model.onnx.data").symlink_to("../weights.data")
-    assert set(read_manifest(artifact)["targets"]) == {"ort"}
+    assert set(read_manifest(artifact).targets) == {"ort"}
 
 
 def test_manifest_symlink_out_of_out_is_refused(artifact, tmp_path):
@@ -229,22 +240,22 @@ def test_inspect_of_a_fifo_does_not_hang(tmp_path):
     assert "FIFO" in run.stderr, run.stderr
 
 
-def test_write_manifest_is_atomic(tmp_path):
-    write_manifest(tmp_path, {"a": 1})
-    write_manifest(tmp_path, {"a": 2})
+def test_write_json_atomic_replaces_whole(tmp_path):
+    write_json_atomic(tmp_path / MANIFEST, {"a": 1})
+    write_json_atomic(tmp_path / MANIFEST, {"a": 2})
     assert json.loads((tmp_path / MANIFEST).read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == [MANIFEST]  # no temporary file left
 
 
-def test_write_manifest_os_error_is_one_line(tmp_path):
+def test_write_json_atomic_os_error_is_one_line(tmp_path):
     with pytest.raises(MixexportError) as err:
-        write_manifest(tmp_path / "gone", {"a": 1})
+        write_json_atomic(tmp_path / "gone" / MANIFEST, {"a": 1})
     assert str(err.value) == f"{tmp_path / 'gone' / MANIFEST}: no such file or directory"
 
 
-def test_write_manifest_refuses_nan(tmp_path):
+def test_write_json_atomic_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
-        write_manifest(tmp_path, {"a": float("nan")})
+        write_json_atomic(tmp_path / MANIFEST, {"a": float("nan")})
     assert list(tmp_path.iterdir()) == []
 
 

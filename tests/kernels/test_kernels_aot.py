@@ -13,7 +13,9 @@ from click.testing import CliRunner
 
 from mixexport.errors import MixexportError
 from mixexport.kernels import aot
-from mixexport.kernels.configs import GEMM_TILES, GRIDS, SHARED_MEMORY_LIMIT, TILE_RULE, evaluate, gemm_tile
+from mixexport.kernels.configs import (GEMM_TILES, GRIDS, SHARED_MEMORY_LIMIT, TILE_RULE, GemmTile, evaluate, gemm_tile,
+                                       kernel_shape_refusal)
+from mixexport.quant import QuantScheme
 
 MIXTRAL = {"N": 512, "H": 4096, "I": 14336, "E": 8, "K": 2}
 
@@ -145,3 +147,62 @@ def test_refuses_to_compile_interpreted_kernels(tmp_path):
 def test_cli_refuses_unknown_targets(tmp_path, args, message):
     result = CliRunner().invoke(aot.main, [*args, "-o", str(tmp_path)])
     assert result.exit_code == 1 and message in result.output
+
+
+@pytest.fixture(scope="session")
+def built_quant(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot_quant")
+    result = _run_cli("--arch", "90", "--dtype", "bf16", "--quant", "int8,int4-g32", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    # 4 small kernels + 2 GEMMs x 2 tiles x 2 weight schemes; no 16-bit GEMMs were asked for.
+    assert "wrote 12 kernel variants" in result.stdout
+    return out, json.loads((out / "index.json").read_text())
+
+
+def test_quantized_gemm_variants_take_bytes_and_scales(built_quant):
+    out, index = built_quant
+    assert index["quants"] == [{"bits": 8, "group_size": 0}, {"bits": 4, "group_size": 32}]
+    gemms = [v for v in index["variants"] if v["kernel"] in ("gate_up", "down")]
+    assert {v["name"] for v in gemms} >= {"gate_up_small_m_bf16_int8_sm90", "down_large_m_bf16_int4g32_sm90"}
+    for entry in gemms:
+        meta = _metadata(out, entry)
+        assert meta["quant"] == entry["quant"] and meta["quant"]["bits"] in (8, 4)
+        params = {p["name"]: p for p in meta["params"]}
+        weights = "w_gate_up" if entry["kernel"] == "gate_up" else "w_down"
+        assert params["w_ptr"]["type"] == "*u8" and params["w_ptr"]["bind"] == f"input:{weights}"
+        assert params["s_ptr"]["type"] == "*bf16" and params["s_ptr"]["bind"] == f"input:s_{weights[2:]}"
+        assert meta["constexprs"]["QUANT_BITS"] == meta["quant"]["bits"]
+        assert meta["constexprs"]["GROUP_SIZE"] == meta["quant"]["group_size"]
+        assert 0 <= meta["shared_memory_bytes"] <= SHARED_MEMORY_LIMIT[90], meta["name"]
+        ptx = (out / meta["ptx"]).read_text()
+        entry_params = re.search(rf"\.entry {meta['entry']}\((.*?)\)", ptx, re.S).group(1)
+        assert len(re.findall(r"\.param \.(u64|u32)", entry_params)) == len(meta["params"]), meta["name"]
+
+
+def test_sixteen_bit_gemms_have_no_scale_parameter(built):
+    out, index = built
+    for entry in index["variants"]:
+        meta = _metadata(out, entry)
+        if entry["kernel"] in ("gate_up", "down"):
+            assert meta["quant"] == {"bits": 0, "group_size": 0} and "s_ptr" not in {p["name"] for p in meta["params"]}
+        else:
+            assert meta["quant"] is None
+    assert index["quants"] == [{"bits": 0, "group_size": 0}]
+
+
+def test_cli_refuses_an_unknown_weight_scheme(tmp_path):
+    result = CliRunner().invoke(aot.main, ["--quant", "int4-g48", "-o", str(tmp_path)])
+    assert result.exit_code == 1 and "--quant 'int4-g48'" in result.output
+
+
+def test_kernel_shape_rule_covers_the_group_size(monkeypatch):
+    assert kernel_shape_refusal(4096, 14336, 8, QuantScheme(4, 128)) is None
+    assert kernel_shape_refusal(4096, 14336, 8, QuantScheme(8)) is None
+    refusal = kernel_shape_refusal(192, 256, 8, QuantScheme(4, 128))
+    assert refusal == ("the MixtralMoE plugin's int4-g128 kernels dequantize whole groups: int4-g128 needs "
+                       "hidden_size (192) to be a multiple of the group size 128")
+    # A K block that neither holds whole groups nor lies inside one is declined, naming the tile.
+    monkeypatch.setitem(GEMM_TILES, 86, {**GEMM_TILES[86], "large_m": GemmTile(64, 64, 48, 4, 4)})
+    assert kernel_shape_refusal(4096, 14336, 8, QuantScheme(4, 32)) == (
+        "the MixtralMoE plugin's int4-g32 kernels need the group size 32 and the sm_86 large_m tile's K block 48 "
+        "to divide one another")

@@ -39,8 +39,10 @@ def _load_generator():
 def aot_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("plugin_aot")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # int8 GEMMs too, so the native plan and plugin tests dispatch quantized experts.
     result = subprocess.run([sys.executable, "-m", "mixexport.kernels.aot", "--arch", "80,90", "--dtype", "fp16",
-                             "-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                             "--quant", "none,int8", "-o", str(out)], env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -57,8 +59,12 @@ def _string_array(header: str, name: str) -> list[str]:
 
 
 def test_generated_fields_and_inputs_match_contract(generated_header):
-    assert _string_array(generated_header, "kFieldNames") == attribute_names()
-    assert _string_array(generated_header, "kInputNames") == input_names()
+    assert _string_array(generated_header, "kFieldNames") == attribute_names(quantized=True)
+    assert _string_array(generated_header, "kInputNames") == input_names(quantized=True)
+    # quant_bits and group_size may be left out (= 0); the other fields may not.
+    assert "kFieldHasDefault[] = {false, false, false, false, false, true, true};" in generated_header
+    assert "kFieldDefaults[] = {0, 0, 0, 0, 0, 0, 0};" in generated_header
+    assert "kNumInputsUnquantized = 4;" in generated_header
     contract = plugin_contract()
     for key, name in (("op_type", "kPluginName"), ("plugin_namespace", "kPluginNamespace"),
                       ("plugin_version", "kPluginVersion")):
@@ -67,9 +73,9 @@ def test_generated_fields_and_inputs_match_contract(generated_header):
 
 def test_plugin_source_reads_every_contract_field_through_the_generated_enum():
     source = (PLUGIN_DIR / "src" / "moe_plugin.cpp").read_text()
-    assert set(re.findall(r"kField_(\w+)", source)) == set(attribute_names())
+    assert set(re.findall(r"kField_(\w+)", source)) == set(attribute_names(quantized=True))
     # No field or plugin name spelled out by hand: they come from the contract.
-    for name in [*attribute_names(), plugin_contract()["op_type"]]:
+    for name in [*attribute_names(quantized=True), plugin_contract()["op_type"]]:
         assert f'"{name}"' not in source, name
     assert "IPluginV3OneRuntime" in source
     # Registered under the contract's namespace (REGISTER_TENSORRT_PLUGIN would use ""), and the
@@ -139,18 +145,21 @@ def test_native_contract_matches_json(native_build):
     dumped = _dump(native_build, "--contract")
     contract = plugin_contract()
     assert dumped == {"name": contract["op_type"], "namespace": contract["plugin_namespace"],
-                      "version": contract["plugin_version"], "fields": attribute_names(), "inputs": input_names()}
+                      "version": contract["plugin_version"], "fields": attribute_names(quantized=True),
+                      "inputs": input_names(quantized=True)}
 
 
-@pytest.mark.parametrize("arch,dims", [
-    (90, {"N": 3, "H": 4096, "I": 14336, "E": 8, "K": 2}),
-    (80, {"N": 512, "H": 4096, "I": 14336, "E": 8, "K": 2}),
-    (80, {"N": 81, "H": 48, "I": 32, "E": 5, "K": 2}),  # just past the small_m rule (162 > 32*5), irregular E
-    (80, {"N": 80, "H": 48, "I": 32, "E": 5, "K": 2}),  # the last small_m batch: the split-K down GEMM
-    (90, {"N": 1, "H": 64, "I": 16, "E": 64, "K": 7}),
+@pytest.mark.parametrize("arch,dims,quant_bits", [
+    (90, {"N": 3, "H": 4096, "I": 14336, "E": 8, "K": 2}, 0),
+    (80, {"N": 512, "H": 4096, "I": 14336, "E": 8, "K": 2}, 0),
+    (80, {"N": 81, "H": 48, "I": 32, "E": 5, "K": 2}, 0),  # just past the small_m rule (162 > 32*5), irregular E
+    (80, {"N": 80, "H": 48, "I": 32, "E": 5, "K": 2}, 0),  # the last small_m batch: the split-K down GEMM
+    (90, {"N": 1, "H": 64, "I": 16, "E": 64, "K": 7}, 0),
+    (90, {"N": 3, "H": 4096, "I": 14336, "E": 8, "K": 2}, 8),  # int8 experts: their GEMMs and scale inputs
+    (80, {"N": 81, "H": 48, "I": 32, "E": 5, "K": 2}, 8),
 ])
-def test_native_plan_matches_metadata(native_build, aot_dir, arch, dims):
-    plan = _dump(native_build, arch, "fp16", dims["N"], dims["H"], dims["I"], dims["E"], dims["K"])
+def test_native_plan_matches_metadata(native_build, aot_dir, arch, dims, quant_bits):
+    plan = _dump(native_build, arch, "fp16", dims["N"], dims["H"], dims["I"], dims["E"], dims["K"], quant_bits, 0)
     index = json.loads((aot_dir / "index.json").read_text())
     tile = tile_name(dims["N"] * dims["K"], dims["E"])
     block_m, split_k = (index["tiles"][str(arch)][tile][key] for key in ("block_m", "split_k"))
@@ -163,8 +172,10 @@ def test_native_plan_matches_metadata(native_build, aot_dir, arch, dims):
     assert plan["workspace_total"] == offset <= plan["workspace_bound"]
 
     fake = {"input:x": 1 << 32, "input:router_logits": 2 << 32, "input:w_gate_up": 3 << 32, "input:w_down": 4 << 32,
-            "output:out": 5 << 32}
-    by_kernel = {v["kernel"]: v for v in index["variants"] if v["arch"] == arch and v["tile"] in (None, tile)}
+            "output:out": 5 << 32, "input:s_gate_up": 7 << 32, "input:s_down": 8 << 32}
+    quant = {"bits": quant_bits, "group_size": 0}
+    by_kernel = {v["kernel"]: v for v in index["variants"] if v["arch"] == arch and v["tile"] in (None, tile)
+                 and v["quant"] in (None, quant)}
     assert [launch["variant"] for launch in plan["launches"]] == [by_kernel[k]["name"] for k in index["pipeline"]]
     for launch in plan["launches"]:
         meta = json.loads((aot_dir / f"{launch['variant']}.json").read_text())
@@ -191,3 +202,7 @@ def test_native_plan_refuses_bad_problems(native_build):
     assert "multiples of 16" in _dump(native_build, 90, "fp16", 4, 40, 32, 8, 2)["error"]
     assert "sm_80 or newer" in _dump(native_build, 75, "fp16", 4, 64, 32, 8, 2)["error"]
     assert "MIXEXPORT_KERNEL_DTYPES" in _dump(native_build, 90, "bf16", 4, 64, 32, 8, 2)["error"]
+    assert "no GEMM kernels were built for int4-g32 expert weights; rebuild with -DMIXEXPORT_KERNEL_QUANT" in _dump(
+        native_build, 90, "fp16", 4, 64, 32, 8, 2, 4, 32)["error"]
+    assert "group_size=16 does not fit quant_bits=8" in _dump(native_build, 90, "fp16", 4, 64, 32, 8, 2, 8, 16)["error"]
+    assert "quant_bits=2 must be 0, 8 or 4" in _dump(native_build, 90, "fp16", 4, 64, 32, 8, 2, 2, 0)["error"]

@@ -10,7 +10,7 @@ from transformers import MixtralForCausalLM
 
 from mixexport.checkpoint import preset, write_checkpoint
 from mixexport.driver.build import BuildOptions, build, reference_source
-from validate.hf_model import tiny_hf_mixtral
+from validate.hf_model import write_hf_checkpoint
 
 RANGES = dict(max_batch=4, max_sequence=32, max_context=64)
 _built: dict[str, tuple[MixtralForCausalLM, Path]] = {}
@@ -34,7 +34,8 @@ def tiny_preset(tmp_path_factory) -> tuple[MixtralForCausalLM, Path]:
 def hf_written(tmp_path_factory) -> tuple[MixtralForCausalLM, Path]:
     """(transformers' tiny Mixtral, the ort artifact of the checkpoint its save_pretrained wrote)."""
     if "hf" not in _built:
-        model, path = tiny_hf_mixtral(tmp_path_factory.mktemp("hf") / "checkpoint")
+        path = tmp_path_factory.mktemp("hf") / "checkpoint"
+        model = write_hf_checkpoint(path)
         _built["hf"] = model, _build(path, None, tmp_path_factory.mktemp("run-hf") / "out", ("ort",))
     return _built["hf"]
 

@@ -68,13 +68,13 @@ def test_runtime_files_are_in_the_manifest_and_say_what_genai_needs(tiny_preset)
     _, out = tiny_preset
     manifest = read_manifest(out)
     for target in ("ort", "portable"):
-        listed = {f["path"]: f for f in manifest["targets"][target]["files"]}
+        listed = {f["path"]: f for f in manifest.targets[target].files}
         for name in RUNTIME_FILES + ["tokenizer.json", "tokenizer_config.json"]:
             entry = listed[f"{target}/{name}"]
             assert entry["sha256"] == sha256_file(out / target / name)
     genai = json.loads((out / "ort" / "genai_config.json").read_text())
     assert genai["model"]["type"] == "mistral" and genai["search"]["past_present_share_buffer"] is False
-    assert genai["model"]["context_length"] == manifest["dynamic_dims"][graph_io.TOTAL][1]
+    assert genai["model"]["context_length"] == manifest.dynamic_dims[graph_io.TOTAL][1]
     decoder = genai["model"]["decoder"]
     assert decoder["inputs"]["past_key_names"] % 3 == graph_io.past_names(3)[0]
     assert decoder["outputs"]["present_value_names"] % 3 == graph_io.present_names(3)[1]

@@ -27,8 +27,8 @@ def test_feeds_agree_with_each_other_and_the_ranges(tmp_path_factory):
     for past, feed in zip([0, 5, 6], steps):
         assert feed["attention_mask"].shape == (3, past + feed["input_ids"].shape[1])
         assert feed["position_ids"][0, 0] == past
-        assert feed[graph_io.past_names(1)[1]].shape == (3, manifest["model"]["num_key_value_heads"], past,
-                                                         manifest["model"]["head_dim"])
+        assert feed[graph_io.past_names(1)[1]].shape == (3, manifest.model["num_key_value_heads"], past,
+                                                         manifest.model["head_dim"])
     session = ort.InferenceSession(str(out / "ort" / "model.onnx"), providers=["CPUExecutionProvider"])
     for feed in steps:  # the graph's mask check accepts every step
         logits = session.run(["logits"], feed)[0]
@@ -38,7 +38,7 @@ def test_feeds_agree_with_each_other_and_the_ranges(tmp_path_factory):
 def test_feeds_are_clamped_to_the_manifest(tmp_path_factory):
     out, _ = forced_unvalidated_ort_build(tmp_path_factory)
     manifest = read_manifest(out)
-    dims = manifest["dynamic_dims"]
+    dims = manifest.dynamic_dims
     steps = list(polygraphy_data.feeds(manifest, batch=10**6, prompt=10**6, decode_steps=10**6))
     assert steps[0]["input_ids"].shape[0] == dims["batch"][1]
     assert steps[-1]["attention_mask"].shape[1] <= dims["total_sequence"][1]

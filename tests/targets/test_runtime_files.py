@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,8 +25,9 @@ def _checkpoint(tmp_path, **fields):
 
 
 def _manifest():
-    return {"model": CONFIG.summary(), "dtype": "float32", "dynamic_dims": {graph_io.TOTAL: [1, 64]},
-            "targets": {"ort": {"files": []}}}
+    """What write_runtime_files reads of the artifact stage's Manifest (which targets cannot import)."""
+    return SimpleNamespace(model=CONFIG.summary(), dtype="float32", dynamic_dims={graph_io.TOTAL: [1, 64]},
+                           targets={"ort": SimpleNamespace(files=[])})
 
 
 def test_ids_default_to_mixtrals_and_pad_with_eos(tmp_path):
@@ -62,6 +64,6 @@ def test_every_file_written_is_recorded(tmp_path):
     manifest = _manifest()
     written = write_runtime_files(root, "ort", manifest, folder, lambda p: {"path": p.relative_to(root).as_posix()})
     assert written == ["genai_config.json", "config.json", "generation_config.json", "tokenizer.model"]
-    assert [f["path"] for f in manifest["targets"]["ort"]["files"]] == [f"ort/{name}" for name in written]
+    assert [f["path"] for f in manifest.targets["ort"].files] == [f"ort/{name}" for name in written]
     assert sorted(p.name for p in (root / "ort").iterdir()) == sorted(written)
     assert (root / "ort" / "tokenizer.model").read_bytes() == b"sentencepiece"

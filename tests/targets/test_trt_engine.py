@@ -12,6 +12,7 @@ import torch
 from artifact.shared import built, run_cli
 from mixexport import graph_io
 from mixexport.errors import MixexportError
+from mixexport.artifact.manifest import read_manifest
 from mixexport.targets.trt import engine
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -24,8 +25,8 @@ def _manifest(tmp_path_factory, name="e4-k2-float16"):
 
 
 def test_profiles_cover_prefill_and_decode(tmp_path_factory):
-    _, manifest, _ = _manifest(tmp_path_factory)
-    context, generation = engine.optimization_profiles(manifest)
+    out, manifest, _ = _manifest(tmp_path_factory)
+    context, generation = engine.optimization_profiles(read_manifest(out))
     dims = manifest["dynamic_dims"]
     max_batch, max_seq, max_total = dims["batch"][1], dims["sequence"][1], dims["total_sequence"][1]
     for profile in (context, generation):

@@ -50,7 +50,8 @@ def test_intact_copies_pass(ort_only):
     assert result.exit_code == 0, result.output
     report = json.loads((ort_only / REPORT_FILE).read_text())
     assert report["summary"] == {"passed": True, "targets": {"ort": "pass"}, "failed_targets": [],
-                                 "router_agreement": {"ort": 1.0}, "not_validated": [], "compared": 1}
+                                 "router_agreement": {"ort": 1.0}, "not_validated": [], "compared": 1,
+                                 "mode": "whole"}
 
 
 def test_one_flipped_byte_in_the_weights_fails(ort_only):
@@ -270,11 +271,12 @@ def test_read_only_artifact_validates(ort_only, tmp_path):
 
 def test_validate_artifact_checks_the_manifest_it_is_given(three_targets, tiny_checkpoint):
     """build passes its in-memory manifest: the same cross-check applies (no read_manifest on the way)."""
+    from mixexport.artifact.manifest import read_manifest
     from mixexport.checkpoint.reader import Checkpoint
     from mixexport.errors import MixexportError
     from mixexport.validate.parity import validate_artifact
 
-    manifest = json.loads((three_targets / MANIFEST).read_text())
+    manifest = read_manifest(three_targets)
     shutil.rmtree(three_targets / "portable")
     with pytest.raises(MixexportError) as err:
         validate_artifact(three_targets, manifest, Checkpoint(tiny_checkpoint), progress=lambda _: None)
@@ -302,8 +304,8 @@ def test_weight_count_matches_a_real_artifact(tmp_path_factory):
     from mixexport.checkpoint.names import weight_count
 
     out, manifest, _ = built("e4-k1-float16", tmp_path_factory)
-    config = MixtralConfig.from_hf_dict(manifest["source"]["config"])
-    held = sum(f["bytes"] for f in manifest["targets"]["portable"]["files"])  # small tensors live in model.onnx
+    config = MixtralConfig.from_hf_dict(manifest.source["config"])
+    held = sum(f["bytes"] for f in manifest.targets["portable"].files)  # small tensors live in model.onnx
     data = (out / "portable" / "model.onnx.data").stat().st_size
     assert data <= weight_count(config) * 2 <= held
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from artifact.shared import error_line, run_cli
-from validate.hf_model import D, KVH, LAYERS, VOCAB, tiny_hf_mixtral
+from validate.hf_model import D, KVH, LAYERS, VOCAB, write_hf_checkpoint
 from mixexport import graph_io
 from mixexport.driver.build import BuildOptions, build, reference_source
 
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    return tiny_hf_mixtral(tmp_path_factory.mktemp("hf") / "checkpoint")
+    path = tmp_path_factory.mktemp("hf") / "checkpoint"
+    return write_hf_checkpoint(path), path
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def hf_artifact(hf_model, tmp_path_factory):
 
 def test_build_validates(hf_artifact):
     _, manifest = hf_artifact
-    assert manifest["validation"]["passed"] and manifest["source"]["kind"] == "checkpoint"
+    assert manifest.validation["passed"] and manifest.source["kind"] == "checkpoint"
 
 
 def test_ort_matches_transformers_prefill_and_decode(hf_model, hf_artifact):

@@ -19,6 +19,7 @@ from mixexport.kernels.configs import kernel_shape_refusal
 from mixexport.passes.pipeline import Step
 from mixexport.targets.base import Backend, Progress
 from mixexport.targets.trt import engine
+from mixexport.targets.trt import manifest_fields as fields
 from mixexport.targets.trt.contract import plugin_contract
 from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin
 
@@ -57,12 +58,23 @@ class TrtBackend(Backend):
 
         options.register_custom_ops_library(register())
 
-    def finish(self, root: Path, out: Path, manifest: dict[str, Any], options: Any, record: Callable[[Path], dict],
+    manifest_fields = fields.FIELDS
+
+    def finish(self, root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
                progress: Progress, checkpoint: Path) -> None:
-        entry = manifest["targets"]["trt"]
+        extra = manifest.targets["trt"].extra
         if options.trt_kernels:
-            entry["kernels"] = _write_kernels(root, manifest["dtype"], record, progress)
+            extra["kernels"] = _write_kernels(root, manifest.dtype, record, progress)
         _try_engine(root, out, manifest, options, record, progress)
+
+    def entry_paths(self, extra: dict[str, Any]) -> list[tuple[str, str, str]]:
+        return fields.entry_paths(extra)
+
+    def entry_file_groups(self, extra: dict[str, Any], where: str) -> list[tuple[str, list[dict[str, Any]], str]]:
+        return fields.entry_file_groups(extra, where)
+
+    def extra_targets(self, extra: dict[str, Any]) -> list[str]:
+        return [fields.ENGINE_TARGET] if fields.engine_built(extra) else []
 
 
 def _write_kernels(root: Path, dtype: str, record: Callable[[Path], dict], progress: Progress) -> dict:
@@ -99,10 +111,10 @@ def _toolkits(folder: Path) -> dict[str, dict[str, str]]:
     return toolkit
 
 
-def _try_engine(root: Path, out: Path, manifest: dict, options: Any, record: Callable[[Path], dict],
+def _try_engine(root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
                 progress: Progress) -> None:
     """Build the TensorRT engine where TensorRT, a GPU and the plugin are at hand; otherwise say how."""
-    entry = manifest["targets"]["trt"]
+    entry = manifest.targets["trt"].extra
     kernels = entry.get("kernels", {})
     if kernels.get("status") == "skipped":
         entry["engine"] = {"status": "not built", "missing": f"plugin kernels ({kernels['reason']})"}

@@ -31,13 +31,13 @@ PROFILE_NAMES = ("context", "generation")
 Shape = tuple[int, ...]
 
 
-def optimization_profiles(manifest: dict[str, Any]) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+def optimization_profiles(manifest: Any) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
     """(min, opt, max) shape per input for the context and generation profiles.
 
     Args:
-        manifest: an artifact manifest (its `dynamic_dims` and the trt target's input bindings).
+        manifest: an artifact's `Manifest` (its `dynamic_dims` and the trt target's input bindings).
     """
-    dims = manifest["dynamic_dims"]
+    dims = manifest.dynamic_dims
     max_batch = dims[graph_io.BATCH][1]
     max_seq = dims[graph_io.SEQUENCE][1]
     max_total = dims[graph_io.TOTAL][1]
@@ -55,7 +55,7 @@ def optimization_profiles(manifest: dict[str, Any]) -> list[dict[str, tuple[Shap
     profiles = []
     for name in PROFILE_NAMES:
         profile = {}
-        for binding in manifest["targets"]["trt"]["inputs"]:
+        for binding in manifest.targets["trt"].inputs:
             shapes = [tuple(d if isinstance(d, int) else ranges[name][d][i] for d in binding["shape"])
                       for i in range(3)]
             profile[binding["name"]] = (shapes[0], shapes[1], shapes[2])
@@ -167,7 +167,7 @@ def finish_instructions(out: Path, with_kernels: bool) -> list[str]:
     ]
 
 
-def build_engine(out: str | Path, manifest: dict[str, Any], record: Callable[[Path], dict],
+def build_engine(out: str | Path, manifest: Any, record: Callable[[Path], dict],
                  plugin: str | Path | None = None, timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
                  progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Build OUT/trt/model.engine with both profiles and copy the plugin library beside it.

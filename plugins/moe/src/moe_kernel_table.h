@@ -27,7 +27,7 @@ using Formula = int64_t (*)(const Dims&);
 
 // What a kernel parameter is bound to (the AOT metadata's "bind").
 enum class BindKind : int {
-    kInput,      // plugin input `index` (x, router_logits, w_gate_up, w_down)
+    kInput,      // plugin input `index` (x, router_logits, w_gate_up, w_down, s_gate_up, s_down)
     kOutput,     // the plugin output
     kWorkspace,  // workspace buffer `index` (kWorkspaceBuffers)
     kScalar,     // int32 value of `value`
@@ -67,6 +67,8 @@ struct VariantSpec {
     const char* ptxas_version;  // CUDA release of the ptxas that compiled it, e.g. "13.4"
     int cuda_for_cubin;         // driver CUDA version (cuDriverGetVersion) the cubin needs: 13000 = 13.0, R580
     int cuda_for_ptx;           // driver CUDA version that can JIT its PTX ISA
+    int quant_bits;             // GEMMs: the weights it reads, 0 (the activation dtype), 8 or 4 (uint8 storage)
+    int group_size;             // GEMMs: columns per scale, 0 = one per row
 };
 
 struct TileSpec {

@@ -37,15 +37,29 @@ const TileSpec* findTile(int arch, Tile tile) {
     return nullptr;
 }
 
-const VariantSpec* findVariant(Kernel kernel, int arch, DType dtype, Tile tile) {
+const VariantSpec* findVariant(Kernel kernel, int arch, const Problem& p, Tile tile) {
     const bool gemm = kernel == Kernel::kGateUp || kernel == Kernel::kDown;
     for (const VariantSpec& v : kVariants) {
         if (v.kernel != kernel || v.arch != arch) continue;
-        if (v.dtype != DType::kAny && v.dtype != dtype) continue;
-        if (gemm && v.tile != tile) continue;
+        if (v.dtype != DType::kAny && v.dtype != p.dtype) continue;
+        if (gemm && (v.tile != tile || v.quant_bits != p.quant_bits || v.group_size != p.group_size)) continue;
         return &v;
     }
     return nullptr;
+}
+
+std::string quantName(int bits, int group_size) {
+    if (bits == 0) return "16-bit";
+    return "int" + std::to_string(bits) + (group_size ? "-g" + std::to_string(group_size) : "");
+}
+
+// Whether any GEMM variant reads weights of this scheme (the AOT build's --quant list).
+bool quantBuilt(int bits, int group_size) {
+    for (const VariantSpec& v : kVariants)
+        if ((v.kernel == Kernel::kGateUp || v.kernel == Kernel::kDown) && v.quant_bits == bits &&
+            v.group_size == group_size)
+            return true;
+    return false;
 }
 
 }  // namespace
@@ -93,6 +107,17 @@ std::string checkProblem(const Problem& p) {
         return "MixtralMoE: hidden_size=" + std::to_string(p.H) + " and intermediate_size=" + std::to_string(p.I) +
                " must be multiples of " + std::to_string(kShapeMultiple) +
                " (the compiled kernels vectorize along them)";
+    // The scheme of mixexport/quant.py: int8 one scale per row, int4 groups that divide H and I.
+    if (p.quant_bits != 0 && p.quant_bits != 8 && p.quant_bits != 4)
+        return "MixtralMoE: quant_bits=" + std::to_string(p.quant_bits) + " must be 0, 8 or 4";
+    if ((p.quant_bits == 8 && p.group_size != 0) || (p.quant_bits == 0 && p.group_size != 0) ||
+        (p.quant_bits == 4 && (p.group_size <= 0 || p.H % p.group_size || p.I % p.group_size)))
+        return "MixtralMoE: group_size=" + std::to_string(p.group_size) + " does not fit quant_bits=" +
+               std::to_string(p.quant_bits) + " (int8: 0, one scale per row; int4: a group size dividing H=" +
+               std::to_string(p.H) + " and I=" + std::to_string(p.I) + ")";
+    if (!quantBuilt(p.quant_bits, p.group_size))
+        return "MixtralMoE: no GEMM kernels were built for " + quantName(p.quant_bits, p.group_size) +
+               " expert weights; rebuild with -DMIXEXPORT_KERNEL_QUANT including it";
     if (!dtypeBuilt(p.dtype)) {
         std::string built;
         for (DType d : kBuiltDTypes) built += std::string(built.empty() ? "" : ", ") + dtypeName(d);
@@ -121,10 +146,10 @@ std::string makePlanFor(const Problem& p, int build_arch, Tile tile, bool use_cu
     int64_t global_scratch = 0, profile_scratch = 0;
     for (int k = 0; k < kNumKernels; ++k) {
         const Kernel kernel = static_cast<Kernel>(k);
-        const VariantSpec* v = findVariant(kernel, build_arch, p.dtype, tile);
+        const VariantSpec* v = findVariant(kernel, build_arch, p, tile);
         if (!v)
             return std::string("MixtralMoE: kernel ") + kernelName(kernel) + " was not built for sm_" +
-                   std::to_string(build_arch) + " " + dtypeName(p.dtype);
+                   std::to_string(build_arch) + " " + dtypeName(p.dtype) + " " + quantName(p.quant_bits, p.group_size);
         if (v->block_m && v->block_m != tile_spec->block_m)
             return std::string("MixtralMoE: ") + v->name + " was compiled with BLOCK_M=" + std::to_string(v->block_m) +
                    ", its tile says " + std::to_string(tile_spec->block_m);

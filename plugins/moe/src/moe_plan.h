@@ -27,6 +27,8 @@ struct Problem {
     int64_t K = 0;
     bool normalize = true;
     DType dtype = DType::kFP16;
+    int quant_bits = 0;  // experts' weights: 0 in dtype, 8 or 4 uint8-stored with scales (mixexport/quant.py)
+    int group_size = 0;  // columns per scale, 0 = one per row
 };
 
 struct Device {
@@ -69,7 +71,7 @@ struct Plan {
 
 // Device addresses of one enqueue.
 struct Tensors {
-    uint64_t inputs[4] = {0, 0, 0, 0};  // x, router_logits, w_gate_up, w_down
+    uint64_t inputs[6] = {0, 0, 0, 0, 0, 0};  // x, router_logits, w_gate_up, w_down, s_gate_up, s_down (quantized)
     uint64_t output = 0;
     uint64_t workspace = 0;
 };

@@ -39,7 +39,8 @@ using nvinfer1::PluginFieldCollection;
 using nvinfer1::PluginFieldType;
 using nvinfer1::PluginTensorDesc;
 
-constexpr int32_t kNbInputs = 4;
+// x, router_logits, w_gate_up, w_down, and for quantized experts s_gate_up, s_down (the contract).
+constexpr int32_t kMaxInputs = 6;
 
 // The TensorRT interfaces are C++ vtables, and they differ between major versions (TensorRT 11
 // dropped IPluginRegistry's IPluginV2 methods and made ILogger a versioned interface): through the
@@ -113,8 +114,14 @@ struct Fields {
     int64_t E() const { return values[kField_num_experts]; }
     int64_t H() const { return values[kField_hidden_size]; }
     int64_t I() const { return values[kField_intermediate_size]; }
+    int quantBits() const { return values[kField_quant_bits]; }
+    int groupSize() const { return values[kField_group_size]; }
+    // A quantized node has the two scale inputs too.
+    int32_t nbInputs() const { return quantBits() ? kMaxInputs : kNumInputsUnquantized; }
 
-    Problem problem(int64_t tokens, DType dtype) const { return Problem{tokens, H(), I(), E(), topK(), normalize(), dtype}; }
+    Problem problem(int64_t tokens, DType dtype) const {
+        return Problem{tokens, H(), I(), E(), topK(), normalize(), dtype, quantBits(), groupSize()};
+    }
 
     // Checks everything that does not depend on N or the dtype.
     std::string check() const {
@@ -152,22 +159,29 @@ std::string parseFields(const PluginFieldCollection* fc, Fields* fields) {
             seen[f] = true;
         }
     }
-    for (int f = 0; f < kNumFields; ++f)
-        if (!seen[f])
+    for (int f = 0; f < kNumFields; ++f) {
+        if (seen[f]) continue;
+        if (!kFieldHasDefault[f])
             return std::string("MixtralMoE: missing field ") + kFieldNames[f] +
                    " (see mixexport/targets/trt/plugin_contract.json)";
+        fields->values[f] = kFieldDefaults[f];  // absent = the contract's default (quant_bits, group_size: 0)
+    }
     return fields->check();
 }
 
-// Expected shape of each input from the fields, -1 for N (any).
-std::array<std::array<int64_t, 3>, kNbInputs> expectedShapes(const Fields& f) {
-    return {{{-1, f.H(), 0}, {-1, f.E(), 0}, {f.E(), 2 * f.I(), f.H()}, {f.E(), f.H(), f.I()}}};
+// Expected shape of each input from the fields, -1 for N (any). Quantized weights hold bits/8 bytes
+// per element along K and one scale per group (group_size 0: per row, so the last dimension is 1).
+std::array<std::array<int64_t, 3>, kMaxInputs> expectedShapes(const Fields& f) {
+    const int64_t per_byte = f.quantBits() ? 8 / f.quantBits() : 1;
+    const int64_t group_h = f.groupSize() ? f.groupSize() : f.H(), group_i = f.groupSize() ? f.groupSize() : f.I();
+    return {{{-1, f.H(), 0}, {-1, f.E(), 0}, {f.E(), 2 * f.I(), f.H() / per_byte}, {f.E(), f.H(), f.I() / per_byte},
+             {f.E(), 2 * f.I(), f.H() / group_h}, {f.E(), f.H(), f.I() / group_i}}};
 }
 
-std::string checkShapes(const Fields& f, const nvinfer1::Dims* const dims[kNbInputs]) {
+std::string checkShapes(const Fields& f, const nvinfer1::Dims* const dims[kMaxInputs]) {
     const auto expected = expectedShapes(f);
-    const int ranks[kNbInputs] = {2, 2, 3, 3};
-    for (int i = 0; i < kNbInputs; ++i) {
+    const int ranks[kMaxInputs] = {2, 2, 3, 3, 3, 3};
+    for (int i = 0; i < f.nbInputs(); ++i) {
         const nvinfer1::Dims& d = *dims[i];
         bool ok = d.nbDims == ranks[i];
         for (int a = 0; ok && a < ranks[i]; ++a)
@@ -175,9 +189,15 @@ std::string checkShapes(const Fields& f, const nvinfer1::Dims* const dims[kNbInp
         if (!ok) {
             std::string got;
             for (int a = 0; a < d.nbDims; ++a) got += (a ? ", " : "") + std::to_string(d.d[a]);
-            return std::string("MixtralMoE: input ") + kInputNames[i] + " has shape [" + got +
-                   "], expected x [N, H], router_logits [N, E], w_gate_up [E, 2I, H], w_down [E, H, I] with H=" +
-                   std::to_string(f.H()) + ", I=" + std::to_string(f.I()) + ", E=" + std::to_string(f.E());
+            return std::string("MixtralMoE: input ") + kInputNames[i] + " has shape [" + got + "], expected " +
+                   (f.quantBits() ? "x [N, H], router_logits [N, E], w_gate_up [E, 2I, H*bits/8], "
+                                    "w_down [E, H, I*bits/8], s_gate_up [E, 2I, H/G], s_down [E, H, I/G]"
+                                  : "x [N, H], router_logits [N, E], w_gate_up [E, 2I, H], w_down [E, H, I]") +
+                   " with H=" + std::to_string(f.H()) + ", I=" + std::to_string(f.I()) + ", E=" +
+                   std::to_string(f.E()) +
+                   (f.quantBits() ? ", bits=" + std::to_string(f.quantBits()) + ", G=" +
+                                        std::to_string(f.groupSize()) + " (0: per row)"
+                                  : std::string());
         }
     }
     if (dims[0]->d[0] >= 0 && dims[1]->d[0] >= 0 && dims[0]->d[0] != dims[1]->d[0])
@@ -231,7 +251,7 @@ public:
 
     int32_t getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, const DataType* inputTypes,
                                int32_t nbInputs) const noexcept override {
-        if (nbOutputs != 1 || nbInputs != kNbInputs) return -1;
+        if (nbOutputs != 1 || nbInputs != fields_.nbInputs()) return -1;
         outputTypes[0] = inputTypes[0];
         return 0;
     }
@@ -239,8 +259,13 @@ public:
     int32_t getOutputShapes(const DimsExprs* inputs, int32_t nbInputs, const DimsExprs* /*shapeInputs*/,
                             int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
                             nvinfer1::IExprBuilder& exprBuilder) noexcept override {
-        if (nbInputs != kNbInputs || nbOutputs != 1 || inputs[0].nbDims != 2 || inputs[1].nbDims != 2) {
-            reportError("MixtralMoE: expects 4 inputs (x [N, H], router_logits [N, E], w_gate_up, w_down) and 1 output");
+        if (nbInputs != fields_.nbInputs() || nbOutputs != 1 || inputs[0].nbDims != 2 || inputs[1].nbDims != 2) {
+            reportError(fields_.quantBits()
+                            ? "MixtralMoE: quant_bits=" + std::to_string(fields_.quantBits()) +
+                                  " expects 6 inputs (x [N, H], router_logits [N, E], w_gate_up, w_down, s_gate_up, "
+                                  "s_down) and 1 output"
+                            : std::string("MixtralMoE: expects 4 inputs (x [N, H], router_logits [N, E], w_gate_up, "
+                                          "w_down) and 1 output"));
             return -1;
         }
         const nvinfer1::IDimensionExpr* hidden = inputs[0].d[1];
@@ -261,9 +286,11 @@ public:
 
     bool supportsFormatCombination(int32_t pos, const DynamicPluginTensorDesc* inOut, int32_t nbInputs,
                                    int32_t nbOutputs) noexcept override {
-        if (nbInputs != kNbInputs || nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs) return false;
+        if (nbInputs != fields_.nbInputs() || nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs) return false;
         const PluginTensorDesc& desc = inOut[pos].desc;
         if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
+        // Quantized experts: the weights are uint8 bytes; their scales, like everything else, x's dtype.
+        if (fields_.quantBits() && (pos == 2 || pos == 3)) return desc.type == DataType::kUINT8;
         DType dtype;
         if (!toDType(desc.type, &dtype) || !dtypeBuilt(dtype)) return false;
         // One dtype for every input and the output: the GEMMs and the routing read x's dtype.
@@ -272,13 +299,19 @@ public:
 
     int32_t configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs, const DynamicPluginTensorDesc* out,
                             int32_t nbOutputs) noexcept override {
-        if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
-        const nvinfer1::Dims* dims[kNbInputs] = {&in[0].desc.dims, &in[1].desc.dims, &in[2].desc.dims,
-                                                 &in[3].desc.dims};
+        if (nbInputs != fields_.nbInputs() || nbOutputs != 1) return -1;
+        const nvinfer1::Dims* dims[kMaxInputs] = {};
+        for (int i = 0; i < nbInputs; ++i) dims[i] = &in[i].desc.dims;
         std::string error = checkShapes(fields_, dims);
-        DType dtype;
+        DType dtype = DType::kFP16;  // set by toDType whenever error stays empty
         if (error.empty() && !toDType(in[0].desc.type, &dtype))
             error = "MixtralMoE: x must be float16 or bfloat16";
+        for (int i = 1; error.empty() && i < nbInputs; ++i) {
+            const bool bytes = fields_.quantBits() && (i == 2 || i == 3);
+            if (in[i].desc.type != (bytes ? DataType::kUINT8 : in[0].desc.type))
+                error = std::string("MixtralMoE: input ") + kInputNames[i] + " must be " +
+                        (bytes ? "uint8 (quantized expert weights)" : "in x's dtype");
+        }
         if (error.empty()) error = checkProblem(fields_.problem(in[0].max.d[0] < 0 ? 0 : in[0].max.d[0], dtype));
         // The builder times the plugin on this context: its kernels are loaded now, not in enqueue
         // (on a thread without a current context, by the first enqueue instead).
@@ -294,7 +327,7 @@ public:
     size_t getWorkspaceSize(const DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                             const DynamicPluginTensorDesc* /*outputs*/, int32_t /*nbOutputs*/) const noexcept override {
         DType dtype;
-        if (nbInputs != kNbInputs || !toDType(inputs[0].desc.type, &dtype)) return 0;
+        if (nbInputs != fields_.nbInputs() || !toDType(inputs[0].desc.type, &dtype)) return 0;
         // The profile's largest N bounds every N the engine will see, on any arch and tile.
         size_t bytes = 0;
         if (std::string error = workspaceBound(fields_.problem(inputs[0].max.d[0], dtype), &bytes); !error.empty()) {
@@ -307,8 +340,9 @@ public:
     // IPluginV3OneRuntime
     int32_t onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc* /*out*/,
                           int32_t nbOutputs) noexcept override {
-        if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
-        const nvinfer1::Dims* dims[kNbInputs] = {&in[0].dims, &in[1].dims, &in[2].dims, &in[3].dims};
+        if (nbInputs != fields_.nbInputs() || nbOutputs != 1) return -1;
+        const nvinfer1::Dims* dims[kMaxInputs] = {};
+        for (int i = 0; i < nbInputs; ++i) dims[i] = &in[i].dims;
         if (std::string error = checkShapes(fields_, dims); !error.empty()) {
             reportError(error, recorder_);
             return -1;
@@ -329,7 +363,7 @@ public:
             if (!launcher_.attached() && (phase_ == nvinfer1::TensorRTPhase::kBUILD || launcher_.deferred()))
                 error = launcher_.attach();
             Tensors tensors;
-            for (int i = 0; i < kNbInputs; ++i) tensors.inputs[i] = reinterpret_cast<uint64_t>(inputs[i]);
+            for (int i = 0; i < fields_.nbInputs(); ++i) tensors.inputs[i] = reinterpret_cast<uint64_t>(inputs[i]);
             tensors.output = reinterpret_cast<uint64_t>(outputs[0]);
             tensors.workspace = reinterpret_cast<uint64_t>(workspace);
             // cudaStream_t and CUstream name the same driver object.

@@ -1,4 +1,4 @@
-// moe_plan_dump ARCH DTYPE N H I E K: the plan as JSON (variants, grids, workspace, bound args), or
+// moe_plan_dump ARCH DTYPE N H I E K [QUANT_BITS GROUP_SIZE]: the plan as JSON (variants, grids, workspace, bound args), or
 // {"error": ...}. Used by tests/plugins to compare the C++ plan with the Python formulas.
 #include <cstdio>
 #include <cstdlib>
@@ -16,17 +16,19 @@ int main(int argc, char** argv) {
                     kPluginNamespace, kPluginVersion);
         for (int i = 0; i < kNumFields; ++i) std::printf("%s\"%s\"", i ? ", " : "", kFieldNames[i]);
         std::printf("], \"inputs\": [");
-        for (int i = 0; i < 4; ++i) std::printf("%s\"%s\"", i ? ", " : "", kInputNames[i]);
+        for (size_t i = 0; i < sizeof(kInputNames) / sizeof(kInputNames[0]); ++i)
+            std::printf("%s\"%s\"", i ? ", " : "", kInputNames[i]);
         std::printf("]}\n");
         return 0;
     }
-    if (argc != 8) {
-        std::fprintf(stderr, "usage: moe_plan_dump ARCH fp16|bf16|fp32 N H I E K | --contract\n");
+    if (argc != 8 && argc != 10) {
+        std::fprintf(stderr, "usage: moe_plan_dump ARCH fp16|bf16|fp32 N H I E K [QUANT_BITS GROUP_SIZE] | --contract\n");
         return 2;
     }
     const std::string dtype = argv[2];
     Problem p{std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5]), std::atoll(argv[6]), std::atoll(argv[7]),
-              true, dtype == "bf16" ? DType::kBF16 : dtype == "fp32" ? DType::kFP32 : DType::kFP16};
+              true, dtype == "bf16" ? DType::kBF16 : dtype == "fp32" ? DType::kFP32 : DType::kFP16,
+              argc == 10 ? std::atoi(argv[8]) : 0, argc == 10 ? std::atoi(argv[9]) : 0};
     Plan plan;
     size_t bound = 0;
     std::string error = makePlan(p, Device{std::atoi(argv[1]), 0}, &plan);
@@ -41,9 +43,10 @@ int main(int argc, char** argv) {
         std::printf("%s\"%s\": [%zu, %zu]", b ? ", " : "", plan.workspace.buffers[b].name,
                     plan.workspace.buffers[b].offset, plan.workspace.buffers[b].bytes);
     std::printf("}, \"launches\": [");
-    // Fake, aligned addresses: inputs at 1..4 << 32, output 5 << 32, workspace 6 << 32.
+    // Fake, aligned addresses: inputs at 1..4 << 32, output 5 << 32, workspace 6 << 32, scales 7..8 << 32.
     Tensors t;
     for (int i = 0; i < 4; ++i) t.inputs[i] = static_cast<uint64_t>(i + 1) << 32;
+    for (int i = 4; i < 6; ++i) t.inputs[i] = static_cast<uint64_t>(i + 3) << 32;
     t.output = 5ull << 32;
     t.workspace = 6ull << 32;
     for (int k = 0; k < plan.num_launches; ++k) {

@@ -38,7 +38,8 @@ using nvinfer1::PluginFieldType;
 // A small MoE the compiled kernels accept (H and I multiples of 16).
 constexpr int64_t kH = 64, kI = 32, kE = 8, kK = 2;
 const std::map<std::string, int64_t> kFieldValues = {
-    {"top_k", kK}, {"normalize", 1}, {"num_experts", kE}, {"hidden_size", kH}, {"intermediate_size", kI}};
+    {"top_k", kK}, {"normalize", 1}, {"num_experts", kE}, {"hidden_size", kH}, {"intermediate_size", kI},
+    {"quant_bits", 0}, {"group_size", 0}};
 
 // ---- TensorRT's side of the shape calculus -------------------------------------------------------
 
@@ -545,6 +546,85 @@ int main(int argc, char** argv) {
             delete later;
         }
         gpu.current_context = 0x1000;
+        CHECK_EQ(gpu.loaded, gpu.unloaded);
+    }
+
+    // 11b. Quantized experts (quant_bits 8): uint8 weights and two scale inputs in x's dtype, dispatched
+    // to the int8 GEMM variants where the AOT build has them (-DMIXEXPORT_KERNEL_QUANT), refused
+    // with the rebuild hint where it does not. A 16-bit node may leave both fields out.
+    {
+        FieldSet absent(*creator, false, "quant_bits");
+        nvinfer1::IPluginV3* plain = creator->createPlugin("moe", &absent.collection, nvinfer1::TensorRTPhase::kBUILD);
+        CHECK(plain != nullptr);
+        delete plain;
+        FieldSet three(*creator, false, "", {{"quant_bits", 3}});
+        CHECK(creator->createPlugin("moe", &three.collection, nvinfer1::TensorRTPhase::kBUILD) == nullptr);
+        CHECK(lastMessageContains(log, "quant_bits=3 must be 0, 8 or 4"));
+        const mixexport::moe::Problem int8{7, kH, kI, kE, kK, true, mixexport::moe::DType::kFP16, 8, 0};
+        const bool int8Built = mixexport::moe::checkProblem(int8).empty();
+        FieldSet quantized(*creator, false, "", {{"quant_bits", 8}});
+        nvinfer1::IPluginV3* q = creator->createPlugin("moe", &quantized.collection, nvinfer1::TensorRTPhase::kBUILD);
+        CHECK_EQ(q != nullptr, int8Built);
+        if (!int8Built) CHECK(lastMessageContains(log, "no GEMM kernels were built for int8 expert weights"));
+        if (q) {
+            Plugin pq = capabilities(q);
+            const DataType types[6] = {DataType::kHALF, DataType::kHALF, DataType::kUINT8, DataType::kUINT8,
+                                       DataType::kHALF, DataType::kHALF};
+            DataType outType = DataType::kFLOAT;
+            CHECK_EQ(pq.build->getOutputDataTypes(&outType, 1, types, 6), 0);
+            CHECK(outType == DataType::kHALF);
+            CHECK_EQ(pq.build->getOutputDataTypes(&outType, 1, types, 4), -1);
+            const int64_t n = 256;
+            std::array<DynamicPluginTensorDesc, 7> io = {
+                dynamicDesc(DataType::kHALF, {-1, kH}, 1, n, true), dynamicDesc(DataType::kHALF, {-1, kE}, 1, n, true),
+                dynamicDesc(DataType::kUINT8, {kE, 2 * kI, kH}, 0, 0, false),
+                dynamicDesc(DataType::kUINT8, {kE, kH, kI}, 0, 0, false),
+                dynamicDesc(DataType::kHALF, {kE, 2 * kI, 1}, 0, 0, false),
+                dynamicDesc(DataType::kHALF, {kE, kH, 1}, 0, 0, false), dynamicDesc(DataType::kHALF, {-1, kH}, 1, n, true)};
+            for (int pos = 0; pos < 7; ++pos) CHECK(pq.build->supportsFormatCombination(pos, io.data(), 6, 1));
+            CHECK(!pq.build->supportsFormatCombination(0, io.data(), 4, 1));
+            io[2].desc.type = DataType::kHALF;
+            CHECK(!pq.build->supportsFormatCombination(2, io.data(), 6, 1));  // weights must be bytes
+            io[2].desc.type = DataType::kUINT8;
+            io[4].desc.type = DataType::kUINT8;
+            CHECK(!pq.build->supportsFormatCombination(4, io.data(), 6, 1));  // scales are in x's dtype
+            io[4].desc.type = DataType::kHALF;
+            io[5].desc.dims.d[2] = 2;
+            CHECK_EQ(pq.build->configurePlugin(io.data(), 6, io.data() + 6, 1), -1);
+            CHECK(lastMessageContains(log, "input s_down has shape [8, 64, 2]"));
+            io[5].desc.dims.d[2] = 1;
+            io[3].desc.type = DataType::kHALF;
+            CHECK_EQ(pq.build->configurePlugin(io.data(), 6, io.data() + 6, 1), -1);
+            CHECK(lastMessageContains(log, "input w_down must be uint8"));
+            io[3].desc.type = DataType::kUINT8;
+            CHECK_EQ(pq.build->configurePlugin(io.data(), 6, io.data() + 6, 1), 0);
+            CHECK_EQ(pq.build->configurePlugin(io.data(), 4, io.data() + 6, 1), -1);
+            // enqueue: six launches, the GEMMs the int8 variants, the scales bound after their weights.
+            nvinfer1::PluginTensorDesc in[6]{}, out[1]{};
+            for (int i = 0; i < 6; ++i) in[i] = io[i].desc;
+            in[0].dims.d[0] = in[1].dims.d[0] = 7;
+            out[0] = in[0];
+            const void* inputs[6] = {reinterpret_cast<void*>(0x10000), reinterpret_cast<void*>(0x20000),
+                                     reinterpret_cast<void*>(0x30000), reinterpret_cast<void*>(0x40000),
+                                     reinterpret_cast<void*>(0x60000), reinterpret_cast<void*>(0x70000)};
+            void* outputs[1] = {reinterpret_cast<void*>(0x50000)};
+            const size_t before = gpu.launches.size();
+            CHECK_EQ(pq.runtime->enqueue(in, out, inputs, outputs, reinterpret_cast<void*>(0x100000), nullptr), 0);
+            CHECK_EQ(gpu.launches.size(), before + 6);
+            mixexport::moe::Plan plan;
+            CHECK_EQ(mixexport::moe::makePlan(int8, mixexport::moe::Device{90, gpu.shared_optin}, &plan), std::string());
+            CHECK(plan.launches[3].variant->quant_bits == 8 && plan.launches[4].variant->quant_bits == 8);
+            mixexport::moe::Tensors tensors;
+            for (int i = 0; i < 6; ++i) tensors.inputs[i] = reinterpret_cast<uint64_t>(inputs[i]);
+            mixexport::moe::KernelArgs args;
+            CHECK_EQ(mixexport::moe::bindArgs(plan, 3, tensors, &args), std::string());
+            bool scalesBound = false;
+            for (int i = 0; i < args.count; ++i) scalesBound |= args.values[i].ptr == 0x60000;
+            CHECK(scalesBound);
+            for (size_t i = before; i < gpu.launches.size() && i - before < 6; ++i)
+                CHECK_EQ(gpu.launches[i].function, std::string(plan.launches[i - before].variant->entry));
+            delete q;
+        }
         CHECK_EQ(gpu.loaded, gpu.unloaded);
     }
     delete loaded;

@@ -1,0 +1,119 @@
+"""Layer-streamed validation: it agrees with whole-model validation, it finds a broken layer and
+names it, and `auto` picks it when the whole model does not fit in memory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from artifact.shared import RANGES, error_line, run_cli, targets_of, unvalidated_build
+from mixexport.artifact.manifest import file_entry
+from mixexport.driver.build import BuildOptions, build, reference_source
+from mixexport.validate.parity import REPORT_FILE, validate_out
+from mixexport.validate.streamed import choose_mode
+from validate.test_hf_checkpoint import write_hf_checkpoint
+
+
+def _agree(out, checkpoint=None):
+    """Whole and streamed reports of OUT: the same verdicts, max differences within tolerance."""
+    whole, _ = validate_out(out, checkpoint, mode="whole")
+    streamed, _ = validate_out(out, checkpoint, mode="streamed")
+    assert (whole["summary"]["mode"], streamed["summary"]["mode"]) == ("whole", "streamed")
+    assert whole["passed"] and streamed["passed"], (whole["targets"], streamed["targets"])
+    assert set(whole["targets"]) == set(streamed["targets"]) and len(streamed["targets"]) >= 2
+    for target, result in streamed["targets"].items():
+        assert result["status"] == whole["targets"][target]["status"] == "pass"
+        assert result["router_agreement"] == 1.0
+        assert set(result["max_abs_diff"]) == {"logits", "present", "router_logits", "hidden_states"}
+        for group, diff in result["max_abs_diff"].items():
+            assert diff <= streamed["tolerances"][group]["atol"], (target, group, diff)
+        # Teacher forcing per layer: never further from the reference than the whole graph.
+        for group in ("logits", "present"):
+            assert result["max_abs_diff"][group] <= whole["targets"][target]["max_abs_diff"][group] + 1e-3
+    return whole, streamed
+
+
+@pytest.mark.parametrize("name", ["e4-k2-float16", "e8-k1-float32"])
+def test_streamed_agrees_with_whole_on_tiny(name, tmp_path_factory):
+    out, _, _ = unvalidated_build(name, targets_of(name), tmp_path_factory)
+    _agree(out)
+
+
+def _build(tmp_path_factory, checkpoint, preset, dtype):
+    out = tmp_path_factory.mktemp("streamed") / "out"
+    with reference_source(checkpoint, preset, 0, {}, lambda _: None) as (ckpt, source):
+        build(ckpt, source, out, BuildOptions(targets=("portable", "ort", "trt"), dtype=dtype, validate=False,
+                                              **RANGES), lambda _: None)
+    return out
+
+
+def test_streamed_agrees_with_whole_on_small(tmp_path_factory):
+    _agree(_build(tmp_path_factory, None, "small", "float16"))
+
+
+def test_streamed_agrees_with_whole_on_a_transformers_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "checkpoint"
+    write_hf_checkpoint(path, hidden=64, intermediate=96)  # shapes the trt plugin's kernels take
+    _agree(_build(tmp_path_factory, path, None, "float16"), path)
+
+
+def _corrupt_layer(out, layer: int) -> None:
+    """Negate layer `layer`'s ort expert weights in OUT (hashes re-recorded, so the numerics are reached)."""
+    model = onnx.load(str(out / "ort" / "model.onnx"), load_external_data=False)
+    (tensor,) = [t for t in model.graph.initializer if t.name == f"layers.{layer}.moe.fc1_interleaved"]
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(info["offset"]), int(info["length"])
+    path = out / "ort" / info["location"]
+    data = bytearray(path.read_bytes())
+    region = np.frombuffer(bytes(data[offset:offset + length]), np.float32) * -3.0
+    data[offset:offset + length] = region.astype(np.float32).tobytes()
+    path.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["targets"]["ort"]["files"] = [file_entry(out / f["path"], out) for f in manifest["targets"]["ort"]["files"]]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_corrupted_layer_fails_streamed_validation_naming_it(layer, tmp_path_factory, tmp_path):
+    out, _, _ = unvalidated_build("e4-k2-float32", ("portable", "ort"), tmp_path_factory)
+    copy = shutil.copytree(out, tmp_path / "out")
+    _corrupt_layer(copy, layer)
+    result = run_cli("validate", copy, "--validation-mode", "streamed")
+    assert error_line(result) == "error: parity failed for ort (tolerances float32: see the report)"
+    assert "validation mode: streamed (forced" in result.output
+    assert f"streamed validation: stage {layer + 2}/4 (layers.{layer}-{layer}) compared" in result.output
+    report = json.loads((copy / REPORT_FILE).read_text())
+    assert report["mode"] == report["summary"]["mode"] == "streamed"
+    assert report["targets"]["portable"]["status"] == "pass"
+    ort = report["targets"]["ort"]
+    # Teacher forcing: only the broken layer's stage fails; the layers after it get the reference's input.
+    assert ort["status"] == "fail" and ort["failed_stages"] == [f"layers.{layer}-{layer}"]
+    assert f"hidden_states.{layer + 1}" in ort["failed_outputs"]
+    assert ort["reason"] == f"outside tolerance in layers.{layer}-{layer}"
+
+
+def test_auto_streams_what_does_not_fit(tiny_config, monkeypatch):
+    lines = []
+    monkeypatch.setattr("mixexport.validate.streamed.memory_available", lambda: 1000)
+    assert choose_mode("auto", tiny_config, "float32", lines.append) == "streamed"
+    assert choose_mode("whole", tiny_config, "float32", lines.append) == "whole"
+    monkeypatch.setattr("mixexport.validate.streamed.memory_available", lambda: 10**12)
+    assert choose_mode("auto", tiny_config, "float32", lines.append) == "whole"
+    assert choose_mode("streamed", tiny_config, "float32", lines.append) == "streamed"
+    assert lines[0].startswith("validation mode: streamed (the whole model does not fit; whole-model validation "
+                               "would hold about 0.5 GB, 0.0 GB available)")
+    assert lines[1].startswith("validation mode: whole (forced;")
+    assert lines[2].startswith("validation mode: whole (it fits;")
+
+
+def test_build_streams_when_memory_is_short(tmp_path, monkeypatch):
+    monkeypatch.setattr("mixexport.validate.streamed.memory_available", lambda: 1000)
+    result = run_cli("build", "--preset", "tiny", "-o", tmp_path / "out", "--target", "ort")
+    assert result.exit_code == 0, result.output
+    assert "validation mode: streamed (the whole model does not fit" in result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["validation"]["mode"] == "streamed" and manifest["validation"]["passed"]
