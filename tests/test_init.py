@@ -72,7 +72,8 @@ def tiny_preset_sharded(checkpoint_factory):
 # -- round trip -----------------------------------------------------------------------------------
 
 def test_single_file_layout(tiny_preset_single):
-    assert sorted(p.name for p in tiny_preset_single.iterdir()) == ["config.json", SINGLE_FILE]
+    assert sorted(p.name for p in tiny_preset_single.iterdir()) == ["config.json", SINGLE_FILE, "tokenizer.json",
+                                                                    "tokenizer_config.json"]
     assert not tiny_preset_single.with_name(tiny_preset_single.name + ".partial").exists()
 
 
@@ -206,7 +207,8 @@ def test_parse_size_refuses(text, message):
 def test_a_shard_size_above_the_model_means_one_file(tmp_path):
     assert parse_size("1e30") == int(1e30)
     out = write_checkpoint(tmp_path / "one", preset("tiny").replace(num_hidden_layers=1), max_shard_size=10**30)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE, "tokenizer.json",
+                                                     "tokenizer_config.json"]
 
 
 # -- never deleting what this run did not create --------------------------------------------------

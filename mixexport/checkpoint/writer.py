@@ -29,6 +29,7 @@ from mixexport.checkpoint import names
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.reader import INDEX_FILE, SINGLE_FILE
 from mixexport.checkpoint.safetensors_io import ST_CODES, write_safetensors
+from mixexport.checkpoint.tokenizer import write_tokenizer
 from mixexport.dtypes import torch_dtype
 from mixexport.errors import MixexportError
 from mixexport.safe_io import format_bytes, os_error
@@ -89,7 +90,8 @@ def write_checkpoint(
     max_shard_size: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write `config.json` and random safetensors shards (+ index when sharded) into `out`.
+    """Write `config.json`, random safetensors shards (+ index when sharded) and a tokenizer
+    (`mixexport.checkpoint.tokenizer`, for vocabularies that can hold one) into `out`.
 
     Args:
         out: a directory that does not exist yet or is empty (not the current directory or one of
@@ -218,6 +220,7 @@ def _pack(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_size: int
 def _write_into(tmp: Path, config: MixtralConfig, shapes: dict[str, tuple[int, ...]], shards: list[list[str]],
                 code: str, seed: int, total: int, progress: Callable[[str], None] | None) -> None:
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    write_tokenizer(tmp, config)
     file_names = ([SINGLE_FILE] if len(shards) == 1 else
                   [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     itemsize = torch_dtype(config.dtype).itemsize

@@ -352,6 +352,29 @@ def _why(result: dict) -> str:
 
 
 @cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--target", type=click.Choice(["ort", "portable"]), help="Graph to run (default: ort where present).")
+@click.option("--prompt", help="Prompt text (tokenized with the artifact's tokenizer.json).")
+@click.option("--ids", help="Prompt token ids instead, e.g. 1,2,3 (the new ids are printed).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1, max=2**31 - 1))
+@click.option("--temperature", type=float, help="Sample at this temperature (default: greedy).")
+@click.option("--top-k", type=int, help="Sample from the K most likely tokens.")
+@click.option("--top-p", type=float, help="Sample from the smallest set of tokens holding this probability.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=2**63 - 1),
+              help="Sampling seed.")
+@click.option("--runtime", type=click.Choice(["auto", "genai", "onnxruntime"]), default="auto", show_default=True,
+              help="onnxruntime-genai (auto: where installed) or the plain onnxruntime loop.")
+def generate(out, target, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, runtime) -> None:
+    """Generate tokens from OUT's ort or portable graph, streamed as they come; prints tokens/s."""
+    from mixexport.runtime.generate import Sampling, run
+
+    result = run(out, target, prompt, ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), runtime,
+                 lambda text: click.echo(text, nl=False))
+    click.echo()
+    progress(result.summary())
+
+
+@cli.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
 def inspect(path, as_json) -> None:

@@ -280,7 +280,8 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
     manifest = Manifest(model=config.summary(), dtype=dtype, source=source, dynamic_dims=ranges, targets=entries,
                         experts_quant=None if quant is None else quant.to_json())
     for target in targets:
-        BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress)
+        BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress,
+                                checkpoint=ckpt.path)
     write_manifest(root, manifest)
     return manifest
 

@@ -7,7 +7,7 @@ A backend is a deployment target (`portable`, `ort`, `trt`). It says:
 - the passes that lower the captured graph for it (`lowering`), run by `lower`;
 - how validation runs its graph on this machine (`validation_refusal`, `prepare_validation_model`,
   `configure_session`), always onnxruntime's CPU provider;
-- what else it writes into the artifact after its graph (`finish`: kernels, engine), and the
+- what else it writes into the artifact after its graph (`finish`: runtime files, kernels, engine), and the
   fields that adds to its manifest entry (`manifest_fields`, `entry_paths`, `entry_file_groups`,
   `extra_targets`), so the manifest reader and validation's inventory know no target by name.
 
@@ -92,7 +92,7 @@ class Backend:
     # -- artifact ---------------------------------------------------------------------------------
 
     def finish(self, root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
-               progress: Progress) -> None:
+               progress: Progress, checkpoint: Path) -> None:
         """Write what the target needs beyond its graph into `root` (the artifact being built,
         installed at `out`) and record it in its entry of `manifest`.
 
@@ -101,6 +101,7 @@ class Backend:
                 entry is `manifest.targets[self.name]`, its own fields go in that entry's `extra`.
             options: the build's options (the driver's BuildOptions).
             record: a written file -> its manifest file entry (path, bytes, sha256).
+            checkpoint: the checkpoint directory exported (read only: its tokenizer, its ids).
         """
 
     def entry_paths(self, extra: dict[str, Any]) -> list[tuple[str, str, str]]:

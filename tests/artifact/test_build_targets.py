@@ -65,7 +65,9 @@ def test_manifest_files_hashes_bindings_dims(name, tmp_path_factory):
     assert set(on_disk["targets"]) == set(targets_of(name))
     for target, entry in on_disk["targets"].items():
         paths = sorted(f["path"] for f in entry["files"])  # (the trt kernels are listed apart)
-        assert paths == [f"{target}/model.onnx", f"{target}/model.onnx.data"]
+        runtime = [] if target == "trt" else [  # genai's and Optimum's, and init's tokenizer
+            "config.json", "generation_config.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json"]
+        assert paths == sorted(f"{target}/{name}" for name in ["model.onnx", "model.onnx.data", *runtime])
         for f in entry["files"]:
             path = out / f["path"]
             assert path.stat().st_size == f["bytes"]

@@ -4,35 +4,17 @@ logits over a prefill and 4 decode steps (batch 2, left padding), and validate g
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
 
 from artifact.shared import error_line, run_cli
+from validate.hf_model import D, KVH, LAYERS, VOCAB, write_hf_checkpoint
 from mixexport import graph_io
 from mixexport.driver.build import BuildOptions, build, reference_source
-
-H, KVH, D, LAYERS, VOCAB = 48, 2, 16, 2, 97
-
-
-def write_hf_checkpoint(path, hidden: int = H, intermediate: int = 40) -> MixtralForCausalLM:
-    """A random Mixtral saved into `path` by transformers' own `save_pretrained`; returns the model."""
-    torch.manual_seed(1234)
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
-                           num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KVH, head_dim=D,
-                           num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=256,
-                           attn_implementation="eager")
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():  # decisive routing (logits O(1)) instead of the near-uniform 0.02 init
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0.0, 1.0 / math.sqrt(hidden))
-    model.save_pretrained(path)
-    return model
 
 
 @pytest.fixture(scope="module")

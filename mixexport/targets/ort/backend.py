@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from mixexport.passes.pipeline import Step
 from mixexport.quant import QuantScheme
-from mixexport.targets.base import Backend
+from mixexport.targets.runtime_files import RuntimeFilesBackend
 from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
 from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
 from mixexport.targets.ort.lowering import ORT_DOMAIN, LowerMoEToOrt
 
 
-class OrtBackend(Backend):
+class OrtBackend(RuntimeFilesBackend):
     name = "ort"
     # onnxruntime's CPU kernels have no bfloat16 for most ops, and com.microsoft.MoE has none.
     dtypes = ("float32", "float16")
@@ -26,3 +26,4 @@ class OrtBackend(Backend):
             ("fuse_attention_ort", FuseAttentionOrt(num_layers)),  # RotaryEmbedding + Attention
             ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
         ]
+

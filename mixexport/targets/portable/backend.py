@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from mixexport.passes.pipeline import Step
 from mixexport.quant import QuantScheme
-from mixexport.targets.base import Backend
+from mixexport.targets.runtime_files import RuntimeFilesBackend
 from mixexport.targets.portable.lowering import LowerMoEToPortable
 
 
-class PortableBackend(Backend):
+class PortableBackend(RuntimeFilesBackend):
     name = "portable"
     dtypes = ("float32", "float16", "bfloat16")
 

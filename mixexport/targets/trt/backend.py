@@ -67,7 +67,7 @@ class TrtBackend(Backend):
     manifest_fields = fields.FIELDS
 
     def finish(self, root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
-               progress: Progress) -> None:
+               progress: Progress, checkpoint: Path) -> None:
         extra = manifest.targets["trt"].extra
         if options.trt_kernels:
             extra["kernels"] = _write_kernels(root, manifest.dtype, options.experts_quant, record, progress)
