@@ -20,16 +20,6 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not i
 RUNTIME_FILES = ["genai_config.json", "config.json", "generation_config.json"]
 
 
-@pytest.fixture(scope="module")
-def tiny_preset(tmp_path_factory):
-    return artifacts.tiny_preset(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def hf_written(tmp_path_factory):
-    return artifacts.hf_written(tmp_path_factory)
-
-
 def genai_greedy(folder, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)

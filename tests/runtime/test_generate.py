@@ -21,16 +21,6 @@ PROMPT = [5, 17, 33, 90, 7, 3]
 LONG_PROMPT = [(7 * i + 3) % 250 + 3 for i in range(40)]  # longer than the built 32 tokens per call
 
 
-@pytest.fixture(scope="module")
-def tiny_preset(tmp_path_factory):
-    return artifacts.tiny_preset(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def hf_written(tmp_path_factory):
-    return artifacts.hf_written(tmp_path_factory)
-
-
 def _tokens(out, target, prompt, n, runtime, sampling=Sampling()):
     return list(generate(open_target(out, target), prompt, n, sampling, runtime))
 

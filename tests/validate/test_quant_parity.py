@@ -42,7 +42,7 @@ def quant_build(tmp_path_factory, scheme: QuantScheme, dtype: str = "float32"):
 
 
 @pytest.mark.parametrize("scheme, dtype", [(QuantScheme(8), "float32"), (QuantScheme(4, 32), "float32"),
-                                           (QuantScheme(4, 32), "float16")])
+                                           (QuantScheme(8), "float16"), (QuantScheme(4, 32), "float16")])
 def test_quantized_build_validates(tmp_path_factory, scheme, dtype):
     out, manifest = quant_build(tmp_path_factory, scheme, dtype)
     assert manifest.experts_quant == scheme.to_json() == read_manifest(out).experts_quant
