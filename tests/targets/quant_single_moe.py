@@ -8,7 +8,7 @@ import torch
 
 from mixexport.quant import QuantScheme
 from mixexport.validate.quant_parity import dequantized_moe
-from passes.single_moe import moe_weights, single_moe_model
+from passes.single_moe import moe_weights, run, single_moe_model
 
 # (experts, hidden, intermediate): K's that every group size divides, and irregular ones for the
 # smaller groups (H 96 = 3 groups of 32, I 160 = 5).
@@ -42,3 +42,14 @@ def non_finite_case(name: str):
     wgu, wd = (model.graph.initializers[f"layers.0.moe.{w}"].const_value.numpy() for w in ("w_gate_up", "w_down"))
     t = [torch.from_numpy(a) for a in (x, logits, wgu, wd)]
     return model, x, logits, dequantized_moe(*t, 2, True, SCHEMES[name]).numpy()
+
+
+def check_non_finite_rows(lowering, name: str) -> None:
+    """`lowering` (a target's MoE lowering class) on `non_finite_case`: the rows with no softmax are
+    NaN, every other row matches the dequantized reference."""
+    model, x, logits, expected = non_finite_case(name)
+    lowering(SCHEMES[name])(model)
+    y = run(model, x, logits)
+    assert np.isnan(y[[1, 3, 4]]).all() and np.isnan(expected[[1, 3, 4]]).all()
+    finite = [0, 2, 5, 6, 7, 8]
+    np.testing.assert_allclose(y[finite], expected[finite], atol=TOLERANCE[np.float32], rtol=0)

@@ -22,7 +22,7 @@ from mixexport.targets.base import Backend, Progress
 from mixexport.targets.trt import engine
 from mixexport.targets.trt import manifest_fields as fields
 from mixexport.targets.trt.contract import plugin_contract
-from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin, contract_has_quant
+from mixexport.targets.trt.lowering import LowerMoEToTrtPlugin
 
 if TYPE_CHECKING:
     import onnx
@@ -47,8 +47,6 @@ class TrtBackend(Backend):
             config.hidden_size, config.intermediate_size, config.num_local_experts)
 
     def quant_refusal(self, config: "MixtralConfig", scheme: QuantScheme) -> str | None:
-        if not contract_has_quant():
-            return "the MixtralMoE plugin contract has no quantized experts (quant_bits, s_gate_up, s_down)"
         return kernel_shape_refusal(config.hidden_size, config.intermediate_size, config.num_local_experts, scheme)
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:

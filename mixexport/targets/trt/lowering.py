@@ -23,17 +23,6 @@ from mixexport.passes.quant_weights import quantized_stack
 from mixexport.quant import QuantScheme
 from mixexport.targets.trt.contract import attribute_names, input_names, plugin_contract
 
-# What only a node with quantized experts carries (the contract's quantization fields).
-QUANT_ATTRIBUTES = ("quant_bits", "group_size")
-QUANT_INPUTS = ("s_gate_up", "s_down")
-
-
-def contract_has_quant() -> bool:
-    """Whether the plugin contract (and so the plugin) serves quantized experts."""
-    return (set(QUANT_ATTRIBUTES) <= set(attribute_names(quantized=True))
-            and set(QUANT_INPUTS) <= set(input_names(quantized=True)))
-
-
 def _check_against_contract(given: set[str], contract: list[str], what: str) -> None:
     """The fields set are exactly the contract's."""
     if given != set(contract):
