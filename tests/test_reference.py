@@ -18,6 +18,7 @@ from transformers import DynamicCache, MixtralForCausalLM
 
 from mixexport.checkpoint import Checkpoint, MixtralConfig
 from mixexport.model import MixtralDecoder, load_reference, moe_reference, route
+from mixexport.model.moe import moe_reference_batches
 
 PROMPT_LEN = 8  # row 0: 8 real tokens; row 1: PAD real tokens left-padded to 8
 PAD = 3
@@ -295,3 +296,25 @@ def test_moe_reference_with_exact_ties_matches_naive_loop(normalize):
     # The tie-break is visible: the same rows routed to the higher tied index would differ.
     flipped = moe_reference(x, logits.flip(-1), w_gate_up.flip(0), w_down.flip(0), 2, normalize)
     assert (out - flipped).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_moe_reference_batches_computes_each_batch_as_alone(dtype):
+    # Steps of a scenario: batches of different sizes sharing the experts; one routes nowhere near
+    # expert 3, so its weights are fetched only for the batches that use it.
+    batches = [moe_inputs(n, 24, 20, 4, dtype=dtype, seed=n)[:2] for n in (1, 13, 6)]
+    _, _, w_gate_up, w_down = moe_inputs(1, 24, 20, 4, dtype=dtype, seed=99)
+    fetched = []
+
+    def experts(e):
+        fetched.append(e)
+        return w_gate_up[e], w_down[e]
+
+    batches[0] = (batches[0][0], torch.tensor([[5.0, 4.0, -9.0, -9.0]], dtype=dtype))
+    outs = moe_reference_batches(batches, experts, 4, 2)
+    for (x, logits), out in zip(batches, outs):
+        # Bit for bit what the batch gives alone: validation may run every step at once.
+        assert torch.equal(out, moe_reference(x, logits, w_gate_up, w_down, 2))
+    assert fetched == sorted(set(fetched)), "each expert's weights are fetched once"
+    used = {int(e) for _, logits in batches for e in route(logits, 2)[1].flatten()}
+    assert set(fetched) == used

@@ -118,12 +118,29 @@ class MoEBlock(nn.Module):
         self.w_down = nn.Parameter(torch.empty(c.num_local_experts, c.hidden_size, c.intermediate_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bsz, seq, hidden = x.shape
-        flat = x.reshape(bsz * seq, hidden)  # [N, H]
+        flat, router_logits = self._routed(x)
+        return self.moe_impl(flat, router_logits, self.w_gate_up, self.w_down, self.top_k, True).reshape(x.shape)
+
+    def forward_batches(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`forward` of each of `xs` [B, S, H] (independent batches, e.g. the steps of a scenario).
+
+        An implementation with a `batches(routed, w_gate_up, w_down, top_k, normalize)` method (as
+        `moe_reference_batches`: each expert's weights read once for all batches) computes them
+        together; any other is called once per batch.
+        """
+        routed = [self._routed(x) for x in xs]
+        batches = getattr(self.moe_impl, "batches", None)
+        if batches is not None:
+            outs = batches(routed, self.w_gate_up, self.w_down, self.top_k, True)
+        else:
+            outs = [self.moe_impl(flat, logits, self.w_gate_up, self.w_down, self.top_k, True) for flat, logits in routed]
+        return [out.reshape(x.shape) for out, x in zip(outs, xs)]
+
+    def _routed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> (flat [N, H], router logits [N, E])."""
+        flat = x.reshape(-1, x.shape[-1])  # [N, H]
         # Router logits in the model dtype, as Hugging Face computes them; the op softmaxes in fp32.
-        router_logits = self.gate(flat)  # [N, E]
-        out = self.moe_impl(flat, router_logits, self.w_gate_up, self.w_down, self.top_k, True)
-        return out.reshape(bsz, seq, hidden)
+        return flat, self.gate(flat)
 
 
 class DecoderLayer(nn.Module):
@@ -135,10 +152,19 @@ class DecoderLayer(nn.Module):
         self.moe = MoEBlock(config, moe_impl)
 
     def forward(self, h, cos, sin, allowed, past_key, past_value):
+        h, key, value = self.attend(h, cos, sin, allowed, past_key, past_value)
+        return h + self.moe(self.post_attention_layernorm(h)), key, value
+
+    def attend(self, h, cos, sin, allowed, past_key, past_value):
+        """The attention half of the layer: (residual stream after attention, present key, value)."""
         attn, key, value = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past_key, past_value)
-        h = h + attn
-        h = h + self.moe(self.post_attention_layernorm(h))
-        return h, key, value
+        return h + attn, key, value
+
+    def feed_forward_batches(self, hs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The MoE half of `forward` for several independent batches (`attend`'s outputs) at once:
+        a step's MoE input does not depend on another step's MoE, only on its attention, so
+        validation runs a layer's attention step by step, then its MoE for all steps together."""
+        return [h + out for h, out in zip(hs, self.moe.forward_batches([self.post_attention_layernorm(h) for h in hs]))]
 
 
 class MixtralDecoder(nn.Module):

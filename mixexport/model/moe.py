@@ -21,6 +21,8 @@ Weight layout (the same for the reference model, the Triton kernels and the Tens
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -72,19 +74,51 @@ def moe_reference(
     Returns:
         [N, H] in x's dtype; the sum over experts is accumulated in float32.
     """
-    num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = w_gate_up.shape
-    inter = two_inter // 2
-    weights, experts = route(router_logits, top_k, normalize)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.zeros(num_tokens, hidden, dtype=acc_dtype, device=x.device)
+    (out,) = moe_reference_batches([(x, router_logits)], lambda e: (w_gate_up[e], w_down[e]), w_gate_up.shape[0],
+                                   top_k, normalize)
+    return out
+
+
+def moe_reference_batches(
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    num_experts: int,
+    top_k: int,
+    normalize: bool = True,
+) -> list[torch.Tensor]:
+    """`moe_reference` on several independent batches of tokens that share the experts.
+
+    Each expert's weights are fetched and upcast once for all the batches (validation runs every
+    scenario step through a layer at once: one upcast of a Mixtral 8x7B expert is 700 MB of
+    float32), and each batch is computed exactly as `moe_reference` computes it alone: the same
+    routing, the same matmul shapes, the same accumulation order.
+
+    Args:
+        batches: (x [N_b, H], router_logits [N_b, E]) per batch, every x in one dtype.
+        expert_weights: expert index -> (gate_up [2I, H], down [H, I]) in any float dtype; called
+            only for experts some token is routed to.
+        num_experts: E.
+        top_k: experts per token.
+        normalize: renormalize the top-k probabilities.
+
+    Returns:
+        per batch, [N_b, H] in its x's dtype.
+    """
+    acc_dtype = torch.float64 if batches and batches[0][0].dtype == torch.float64 else torch.float32
+    routed = [route(router_logits, top_k, normalize) for _, router_logits in batches]
+    outs = [torch.zeros(x.shape, dtype=acc_dtype, device=x.device) for x, _ in batches]
     for e in range(num_experts):
-        token_idx, slot = torch.nonzero(experts == e, as_tuple=True)
-        if token_idx.numel() == 0:
+        chosen = [torch.nonzero(experts == e, as_tuple=True) for _, experts in routed]
+        if all(token_idx.numel() == 0 for token_idx, _ in chosen):
             continue
-        xe = x[token_idx].to(acc_dtype)  # [n_e, H]
-        gate_up = xe @ w_gate_up[e].to(acc_dtype).T  # [n_e, 2I]
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n_e, I]
-        y = act @ w_down[e].to(acc_dtype).T  # [n_e, H]
-        out.index_add_(0, token_idx, y * weights[token_idx, slot].to(acc_dtype)[:, None])
-    return out.to(x.dtype)
+        w_gate_up, w_down = (w.to(acc_dtype) for w in expert_weights(e))  # [2I, H], [H, I]
+        inter = w_gate_up.shape[0] // 2
+        for (x, _), (weights, _), (token_idx, slot), out in zip(batches, routed, chosen, outs):
+            if token_idx.numel() == 0:
+                continue
+            xe = x[token_idx].to(acc_dtype)  # [n_e, H]
+            gate_up = xe @ w_gate_up.T  # [n_e, 2I]
+            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n_e, I]
+            y = act @ w_down.T  # [n_e, H]
+            out.index_add_(0, token_idx, y * weights[token_idx, slot].to(acc_dtype)[:, None])
+    return [out.to(x.dtype) for out, (x, _) in zip(outs, batches)]

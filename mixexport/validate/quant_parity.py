@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mixexport.errors import MixexportError
-from mixexport.model.moe import moe_reference
+from mixexport.model.moe import moe_reference_batches
 from mixexport.quant import QuantScheme, dequantize, quantize
 
 # bits -> (min top-1 agreement, min router agreement, max logits RMS error relative to the reference's RMS)
@@ -71,9 +71,19 @@ def scheme_of(manifest) -> QuantScheme | None:
 def dequantized_moe(x, router_logits, w_gate_up, w_down, top_k, normalize, scheme: QuantScheme):
     """The MoE reference with the experts the artifact stores: quantized in their own dtype, as
     every lowering quantizes them, and computed with in float32 (no second rounding)."""
+    (out,) = moe_reference_batches([(x, router_logits)], dequantized_experts(w_gate_up, w_down, scheme),
+                                   w_gate_up.shape[0], top_k, normalize)
+    return out
+
+
+def dequantized_experts(w_gate_up, w_down, scheme: QuantScheme):
+    """expert index -> (gate_up [2I, H], down [H, I]) float32 as the artifact stores expert e.
+
+    Quantization groups lie within a row, so one expert quantized alone is exactly its slice of
+    the quantized stack; one expert at a time keeps the float32 copy to one expert's size."""
     dtype = w_gate_up.dtype
-    return moe_reference(x, router_logits, dequantize(*quantize(w_gate_up, scheme, dtype), scheme),
-                         dequantize(*quantize(w_down, scheme, dtype), scheme), top_k, normalize)
+    return lambda e: (dequantize(*quantize(w_gate_up[e], scheme, dtype), scheme),
+                      dequantize(*quantize(w_down[e], scheme, dtype), scheme))
 
 
 def quantization_error(full_iters: list[dict], target_iters: list[dict], feeds: list[dict],

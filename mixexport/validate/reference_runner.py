@@ -17,10 +17,10 @@ from polygraphy.common import TensorMetadata
 
 from mixexport import graph_io
 from mixexport.dtypes import canonical_dtype
-from mixexport.model.moe import moe_reference
+from mixexport.model.moe import moe_reference_batches
 from mixexport.graph_io import router_logits_name
 from mixexport.quant import QuantScheme
-from mixexport.validate.quant_parity import dequantized_moe
+from mixexport.validate.quant_parity import dequantized_experts
 
 
 class RecordingMoE:
@@ -35,10 +35,15 @@ class RecordingMoE:
         self.quant: QuantScheme | None = None
 
     def __call__(self, x, router_logits, w_gate_up, w_down, top_k, normalize):
-        self.router_logits.append(router_logits.detach())
-        if self.quant is not None:
-            return dequantized_moe(x, router_logits, w_gate_up, w_down, top_k, normalize, self.quant)
-        return moe_reference(x, router_logits, w_gate_up, w_down, top_k, normalize)
+        (out,) = self.batches([(x, router_logits)], w_gate_up, w_down, top_k, normalize)
+        return out
+
+    def batches(self, routed, w_gate_up, w_down, top_k, normalize):
+        """The op on several (x, router_logits) batches at once (`moe_reference_batches`)."""
+        self.router_logits += [router_logits.detach() for _, router_logits in routed]
+        experts = (dequantized_experts(w_gate_up, w_down, self.quant) if self.quant is not None
+                   else lambda e: (w_gate_up[e], w_down[e]))
+        return moe_reference_batches(routed, experts, w_gate_up.shape[0], top_k, normalize)
 
 
 class TorchReferenceRunner(BaseRunner):

@@ -127,24 +127,44 @@ class _ReferencePart:
             _load_part(self.lm_head, ckpt, "lm_head.", dtype)
 
     @torch.no_grad()
-    def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, steps: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """The stage on every step of the scenario, each layer's past its own present of the step
+        before (empty at the prefill).
+
+        Layer by layer: a layer's attention step by step, then its MoE for all steps at once
+        (`DecoderLayer.feed_forward_batches`), so each expert's weights are upcast once per layer,
+        not once per step; every step computes exactly what it would alone.
+
+        Args:
+            steps: per step, the stage's boundary inputs but the past: `input_ids` (embedding)
+                or `hidden_states.{first}`, `attention_mask`, `position_ids`.
+
+        Returns:
+            per step, the stage's outputs: the next boundary (or logits), its layers' presents
+            and router logits.
+        """
         c, stage = self.config, self.stage
-        h = self.embed(feed["input_ids"]) if stage.embedding else feed[graph_io.hidden_state_name(stage.first)]
-        outputs = {}
+        h = [self.embed(step["input_ids"]) if stage.embedding else step[graph_io.hidden_state_name(stage.first)]
+             for step in steps]
+        outputs: list[dict[str, torch.Tensor]] = [{} for _ in steps]
         if self.layers:
-            positions, mask = feed["position_ids"], feed["attention_mask"]
-            cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, h.dtype)
-            allowed = attention_bias_mask(mask, positions.shape[1], c.sliding_window)
-            self.recorder.router_logits.clear()
+            rotary = [rotary_cos_sin(step["position_ids"], c.head_dim, c.rope_theta, h[0].dtype) for step in steps]
+            allowed = [attention_bias_mask(step["attention_mask"], step["position_ids"].shape[1], c.sliding_window)
+                       for step in steps]
+            kv = (h[0].shape[0], c.num_key_value_heads, 0, c.head_dim)
             for index, layer in zip(range(stage.first, stage.end), self.layers):
-                k_name, v_name = graph_io.past_names(index)
-                h, key, value = layer(h, cos, sin, allowed, feed[k_name], feed[v_name])
-                outputs.update(zip(graph_io.present_names(index), (key, value)))
-        first = {"logits": self.lm_head(self.norm(h)).float()} if stage.head else {
-            graph_io.hidden_state_name(stage.end): h}
-        routers = {graph_io.router_logits_name(i): r for i, r in zip(range(stage.first, stage.end),
-                                                                       self.recorder.router_logits)}
-        return {**first, **outputs, **routers}
+                key = value = torch.zeros(kv, dtype=h[0].dtype)  # the past of the prefill: empty
+                for s, (step_h, (cos, sin), mask) in enumerate(zip(h, rotary, allowed)):
+                    h[s], key, value = layer.attend(step_h, cos, sin, mask, key, value)
+                    outputs[s].update(zip(graph_io.present_names(index), (key, value)))
+                self.recorder.router_logits.clear()
+                h = layer.feed_forward_batches(h)
+                for out, router in zip(outputs, self.recorder.router_logits):
+                    out[graph_io.router_logits_name(index)] = router
+        for out, step_h in zip(outputs, h):
+            out.update({"logits": self.lm_head(self.norm(step_h)).float()} if stage.head else
+                       {graph_io.hidden_state_name(stage.end): step_h})
+        return outputs
 
 
 def _stage_model_bytes(graph: TargetGraph, stage: graph_io.Stage, config: MixtralConfig) -> Callable[[], bytes]:
@@ -189,9 +209,7 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     torch_type = torch_dtype(dtype)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     steps = _scenario(config, decode_steps=decode_steps)
-    kv = (len(steps[0]["input_ids"]), config.num_key_value_heads, 0, config.head_dim)
-    presents = {name: torch.zeros(kv, dtype=torch_type) for i in range(config.num_hidden_layers)
-                for name in graph_io.present_names(i)}  # the "present" before the prefill: empty
+    kv = (len(steps[0]["input_ids"]), config.num_key_value_heads, 0, config.head_dim)  # the prefill's empty past
     hidden: list[torch.Tensor | None] = [None] * len(steps)  # the boundary leaving the last stage
     results: dict[str, list[tuple[graph_io.Stage, dict]]] = {name: [] for name, _ in to_run}
     stages = layer_stages(config.num_hidden_layers, layers_per_stage)
@@ -199,19 +217,19 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     for done, stage in enumerate(stages, 1):
         part = _ReferencePart(ckpt, stage, torch_type)
         layers = range(stage.first, stage.end)
+        # The stage's boundary, every tensor from the reference: the previous stage's hidden state
+        # at this step, each layer's own present of the previous step as its past.
+        outs = part.run([{**step, graph_io.hidden_state_name(stage.first): h} for step, h in zip(steps, hidden)])
         ref_iters, feeds = [], []
-        for s, step in enumerate(steps):
-            # The stage's boundary, every tensor from the reference: the previous stage's hidden
-            # state at this step, each layer's own present of the previous step as its past.
+        for s, (step, out) in enumerate(zip(steps, outs)):
             known = {**step, graph_io.hidden_state_name(stage.first): hidden[s]}
             for i in layers:
-                known.update(zip(graph_io.past_names(i), (presents[p] for p in graph_io.present_names(i))))
-            feed = {b.name: known[b.name] for b in stage.inputs(config, dtype)}
-            out = part(feed)
-            presents.update({name: out[name] for i in layers for name in graph_io.present_names(i)})
-            hidden[s] = out.get(graph_io.hidden_state_name(stage.end))
-            feeds.append(_as_feed(feed, np_dtype))
+                past = (outs[s - 1][p] for p in graph_io.present_names(i)) if s else (
+                    torch.zeros(kv, dtype=torch_type) for _ in range(2))
+                known.update(zip(graph_io.past_names(i), past))
+            feeds.append(_as_feed({b.name: known[b.name] for b in stage.inputs(config, dtype)}, np_dtype))
             ref_iters.append(IterationResult({k: _numpy(v) for k, v in out.items()}, runner_name=REFERENCE))
+        hidden = [out.get(graph_io.hidden_state_name(stage.end)) for out in outs]
         del part  # its weights: the next stage's are read only now
         for name, graph in to_run:
             def make_runner(graph=graph, stage=stage):

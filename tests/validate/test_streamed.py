@@ -9,12 +9,17 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from artifact.shared import RANGES, error_line, run_cli, targets_of, unvalidated_build
+from mixexport import graph_io
 from mixexport.artifact.manifest import file_entry
+from mixexport.checkpoint import Checkpoint
 from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.validate.parity import REPORT_FILE, validate_out
-from mixexport.validate.streamed import choose_mode
+from mixexport.model.decoder import load_reference
+from mixexport.passes.stages import layer_stages
+from mixexport.validate.streamed import _ReferencePart, _scenario, choose_mode
 from validate.test_hf_checkpoint import write_hf_checkpoint
 
 
@@ -117,3 +122,28 @@ def test_build_streams_when_memory_is_short(tmp_path, monkeypatch):
     assert "validation mode: streamed (the whole model does not fit" in result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["validation"]["mode"] == "streamed" and manifest["validation"]["passed"]
+
+
+@pytest.mark.parametrize("layers_per_stage", [1, 2])
+def test_the_streamed_reference_is_the_whole_reference_bit_for_bit(layers_per_stage, tiny_config,
+                                                                    checkpoint_factory):
+    """Stage by stage, layer by layer with every step's MoE at once, the reference computes exactly
+    what the whole decoder computes step by step (fed the same boundary tensors)."""
+    ckpt = Checkpoint(checkpoint_factory(tiny_config))
+    model = load_reference(ckpt, dtype=torch.float16)
+    steps = _scenario(tiny_config, decode_steps=3)
+    past, expected = model.empty_cache(2), []
+    with torch.no_grad():
+        for step in steps:
+            logits, past = model(step["input_ids"], step["attention_mask"], step["position_ids"], past)
+            expected.append((logits, past))
+    hidden = [None] * len(steps)
+    for stage in layer_stages(tiny_config.num_hidden_layers, layers_per_stage):
+        outs = _ReferencePart(ckpt, stage, torch.float16).run(
+            [{**step, graph_io.hidden_state_name(stage.first): h} for step, h in zip(steps, hidden)])
+        for out, (logits, present) in zip(outs, expected):
+            for i in range(stage.first, stage.end):
+                for name, tensor in zip(graph_io.present_names(i), present[i]):
+                    assert torch.equal(out[name], tensor), name
+        hidden = [out.get(graph_io.hidden_state_name(stage.end)) for out in outs]
+    assert all(torch.equal(out["logits"], logits) for out, (logits, _) in zip(outs, expected))
