@@ -244,14 +244,7 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                 to_run.append((ENGINE_TARGET, None))
     if to_run:
         report["mode"] = choose_mode(mode, ckpt.config, dtype, progress)
-    if to_run and report["mode"] == "streamed" and quant is not None:
-        # Fail closed: the streamed reference has no dequantized-experts path yet.
-        for name, _ in to_run:
-            report["targets"][name] = {
-                "status": NOT_VALIDATED, "reason": f"streamed validation of {quant.name} experts is not implemented: "
-                                                   f"validate with --validation-mode whole on a machine that holds "
-                                                   f"the model"}
-    elif to_run and report["mode"] == "streamed":
+    if to_run and report["mode"] == "streamed":
         if (ENGINE_TARGET, None) in to_run:
             to_run.remove((ENGINE_TARGET, None))
             report["targets"][ENGINE_TARGET] = {
@@ -261,7 +254,8 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
         progress(f"validating against the PyTorch reference one stage at a time ({dtype}, prefill + {decode_steps} "
                  f"decode steps, batch 2, left padding)")
         report["scenario"]["decode_tokens"] = "seeded random"  # greedy ones need every layer per step
-        report["targets"].update(streamed_compare(to_run, ckpt, dtype, tolerances, decode_steps, progress))
+        report["targets"].update(streamed_compare(to_run, ckpt, dtype, tolerances, decode_steps, progress, quant=quant,
+                                                  quant_thresholds=report.get("experts_quant", {}).get("thresholds")))
     elif to_run:
         num_layers, top_k = ckpt.config.num_hidden_layers, ckpt.config.num_experts_per_tok
         progress(f"validating against the PyTorch reference ({dtype}, prefill + {decode_steps} decode steps, "
@@ -320,7 +314,8 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers:
 
     A target that onnxruntime (or TensorRT) cannot load or run has failed; its error is the reason.
     `check_quant` (quantized artifacts): the target's outputs -> its quantization-error record
-    (`quant_parity.quantization_error`), which fails the target when a gate is missed.
+    (`quant_parity.quantization_error`), which fails the target when a gate is missed, or None
+    where this stage has no record of its own (streamed validation records it at the head).
     """
     try:
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
@@ -345,9 +340,10 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers:
         first = (str(exc).strip().splitlines() or [""])[0][:400]
         return {"status": "fail", "reason": f"outputs not comparable: {type(exc).__name__}: {first}"}
     result = _target_report(accuracy, target_iters, ref_iters, feeds, layers, top_k)
-    if check_quant is not None:
-        result["quantization"] = check_quant(target_iters)
-        if not result["quantization"]["passed"]:
+    quantization = check_quant(target_iters) if check_quant is not None else None
+    if quantization is not None:
+        result["quantization"] = quantization
+        if not quantization["passed"]:
             result["status"] = "fail"
     return result
 

@@ -33,7 +33,9 @@ from mixexport.dtypes import dtype_info, torch_dtype
 from mixexport.model.decoder import (DecoderLayer, RMSNorm, attention_bias_mask, parameter_sources,
                                      rotary_cos_sin)
 from mixexport.passes.stages import cut_stage, layer_stages
+from mixexport.quant import QuantScheme
 from mixexport.validate.inventory import TargetGraph
+from mixexport.validate.quant_parity import quantization_error
 from mixexport.validate.reference_runner import RecordingMoE, _numpy
 
 Progress = Callable[[str], None]
@@ -127,9 +129,10 @@ class _ReferencePart:
             _load_part(self.lm_head, ckpt, "lm_head.", dtype)
 
     @torch.no_grad()
-    def run(self, steps: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    def run(self, steps: list[dict[str, torch.Tensor]],
+            pasts: list[dict[str, torch.Tensor]] | None = None) -> list[dict[str, torch.Tensor]]:
         """The stage on every step of the scenario, each layer's past its own present of the step
-        before (empty at the prefill).
+        before (empty at the prefill), or the given one.
 
         Layer by layer: a layer's attention step by step, then its MoE for all steps at once
         (`DecoderLayer.feed_forward_batches`), so each expert's weights are upcast once per layer,
@@ -138,6 +141,7 @@ class _ReferencePart:
         Args:
             steps: per step, the stage's boundary inputs but the past: `input_ids` (embedding)
                 or `hidden_states.{first}`, `attention_mask`, `position_ids`.
+            pasts: per step, its layers' `past_key_values.*` (None: the stage's own presents).
 
         Returns:
             per step, the stage's outputs: the next boundary (or logits), its layers' presents
@@ -155,6 +159,8 @@ class _ReferencePart:
             for index, layer in zip(range(stage.first, stage.end), self.layers):
                 key = value = torch.zeros(kv, dtype=h[0].dtype)  # the past of the prefill: empty
                 for s, (step_h, (cos, sin), mask) in enumerate(zip(h, rotary, allowed)):
+                    if pasts is not None:
+                        key, value = (pasts[s][name] for name in graph_io.past_names(index))
                     h[s], key, value = layer.attend(step_h, cos, sin, mask, key, value)
                     outputs[s].update(zip(graph_io.present_names(index), (key, value)))
                 self.recorder.router_logits.clear()
@@ -186,8 +192,18 @@ def _as_feed(tensors: dict[str, torch.Tensor], np_dtype) -> dict[str, np.ndarray
 
 
 def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tolerances: dict, decode_steps: int,
-                     progress: Progress, layers_per_stage: int = 1) -> dict[str, dict[str, Any]]:
+                     progress: Progress, layers_per_stage: int = 1, quant: QuantScheme | None = None,
+                     quant_thresholds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Compare each target graph in `to_run` with the reference, stage by stage.
+
+    Full-precision experts: every stage is fed the reference's boundary (teacher forcing across
+    layers). Quantized experts (`quant`), the two checks of `quant_parity` per stage: (a) each
+    target stage against the reference stage with the dequantized experts, both fed the same
+    inputs, at `tolerances`; (b) the quantization error against the full-precision reference
+    (router agreement per layer, top-1 and logits error at the head, gated by `quant_thresholds`).
+    For (b) a target's stages form its own chain, each fed the hidden state its previous stage
+    computed, and every layer's past is the full-precision reference's, as whole validation feeds
+    the whole graph: the error accumulates through the layers as it does in the deployed model.
 
     Args:
         to_run: (target name, its graph) for every target to compare.
@@ -197,12 +213,15 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
         decode_steps: decode steps after the prefill.
         progress: one line per stage (done / total, elapsed, time left).
         layers_per_stage: decoder layers per compared stage.
+        quant: the experts' quantization scheme (None: full precision).
+        quant_thresholds: `QuantThresholds.resolve`'s gates (with `quant`).
 
     Returns:
         per target: status, max_abs_diff per group, router_agreement (all layers) and per layer,
-        failed_stages (names that say the layer) and failed_outputs.
+        failed_stages (names that say the layer) and failed_outputs; with `quant`, also
+        `quantization` (`quant_parity.quantization_error`'s record).
     """
-    from mixexport.validate.parity import _compare_target
+    from mixexport.validate.parity import _compare_target, router_agreement, session_loader
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     config = ckpt.config
@@ -210,42 +229,95 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     np_dtype = np.float16 if dtype == "float16" else np.float32
     steps = _scenario(config, decode_steps=decode_steps)
     kv = (len(steps[0]["input_ids"]), config.num_key_value_heads, 0, config.head_dim)  # the prefill's empty past
-    hidden: list[torch.Tensor | None] = [None] * len(steps)  # the boundary leaving the last stage
+    hidden: list[torch.Tensor | None] = [None] * len(steps)  # the boundary leaving the last stage (reference)
+    chains = {name: list(hidden) for name, _ in to_run}  # the same, each target's own (quantized experts)
+    agreements: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in to_run}  # vs full precision
+    quantization: dict[str, dict[str, Any]] = {}  # per target: check (b), over its chain
     results: dict[str, list[tuple[graph_io.Stage, dict]]] = {name: [] for name, _ in to_run}
     stages = layer_stages(config.num_hidden_layers, layers_per_stage)
     start = time.perf_counter()
     for done, stage in enumerate(stages, 1):
         part = _ReferencePart(ckpt, stage, torch_type)
         layers = range(stage.first, stage.end)
-        # The stage's boundary, every tensor from the reference: the previous stage's hidden state
-        # at this step, each layer's own present of the previous step as its past.
-        outs = part.run([{**step, graph_io.hidden_state_name(stage.first): h} for step, h in zip(steps, hidden)])
-        ref_iters, feeds = [], []
-        for s, (step, out) in enumerate(zip(steps, outs)):
-            known = {**step, graph_io.hidden_state_name(stage.first): hidden[s]}
-            for i in layers:
-                past = (outs[s - 1][p] for p in graph_io.present_names(i)) if s else (
-                    torch.zeros(kv, dtype=torch_type) for _ in range(2))
-                known.update(zip(graph_io.past_names(i), past))
-            feeds.append(_as_feed({b.name: known[b.name] for b in stage.inputs(config, dtype)}, np_dtype))
-            ref_iters.append(IterationResult({k: _numpy(v) for k, v in out.items()}, runner_name=REFERENCE))
-        hidden = [out.get(graph_io.hidden_state_name(stage.end)) for out in outs]
-        del part  # its weights: the next stage's are read only now
-        for name, graph in to_run:
+        full = part.run(_stage_steps(steps, stage, hidden))
+        # Each layer's past at each step: the reference's own present of the step before.
+        pasts = [_empty_pasts(layers, kv, torch_type) if s == 0 else
+                 {past: full[s - 1][present] for i in layers
+                  for past, present in zip(graph_io.past_names(i), graph_io.present_names(i))}
+                 for s in range(len(steps))]
+        full_iters = _iterations(full)
+        compare = []  # per target: its reference outputs, its feeds, its check (b)
+        for name, _ in to_run:
+            inputs = hidden if quant is None else chains[name]
+            ref_iters, check_quant = full_iters, None
+            if quant is not None:
+                part.recorder.quant = quant  # the exactness reference: the experts the artifact stores
+                ref_iters = _iterations(part.run(_stage_steps(steps, stage, inputs), pasts))
+                part.recorder.quant = None
+                check_quant = _quant_check(name, stage, full_iters, steps, chains, agreements, quantization,
+                                           quant_thresholds, router_agreement, layers, config.num_experts_per_tok,
+                                           torch_type)
+            feeds = [_as_feed({b.name: {**step, graph_io.hidden_state_name(stage.first): h, **past}[b.name]
+                               for b in stage.inputs(config, dtype)}, np_dtype)
+                     for step, h, past in zip(steps, inputs, pasts)]
+            compare.append((ref_iters, feeds, check_quant, inputs))
+        hidden = [out.get(graph_io.hidden_state_name(stage.end)) for out in full]
+        # The stage's reference weights go before an onnxruntime session loads the stage's own:
+        # the two are never held at once.
+        del part, full
+        for (name, graph), (ref_iters, feeds, check_quant, inputs) in zip(to_run, compare):
             def make_runner(graph=graph, stage=stage):
-                from mixexport.validate.parity import session_loader
                 return OnnxrtRunner(session_loader(graph, config.num_hidden_layers,
                                                    _stage_model_bytes(graph, stage, config)), name=graph.name)
             results[name].append((stage, _compare_target(make_runner, REFERENCE, ref_iters, feeds, tolerances,
-                                                         layers, config.num_experts_per_tok)))
+                                                         layers, config.num_experts_per_tok, check_quant)))
+            if quant is not None and chains[name] is inputs:  # it did not run: go on from the reference's
+                chains[name] = hidden
         elapsed = time.perf_counter() - start
         progress(f"streamed validation: stage {done}/{len(stages)} ({stage.name}) compared, {elapsed:.1f}s elapsed, "
                  f"about {elapsed / done * (len(stages) - done):.0f}s left")
-    return {name: _summarise(per_stage) for name, per_stage in results.items()}
+    return {name: _summarise(per_stage, quantization.get(name)) for name, per_stage in results.items()}
 
 
-def _summarise(per_stage: list[tuple[graph_io.Stage, dict]]) -> dict[str, Any]:
-    """One target's report from its stages' reports."""
+def _stage_steps(steps, stage: graph_io.Stage, hidden) -> list[dict[str, torch.Tensor]]:
+    """Per step, the scenario's tensors and the hidden state entering `stage`."""
+    return [{**step, graph_io.hidden_state_name(stage.first): h} for step, h in zip(steps, hidden)]
+
+
+def _empty_pasts(layers: range, kv: tuple[int, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros(kv, dtype=dtype) for i in layers for name in graph_io.past_names(i)}
+
+
+def _iterations(outputs: list[dict[str, torch.Tensor]]) -> list[IterationResult]:
+    return [IterationResult({k: _numpy(v) for k, v in out.items()}, runner_name=REFERENCE) for out in outputs]
+
+
+def _quant_check(name: str, stage: graph_io.Stage, full_iters, steps, chains, agreements, quantization, thresholds,
+                 router_agreement, layers: range, top_k: int, dtype: torch.dtype):
+    """Check (b) of one target's stage, for `_compare_target`: the target's outputs -> None (the
+    stage's own status is its exactness), after keeping its hidden state for its next stage and
+    its router agreement with the full-precision reference; at the head, the quantization-error
+    record of the whole chain goes into `quantization[name]`."""
+
+    def check(target_iters):
+        next_hidden = graph_io.hidden_state_name(stage.end)
+        if not stage.head:
+            # numpy has no bfloat16: the reference's input in its own dtype again.
+            chains[name] = [torch.from_numpy(np.asarray(out[next_hidden])).to(dtype) for out in target_iters]
+        scenario = [{k: v.numpy() for k, v in step.items()} for step in steps]
+        if layers:
+            agreements[name].append((router_agreement(full_iters, target_iters, scenario, layers, top_k), len(layers)))
+        if stage.head:
+            total = sum(n for _, n in agreements[name])
+            agreement = sum(a * n for a, n in agreements[name]) / total if total else None
+            quantization[name] = quantization_error(full_iters, target_iters, scenario, agreement, thresholds)
+        return None
+    return check
+
+
+def _summarise(per_stage: list[tuple[graph_io.Stage, dict]], quantization: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """One target's report from its stages' reports (and, for quantized experts, its check (b))."""
     max_abs: dict[str, float | None] = {}
     failed_stages, failed_outputs, reasons, per_layer = [], [], [], {}
     for stage, report in per_stage:
@@ -263,8 +335,14 @@ def _summarise(per_stage: list[tuple[graph_io.Stage, dict]]) -> dict[str, Any]:
               "router_agreement": min(per_layer.values()) if per_layer else None,
               "router_agreement_per_stage": per_layer, "failed_stages": failed_stages,
               "failed_outputs": sorted(failed_outputs)}
+    if failed_stages and not reasons:
+        reasons.append(f"outside tolerance in {', '.join(failed_stages)}")
+    if quantization is not None:
+        result["quantization"] = quantization
+        if not quantization["passed"]:
+            result["status"] = "fail"
+            reasons.append(f"quantization error against the full-precision reference misses "
+                           f"{', '.join(quantization['failed'])}")
     if reasons:
         result["reason"] = "; ".join(reasons)
-    elif failed_stages:
-        result["reason"] = f"outside tolerance in {', '.join(failed_stages)}"
     return result

@@ -132,3 +132,26 @@ def error_line(result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     return errors[0]
+
+
+def rewrite_initializer(out: Path, target: str, name: str, edit) -> None:
+    """Replace the bytes of initializer `name` in OUT/target's external data with `edit(bytes)`
+    (same length), re-recording the target's file entries so validation reaches the numerics."""
+    import onnx
+
+    from mixexport.artifact.manifest import file_entry
+
+    model = onnx.load(str(out / target / "model.onnx"), load_external_data=False)
+    (tensor,) = [t for t in model.graph.initializer if t.name == name]
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(info["offset"]), int(info["length"])
+    path = out / target / info["location"]
+    data = bytearray(path.read_bytes())
+    new = edit(bytes(data[offset:offset + length]))
+    assert len(new) == length, "an edit keeps the tensor's size"
+    data[offset:offset + length] = new
+    path.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["targets"][target]
+    entry["files"] = [file_entry(out / f["path"], out) for f in entry["files"]]
+    (out / "manifest.json").write_text(json.dumps(manifest))

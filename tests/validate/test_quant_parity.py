@@ -8,9 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
-from artifact.shared import RANGES, SEED, edit_manifest, error_line, run_cli
+from artifact.shared import RANGES, SEED, edit_manifest, error_line, rewrite_initializer, run_cli
 from mixexport.artifact.inspect import inspect_path
 from mixexport.artifact.manifest import read_manifest
 from mixexport.driver.build import BuildOptions, build, reference_source
@@ -85,13 +87,14 @@ def test_wrong_nibble_order_fails_exactness(tmp_path, monkeypatch, target, dtype
     assert report["targets"][target]["failed_outputs"]  # outside the tight tolerance of (a)
 
 
-def test_quantization_gate_fails_closed(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("mode", ["whole", "streamed"])
+def test_quantization_gate_fails_closed(tmp_path_factory, tmp_path, mode):
     out, manifest = quant_build(tmp_path_factory, QuantScheme(4, 32))
     copy = Path(shutil.copytree(out, tmp_path / "out"))
     with reference_source(None, "tiny", SEED, {}, lambda _: None) as (ckpt, _):
-        report = validate_artifact(copy, read_manifest(copy), ckpt, lambda _: None,
+        report = validate_artifact(copy, read_manifest(copy), ckpt, lambda _: None, mode=mode,
                                    quant_thresholds=QuantThresholds(max_logits_rel_error=0.0))
-    assert not report["passed"]
+    assert not report["passed"] and report["mode"] == mode
     for target in targets_of("float32"):
         assert report["targets"][target]["status"] == "fail"
         assert report["targets"][target]["quantization"]["failed"] == ["max_logits_rel_error"]
@@ -174,13 +177,43 @@ def test_size_estimate_counts_quantized_experts(tmp_path_factory, scheme):
     assert round(weight_bytes(Mixtral8x7B, "float16", QuantScheme(4, 32)) / 1e9, 1) == 28.6
 
 
-def test_streamed_validation_of_quantized_experts_is_not_done(tmp_path_factory):
-    """The streamed reference has no dequantized experts yet: it reports the targets as not validated
-    (and the artifact as not passed) instead of comparing them with the full-precision reference."""
-    out, _ = quant_build(tmp_path_factory, QuantScheme(8))
+@pytest.mark.parametrize("scheme, dtype", [(QuantScheme(8), "float32"), (QuantScheme(4, 32), "float32"),
+                                           (QuantScheme(8), "float16"), (QuantScheme(4, 32), "float16")])
+def test_streamed_validation_of_quantized_experts_agrees_with_whole(tmp_path_factory, scheme, dtype):
+    out, _ = quant_build(tmp_path_factory, scheme, dtype)
+    with reference_source(None, "tiny", SEED, {"dtype": dtype}, lambda _: None) as (ckpt, _):
+        whole, streamed = (validate_artifact(out, read_manifest(out), ckpt, lambda _: None, mode=mode,
+                                             write_report=False) for mode in ("whole", "streamed"))
+    assert whole["passed"] and streamed["passed"] and streamed["summary"]["mode"] == "streamed"
+    assert streamed["summary"]["compared"] == len(targets_of(dtype))
+    for target in targets_of(dtype):
+        by_whole, by_stage = whole["targets"][target], streamed["targets"][target]
+        assert by_stage["status"] == by_whole["status"] == "pass"
+        assert by_stage["router_agreement"] == 1.0  # (a) per stage: the dequantized reference, exactly
+        quant, whole_quant = by_stage["quantization"], by_whole["quantization"]  # (b) over the target's chain
+        assert quant["passed"] and quant["thresholds"] == whole_quant["thresholds"]
+        assert quant["positions"] == whole_quant["positions"] == 19
+        # Other decode tokens (seeded, not greedy), the same error: within a quarter of each other.
+        assert abs(quant["logits_rel_error"] - whole_quant["logits_rel_error"]) <= 0.25 * whole_quant["logits_rel_error"]
+
+
+@pytest.mark.parametrize("target, layer", [("ort", 0), ("ort", 1)])
+def test_a_swapped_nibble_layer_fails_streamed_validation_naming_it(tmp_path_factory, tmp_path, target, layer):
+    out, _ = quant_build(tmp_path_factory, QuantScheme(4, 32))
+    copy = Path(shutil.copytree(out, tmp_path / "out"))
+    model = onnx.load(str(copy / target / "model.onnx"), load_external_data=False)
+    (name,) = [t.name for t in model.graph.initializer
+               if t.name.startswith(f"layers.{layer}.moe.") and t.data_type == onnx.TensorProto.UINT8][:1]
+
+    def swap(data):
+        stored = np.frombuffer(data, np.uint8)
+        return ((stored >> 4) | ((stored & 0xF) << 4)).astype(np.uint8).tobytes()
+    rewrite_initializer(copy, target, name, swap)
     with reference_source(None, "tiny", SEED, {}, lambda _: None) as (ckpt, _):
-        report = validate_artifact(out, read_manifest(out), ckpt, lambda _: None, mode="streamed", write_report=False)
-    assert not report["passed"] and report["summary"]["compared"] == 0
-    for target in targets_of("float32"):
-        assert report["targets"][target]["status"] == "not validated"
-        assert "streamed validation of int8 experts is not implemented" in report["targets"][target]["reason"]
+        report = validate_artifact(copy, read_manifest(copy), ckpt, lambda _: None, mode="streamed", write_report=False)
+    assert not report["passed"]
+    result = report["targets"][target]
+    # Teacher forcing of the exactness check: the broken layer's stage fails, and it alone.
+    assert result["status"] == "fail" and result["failed_stages"] == [f"layers.{layer}-{layer}"]
+    assert f"hidden_states.{layer + 1}" in result["failed_outputs"]
+    assert all(r["status"] == "pass" for t, r in report["targets"].items() if t != target)

@@ -7,13 +7,11 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
-from artifact.shared import RANGES, error_line, run_cli, targets_of, unvalidated_build
+from artifact.shared import RANGES, error_line, rewrite_initializer, run_cli, targets_of, unvalidated_build
 from mixexport import graph_io
-from mixexport.artifact.manifest import file_entry
 from mixexport.checkpoint import Checkpoint
 from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.validate.parity import REPORT_FILE, validate_out
@@ -67,19 +65,9 @@ def test_streamed_agrees_with_whole_on_a_transformers_checkpoint(tmp_path_factor
 
 
 def _corrupt_layer(out, layer: int) -> None:
-    """Negate layer `layer`'s ort expert weights in OUT (hashes re-recorded, so the numerics are reached)."""
-    model = onnx.load(str(out / "ort" / "model.onnx"), load_external_data=False)
-    (tensor,) = [t for t in model.graph.initializer if t.name == f"layers.{layer}.moe.fc1_interleaved"]
-    info = {e.key: e.value for e in tensor.external_data}
-    offset, length = int(info["offset"]), int(info["length"])
-    path = out / "ort" / info["location"]
-    data = bytearray(path.read_bytes())
-    region = np.frombuffer(bytes(data[offset:offset + length]), np.float32) * -3.0
-    data[offset:offset + length] = region.astype(np.float32).tobytes()
-    path.write_bytes(bytes(data))
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["targets"]["ort"]["files"] = [file_entry(out / f["path"], out) for f in manifest["targets"]["ort"]["files"]]
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    """Negate and scale layer `layer`'s ort expert weights in OUT (float32)."""
+    rewrite_initializer(out, "ort", f"layers.{layer}.moe.fc1_interleaved",
+                        lambda data: (np.frombuffer(data, np.float32) * -3.0).astype(np.float32).tobytes())
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -147,3 +135,30 @@ def test_the_streamed_reference_is_the_whole_reference_bit_for_bit(layers_per_st
                     assert torch.equal(out[name], tensor), name
         hidden = [out.get(graph_io.hidden_state_name(stage.end)) for out in outs]
     assert all(torch.equal(out["logits"], logits) for out, (logits, _) in zip(outs, expected))
+
+
+def test_no_session_is_created_while_a_reference_stage_is_held(tmp_path_factory, monkeypatch):
+    """The peak memory of streamed validation is one stage: the reference's weights of a stage are
+    freed before onnxruntime loads that stage's (for an 8x7B layer: 2.8 GB plus 5.6 GB)."""
+    import weakref
+
+    import onnxruntime
+
+    from mixexport.validate import streamed
+
+    out, _, _ = unvalidated_build("e4-k2-float16", ("ort",), tmp_path_factory)
+    parts, sessions = [], []
+    init, session = streamed._ReferencePart.__init__, onnxruntime.InferenceSession
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        parts.append(weakref.ref(self))
+
+    def checked_session(*args, **kwargs):
+        sessions.append([part() for part in parts if part() is not None])
+        return session(*args, **kwargs)
+    monkeypatch.setattr(streamed._ReferencePart, "__init__", tracked_init)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", checked_session)
+    report, _ = validate_out(out, mode="streamed")
+    assert report["passed"] and len(sessions) == len(parts) == 4  # embedding, 2 layers, head
+    assert sessions == [[]] * 4, "a reference stage was alive while a session loaded"
