@@ -411,6 +411,11 @@ def inspect(path, as_json) -> None:
             more = len(t[kind]) - len(shown)
             click.echo(f"  {kind}: " + "; ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in shown)
                        + (f"; ... {more} more" if more > 0 else ""))
+        for i, stage in enumerate(t.get("stages", [])):
+            fed = ", ".join(f"{a} -> {b}" for a, b in stage["next"].items())
+            click.echo(f"  stage {i} {stage['name']}: {stage['onnx']}, {stage['nodes']} nodes, {stage['moe_nodes']} MoE "
+                       f"nodes, {len(stage['inputs'])} inputs, {len(stage['outputs'])} outputs"
+                       + (f"; feeds the next stage {fed}" if fed else ""))
 
 
 def main() -> None:

@@ -1,0 +1,86 @@
+"""Validation of a staged artifact (`build --stages N`): each stage graph and the chain they make.
+
+A staged target is validated three ways, and passes only when all three pass:
+- its whole graph, as any target (whole-model or streamed mode, `validate.parity`);
+- each of its stage graphs, the files a pipeline-parallel runtime loads, against the layer-streamed
+  reference (`validate.streamed`), fed the reference's boundary tensors (teacher forcing), so a
+  broken stage is named even where the stages after it are right;
+- the chain: the stage graphs run in sequence from input_ids to logits, each fed what the stage
+  before it output, on the prefill and decode steps, compared with the reference's logits and
+  present (and router logits) as whole-model validation compares the whole graph. A chain that
+  compared no logits has not passed.
+
+Both stage checks read the checkpoint one stage at a time, as streamed validation does, so they
+fit in memory whatever the model's size. The decode steps' tokens are streamed validation's
+(seeded), not the reference's greedy ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from mixexport import graph_io
+from mixexport.checkpoint.config import MixtralConfig
+from mixexport.validate.inventory import TargetGraph
+from mixexport.validate.streamed import Progress, streamed_compare
+
+
+def stage_validation_model(graph: TargetGraph, stage: graph_io.Stage, config: MixtralConfig) -> Callable[[], bytes]:
+    """The artifact's own graph of `stage` (not a cut of the whole graph) as validation runs it:
+    its layers' router logits also output, its external data found in its stage's folder."""
+    (staged,) = [s for s in graph.stages if s.stage == stage]
+
+    def build() -> bytes:
+        from mixexport.validate.parity import adapted_for_validation
+
+        return adapted_for_validation(staged.model, graph.name, graph.dtype, range(stage.first, stage.end),
+                                      lambda location: f"{staged.folder}/{location}")
+    return build
+
+
+def compare_stages(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tolerances: dict, decode_steps: int,
+                   progress: Progress) -> dict[str, dict[str, Any]]:
+    """Compare each staged target's stages and chain with the layer-streamed reference.
+
+    Args:
+        to_run: (target name, its graph) of the staged targets to compare (`TargetGraph.stages`).
+        ckpt, dtype, tolerances, decode_steps, progress: as `streamed_compare`'s.
+
+    Returns:
+        per target: `stages` (the per-stage report, `failed_stages` naming any broken stage) and
+        `chain` (the chained report), each with its status.
+    """
+    groups: dict[tuple[graph_io.Stage, ...], list[tuple[str, TargetGraph]]] = {}
+    for name, graph in to_run:  # targets cut alike share one pass over the checkpoint
+        groups.setdefault(tuple(s.stage for s in graph.stages), []).append((name, graph))
+    results = {}
+    for stages, members in groups.items():
+        names = ", ".join(name for name, _ in members)
+        progress(f"comparing the {len(stages)} stage graphs of {names}, each fed the reference's boundary")
+        per_stage = streamed_compare(members, ckpt, dtype, tolerances, decode_steps, progress, stages=list(stages),
+                                     stage_model=stage_validation_model)
+        progress(f"comparing the stage chain of {names}: input_ids to logits, each stage fed the one before it")
+        chain = streamed_compare(members, ckpt, dtype, tolerances, decode_steps, progress, stages=list(stages),
+                                 stage_model=stage_validation_model, chained=True)
+        for name, _ in members:
+            results[name] = {"stages": per_stage[name], "chain": _fail_closed(chain[name])}
+    return results
+
+
+def _fail_closed(chain: dict[str, Any]) -> dict[str, Any]:
+    """A chain passes only when its logits were compared (its head stage ran and matched)."""
+    if chain["status"] == "pass" and chain["max_abs_diff"].get("logits") is None:
+        return {**chain, "status": "fail", "reason": "the chain compared no logits"}
+    return chain
+
+
+def with_stages(whole: dict[str, Any], staged: dict[str, Any]) -> dict[str, Any]:
+    """A staged target's result: its whole graph's, with its stages' and chain's reports beside;
+    it passes only when all three passed."""
+    result = {**whole, **staged}
+    failed = [(part, report) for part, report in (("whole graph", whole), ("stages", staged["stages"]),
+                                                  ("chain", staged["chain"])) if report["status"] != "pass"]
+    if failed:
+        result["status"] = "fail"
+        result["reason"] = "; ".join(f"{part}: {report.get('reason', 'outside tolerance')}" for part, report in failed)
+    return result
