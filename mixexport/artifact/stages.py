@@ -46,9 +46,10 @@ def part_bytes(model: ir.Model, num_layers: int) -> list[int]:
             if value.const_value is None:
                 continue
             owner = weight_owner(value.name)
-            index = {"embedding": 0, "head": num_layers - 1, None: None}.get(owner, owner)
-            if index is not None:
-                sizes[index] += value.const_value.nbytes
+            if owner is None:
+                continue
+            index = 0 if owner == "embedding" else num_layers - 1 if owner == "head" else owner
+            sizes[index] += value.const_value.nbytes
     return sizes
 
 

@@ -55,15 +55,14 @@ def compare_stages(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tole
         groups.setdefault(tuple(s.stage for s in graph.stages), []).append((name, graph))
     results = {}
     for stages, members in groups.items():
-        names = ", ".join(name for name, _ in members)
-        progress(f"comparing the {len(stages)} stage graphs of {names}, each fed the reference's boundary")
-        per_stage = streamed_compare(members, ckpt, dtype, tolerances, decode_steps, progress, stages=list(stages),
-                                     stage_model=stage_validation_model)
-        progress(f"comparing the stage chain of {names}: input_ids to logits, each stage fed the one before it")
-        chain = streamed_compare(members, ckpt, dtype, tolerances, decode_steps, progress, stages=list(stages),
-                                 stage_model=stage_validation_model, chained=True)
-        for name, _ in members:
-            results[name] = {"stages": per_stage[name], "chain": _fail_closed(chain[name])}
+        progress(f"comparing the {len(stages)} stage graphs of {', '.join(name for name, _ in members)}, each fed "
+                 f"the reference's boundary, and their chain, input_ids to logits, each stage fed the one before")
+        chains = {f"{name} chain": (name, graph) for name, graph in members}
+        compared = streamed_compare([*members, *((key, graph) for key, (_, graph) in chains.items())], ckpt, dtype,
+                                    tolerances, decode_steps, progress, stages=list(stages),
+                                    stage_model=stage_validation_model, chained=frozenset(chains))
+        for key, (name, _) in chains.items():
+            results[name] = {"stages": compared[name], "chain": _fail_closed(compared[key])}
     return results
 
 

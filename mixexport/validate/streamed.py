@@ -168,11 +168,13 @@ def _as_feed(tensors: dict[str, torch.Tensor], np_dtype) -> dict[str, np.ndarray
 
 def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tolerances: dict, decode_steps: int,
                      progress: Progress, layers_per_stage: int = 1, stages: list[graph_io.Stage] | None = None,
-                     stage_model: StageModel | None = None, chained: bool = False) -> dict[str, dict[str, Any]]:
+                     stage_model: StageModel | None = None, chained: frozenset[str] = frozenset()
+                     ) -> dict[str, dict[str, Any]]:
     """Compare each target graph in `to_run` with the reference, stage by stage.
 
     Args:
-        to_run: (target name, its graph) for every target to compare.
+        to_run: (name, target graph) of every comparison: a target's name, or for a chain
+            (`chained`) another name of the same target's graph.
         ckpt: the reference's checkpoint.
         dtype: the graphs' dtype.
         tolerances: (atol, rtol) per output group (parity.TOLERANCES[dtype]).
@@ -182,9 +184,10 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
         stages: the stages compared instead (a staged artifact's chain, `validate.staged`).
         stage_model: (target graph, stage, config) -> a callable that gives the stage's graph as
             validation runs it; default: the stage cut from the target's whole graph.
-        chained: feed each target's stage what its own previous stage output (`_compare_chained`)
-            instead of the reference's boundary: the stages run as one chain from input_ids to
-            logits, and only what the chain outputs is compared.
+        chained: the names in `to_run` whose stages are fed what their own previous stage output
+            (`_compare_chained`) instead of the reference's boundary: the stages run as one chain
+            from input_ids to logits, and only what the chain outputs is compared. Both kinds share
+            one pass over the checkpoint.
 
     Returns:
         per target: status, max_abs_diff per group, router_agreement (all layers) and per layer,
@@ -228,7 +231,7 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
                 from mixexport.validate.parity import session_loader
                 return OnnxrtRunner(session_loader(graph, config.num_hidden_layers,
                                                    stage_model(graph, stage, config)), name=graph.name)
-            if chained:
+            if name in chained:
                 report = _compare_chained(make_runner, stage, ref_iters, feeds, own[name], tolerances,
                                           config.num_experts_per_tok)
             else:
@@ -236,8 +239,8 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
                                          config.num_experts_per_tok)
             results[name].append((stage, report))
         elapsed = time.perf_counter() - start
-        progress(f"{'stage chain' if chained else 'streamed validation'}: stage {done}/{len(stages)} ({stage.name}) "
-                 f"compared, {elapsed:.1f}s elapsed, about {elapsed / done * (len(stages) - done):.0f}s left")
+        progress(f"streamed validation: stage {done}/{len(stages)} ({stage.name}) compared, {elapsed:.1f}s elapsed, "
+                 f"about {elapsed / done * (len(stages) - done):.0f}s left")
     return {name: _summarise(per_stage) for name, per_stage in results.items()}
 
 

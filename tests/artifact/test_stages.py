@@ -73,9 +73,11 @@ def test_staged_build_validates_each_stage_and_the_chain(count, tmp_path_factory
         # The chain is compared on what it outputs, logits included; the stages on their boundaries too.
         assert set(result["chain"]["max_abs_diff"]) == {"logits", "present", "router_logits"}
         assert "hidden_states" in result["stages"]["max_abs_diff"]
-        for i, stage in enumerate(manifest.targets[target].stages):
+        stages = manifest.targets[target].stages
+        for i, stage in enumerate(stages):
             assert f"{target} stage {i + 1}/{count} ({stage['name']}): " in "\n".join(lines)
-    assert any(line.startswith(f"stage chain: stage {count}/{count}") for line in lines)
+    assert any(line.startswith(f"comparing the {count} stage graphs of portable, ort, trt") for line in lines)
+    assert any(line.startswith(f"streamed validation: stage {count}/{count} ({stages[-1]['name']})") for line in lines)
     assert any("no per-stage engines" in line for line in lines)
     assert manifest.targets["trt"].extra["stage_engines"]["status"] == "not built"
 
@@ -308,7 +310,7 @@ def test_streamed_validation_of_a_staged_artifact(tmp_path_factory, tmp_path):
     assert report["mode"] == "streamed" and report["passed"]
     for target in TARGETS:
         assert report["targets"][target]["chain"]["status"] == report["targets"][target]["stages"]["status"] == "pass"
-    assert "stage chain: stage 3/3 (layers.2-2+head) compared" in result.output
+    assert "streamed validation: stage 3/3 (layers.2-2+head) compared" in result.output
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "genai"])
