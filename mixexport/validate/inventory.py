@@ -55,6 +55,7 @@ class StageGraph:
     stage: graph_io.Stage
     folder: str  # relative to the target's folder ("stage-0"): where its external data lives
     model: onnx.ModelProto  # external data not loaded
+    weight_bytes: int  # of its data files
 
 
 def artifact_targets(root: Path, manifest: Manifest, verify_hashes: bool) -> dict[str, TargetGraph]:
@@ -130,7 +131,8 @@ def _stage_graph(root: Path, target: str, index: int, record: dict, entry: Targe
     stage = as_stage(record)
     moe_nodes = (stage.end - stage.first) if entry.moe_op is not None else 0
     _check_description(model, record["inputs"], record["outputs"], entry.moe_op, moe_nodes, path, where)
-    return StageGraph(stage, posixpath.relpath(folder, target), model)
+    return StageGraph(stage, posixpath.relpath(folder, target), model,
+                      sum((root / p).stat().st_size for p in record["data"]))
 
 
 def _check_description(model: onnx.ModelProto, inputs: list[dict], outputs: list[dict], moe_op: str | None,

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from mixexport import graph_io
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.validate.inventory import TargetGraph
-from mixexport.validate.streamed import Progress, streamed_compare
+from mixexport.safe_io import format_bytes
+from mixexport.validate.streamed import Progress, held_while_comparing, memory_available, streamed_compare
 
 
 def stage_validation_model(graph: TargetGraph, stage: graph_io.Stage, config: MixtralConfig) -> Callable[[], bytes]:
@@ -48,12 +49,21 @@ def compare_stages(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tole
 
     Returns:
         per target: `stages` (the per-stage report, `failed_stages` naming any broken stage) and
-        `chain` (the chained report), each with its status.
+        `chain` (the chained report), each with its status; both "not validated" where the
+        target's largest stage does not fit in the memory available.
     """
+    from mixexport.validate.parity import NOT_VALIDATED
+
     groups: dict[tuple[graph_io.Stage, ...], list[tuple[str, TargetGraph]]] = {}
-    for name, graph in to_run:  # targets cut alike share one pass over the checkpoint
-        groups.setdefault(tuple(s.stage for s in graph.stages), []).append((name, graph))
     results = {}
+    for name, graph in to_run:  # targets cut alike share one pass over the checkpoint
+        reason = _memory_refusal(graph, dtype)
+        if reason:
+            progress(f"{name}: stage graphs not compared: {reason}")
+            refused = {"status": NOT_VALIDATED, "reason": reason}
+            results[name] = {"stages": refused, "chain": refused}
+        else:
+            groups.setdefault(tuple(s.stage for s in graph.stages), []).append((name, graph))
     for stages, members in groups.items():
         progress(f"comparing the {len(stages)} stage graphs of {', '.join(name for name, _ in members)}, each fed "
                  f"the reference's boundary, and their chain, input_ids to logits, each stage fed the one before")
@@ -62,8 +72,25 @@ def compare_stages(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tole
                                     tolerances, decode_steps, progress, stages=list(stages),
                                     stage_model=stage_validation_model, chained=frozenset(chains))
         for key, (name, _) in chains.items():
-            results[name] = {"stages": compared[name], "chain": _fail_closed(compared[key])}
+            results[name] = {"stages": compared[name], "chain": _fail_closed(compared[key]),
+                             "stage_decode_tokens": "seeded random"}  # streamed validation's scenario
     return results
+
+
+def _memory_refusal(graph: TargetGraph, dtype: str) -> str | None:
+    """Why the target's largest stage cannot be compared in the memory available now, or None.
+
+    A stage is compared whole (its own graph file, the one a runtime loads): its onnxruntime
+    session and its part of the reference hold about 3x its weights, however the whole graph is
+    validated.
+    """
+    largest = max(s.weight_bytes for s in graph.stages)
+    need, available = held_while_comparing(largest, dtype), memory_available()
+    if available is None or need <= available:
+        return None
+    return (f"comparing its largest stage ({format_bytes(largest)} of weights) would hold about {format_bytes(need)}, "
+            f"{format_bytes(available)} are available: validate on a machine with more memory, or build with more "
+            f"--stages")
 
 
 def _fail_closed(chain: dict[str, Any]) -> dict[str, Any]:
@@ -74,12 +101,15 @@ def _fail_closed(chain: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_stages(whole: dict[str, Any], staged: dict[str, Any]) -> dict[str, Any]:
-    """A staged target's result: its whole graph's, with its stages' and chain's reports beside;
-    it passes only when all three passed."""
+    """A staged target's result: its whole graph's, with its stages' and chain's reports beside.
+    It passes only when all three passed; it fails when any failed, and is otherwise "not
+    validated" (a part that could not be compared here)."""
+    from mixexport.validate.parity import NOT_VALIDATED
+
     result = {**whole, **staged}
-    failed = [(part, report) for part, report in (("whole graph", whole), ("stages", staged["stages"]),
-                                                  ("chain", staged["chain"])) if report["status"] != "pass"]
-    if failed:
-        result["status"] = "fail"
-        result["reason"] = "; ".join(f"{part}: {report.get('reason', 'outside tolerance')}" for part, report in failed)
+    parts = (("whole graph", whole), ("stages", staged["stages"]), ("chain", staged["chain"]))
+    short = [(part, report) for part, report in parts if report["status"] != "pass"]
+    if short:
+        result["status"] = "fail" if any(report["status"] == "fail" for _, report in short) else NOT_VALIDATED
+        result["reason"] = "; ".join(f"{part}: {report.get('reason', 'outside tolerance')}" for part, report in short)
     return result

@@ -55,8 +55,13 @@ def memory_available() -> int | None:
 def whole_validation_bytes(config: MixtralConfig, dtype: str) -> int:
     """About what whole-model validation holds: the reference and one onnxruntime session (which on
     CPU keeps float32 copies of float16 weights for most ops)."""
-    weights = weight_count(config) * torch_dtype(dtype).itemsize
-    return weights * (2 + (dtype != "float32")) + 512 * 1024**2
+    return held_while_comparing(weight_count(config) * torch_dtype(dtype).itemsize, dtype)
+
+
+def held_while_comparing(weight_bytes: int, dtype: str) -> int:
+    """About what comparing a graph (or a stage) of `weight_bytes` of weights holds: its reference
+    part and its onnxruntime session (with float32 copies of float16 weights)."""
+    return weight_bytes * (2 + (dtype != "float32")) + 512 * 1024**2
 
 
 def choose_mode(requested: str, config: MixtralConfig, dtype: str, progress: Progress) -> str:

@@ -70,6 +70,7 @@ def test_staged_build_validates_each_stage_and_the_chain(count, tmp_path_factory
         result = report["targets"][target]
         assert result["status"] == result["stages"]["status"] == result["chain"]["status"] == "pass"
         assert result["stages"]["failed_stages"] == [] and result["chain"]["router_agreement"] == 1.0
+        assert result["stage_decode_tokens"] == "seeded random"
         # The chain is compared on what it outputs, logits included; the stages on their boundaries too.
         assert set(result["chain"]["max_abs_diff"]) == {"logits", "present", "router_logits"}
         assert "hidden_states" in result["stages"]["max_abs_diff"]
@@ -342,3 +343,20 @@ def test_the_whole_graph_of_a_staged_target_still_generates(runtime, tmp_path_fa
         past = {k: v for k, v in feed.items() if k.startswith("present.")}
         ids.append(int(feed["logits"][0, -1].argmax()))
     assert new == ids[3:]
+
+
+def test_stages_that_do_not_fit_in_memory_are_not_validated(tmp_path_factory, tmp_path, monkeypatch):
+    out = shutil.copytree(staged_build(2, tmp_path_factory)[0], tmp_path / "out")
+    # Room for the streamed whole graph, not for the largest stage compared whole.
+    monkeypatch.setattr("mixexport.validate.staged.memory_available", lambda: 400 * 1024**2)
+    result = run_cli("validate", out, "--validation-mode", "streamed")
+    # Fail closed: a target whose stages were not compared is not validated, so nothing passed.
+    assert error_line(result) == (f"error: {out}: compared nothing: no target could be run here (not validated: "
+                                  f"portable, ort, trt); a gate that compared nothing has not passed")
+    report = json.loads((out / REPORT_FILE).read_text())
+    for target in TARGETS:
+        entry = report["targets"][target]
+        assert entry["status"] == entry["stages"]["status"] == entry["chain"]["status"] == "not validated"
+        assert entry["reason"].startswith("stages: comparing its largest stage (")
+        assert "or build with more --stages" in entry["reason"]
+    assert not report["passed"] and report["summary"]["not_validated"] == list(TARGETS)
