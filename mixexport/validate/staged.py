@@ -10,9 +10,10 @@ A staged target is validated three ways, and passes only when all three pass:
   present (and router logits) as whole-model validation compares the whole graph. A chain that
   compared no logits has not passed.
 
-Both stage checks read the checkpoint one stage at a time, as streamed validation does, so they
-fit in memory whatever the model's size. The decode steps' tokens are streamed validation's
-(seeded), not the reference's greedy ones.
+Both stage checks share one pass over the checkpoint, one stage at a time, as streamed validation
+reads it: they hold one stage (its reference part and its session, about 3x its weights), and a
+stage that does not fit in the memory available is "not validated", never skipped as passed. The
+decode steps' tokens are streamed validation's (seeded), not the reference's greedy ones.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any, Callable
 
 from mixexport import graph_io
 from mixexport.checkpoint.config import MixtralConfig
-from mixexport.validate.inventory import TargetGraph
 from mixexport.safe_io import format_bytes
+from mixexport.validate.inventory import TargetGraph
 from mixexport.validate.streamed import Progress, held_while_comparing, memory_available, streamed_compare
 
 
