@@ -196,10 +196,13 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
               help="Weight-only quantized experts: int8 per output row, int4 per row and group of --group-size "
                    "columns (symmetric; attention, router, embeddings stay in the graph dtype).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="int4 columns per scale (default 32).")
+@click.option("--stages", type=click.IntRange(min=1, max=2**31 - 1),
+              help="Also write each target as a chain of N stage graphs over contiguous layer ranges balanced by "
+                   "bytes (pipeline parallel: one per GPU); 1 or unset: the whole graph only.")
 @quant_threshold_options
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
           allow_not_validated, allow_non_finite, validation_mode, force, plugin, experts_quant, group_size,
-          quant_min_top1, quant_min_router, quant_max_logits_error) -> None:
+          stages, quant_min_top1, quant_min_router, quant_max_logits_error) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -212,7 +215,7 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
                            validation_mode=validation_mode, plugin=plugin,
                            experts_quant=parse_scheme(experts_quant, group_size and int(group_size)),
                            quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
-                                                             quant_max_logits_error))
+                                                             quant_max_logits_error), stages=stages)
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
@@ -408,6 +411,11 @@ def inspect(path, as_json) -> None:
             more = len(t[kind]) - len(shown)
             click.echo(f"  {kind}: " + "; ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in shown)
                        + (f"; ... {more} more" if more > 0 else ""))
+        for i, stage in enumerate(t.get("stages", [])):
+            fed = ", ".join(f"{a} -> {b}" for a, b in stage["next"].items())
+            click.echo(f"  stage {i} {stage['name']}: {stage['onnx']}, {stage['nodes']} nodes, {stage['moe_nodes']} MoE "
+                       f"nodes, {len(stage['inputs'])} inputs, {len(stage['outputs'])} outputs"
+                       + (f"; feeds the next stage {fed}" if fed else ""))
 
 
 def main() -> None:

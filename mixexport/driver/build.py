@@ -22,6 +22,7 @@ from mixexport.artifact.install import (check_destination, collect_stale, instal
                                         output_lock)
 from mixexport.artifact.manifest import Manifest, TargetRecord, checkpoint_entries, file_entry, write_manifest
 from mixexport.artifact.save import ONNX_FILE, save_model
+from mixexport.artifact.stages import balanced_stages, check_stage_options, part_bytes, save_stages
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
 from mixexport.checkpoint.names import weight_count
@@ -59,6 +60,7 @@ class BuildOptions:
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
     experts_quant: QuantScheme | None = None  # weight-only quantized experts (mixexport.quant)
     quant_thresholds: QuantThresholds | None = None  # gates of validation's quantization error; None: defaults
+    stages: int | None = None  # per target, a chain of this many stage graphs (artifact.stages); None, 1: whole
 
 
 def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progress) -> str:
@@ -212,6 +214,7 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
     if quant is not None and (reason := quant.refusal(config.hidden_size, config.intermediate_size)):
         raise MixexportError(f"--experts-quant: {reason}")
     targets = resolve_targets(options.targets, config, dtype, progress, quant)
+    check_stage_options(options.stages, config.num_hidden_layers, quant is not None)
     ranges = dynamic_ranges(options, config)
     protected = {"the checkpoint": ckpt.path}
     check_destination(out, options.force, protected)
@@ -273,7 +276,9 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
     quant = options.experts_quant
     if quant is not None:
         progress(f"experts quantized {quant.name} while they are written (attention, router, embeddings stay {dtype})")
-    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant) for target in targets}
+    stages = options.stages if options.stages and options.stages > 1 else None
+    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant, stages)
+               for target in targets}
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
         source = {**source, "files": checkpoint_entries(ckpt)}
@@ -287,16 +292,23 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
-                  progress: Progress, quant: QuantScheme | None = None) -> TargetRecord:
+                  progress: Progress, quant: QuantScheme | None = None, stages: int | None = None) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
     rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant)
     folder = root / target
     folder.mkdir()
-    files = save_model(model, folder, root, target, progress)
+    chain = None
+    if stages is None:
+        files = save_model(model, folder, root, target, progress)
+    else:
+        cut = balanced_stages(part_bytes(model, config.num_hidden_layers), stages)
+        progress(f"{target}: writing {stages} stage graphs: {', '.join(s.name for s in cut)}")
+        files, chain = save_stages(model, cut, config, dtype, root, target, progress)
     progress(f"{target}: {config.num_hidden_layers} MoE nodes lowered, {sum(f['bytes'] for f in files) / 1e6:.1f} MB "
              f"written in {time.perf_counter() - start:.1f}s")
     return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
                         inputs=[b.as_dict() for b in graph_io.inputs(config, dtype)],
                         outputs=[b.as_dict() for b in graph_io.outputs(config, dtype)],
-                        moe_op=BACKENDS[target].moe_op_for(quant), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)
+                        moe_op=BACKENDS[target].moe_op_for(quant), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites,
+                        stages=chain)

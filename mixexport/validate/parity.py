@@ -42,9 +42,10 @@ from mixexport.targets import backend
 from mixexport.targets.trt.engine import gpu_name, require_tensorrt
 from mixexport.targets.trt.manifest_fields import ENGINE_TARGET
 from mixexport.targets.trt.runner import engine_runner
-from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets
+from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets, graph_tensors
 from mixexport.validate.quant_parity import QuantThresholds, quantization_error, scheme_of
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
+from mixexport.validate.staged import compare_stages, with_stages
 from mixexport.validate.streamed import choose_mode, streamed_compare
 
 Progress = Callable[[str], None]
@@ -109,12 +110,28 @@ def validation_graph(graph: TargetGraph, num_layers: int) -> bytes:
     onnxruntime's CPU provider (trt: the plugin node through the CPU stand-in). Nothing is
     written: the session reads the weights from the target's own folder (`session_loader`), so a
     read-only artifact validates too."""
+    return adapted_for_validation(graph.model, graph.name, graph.dtype, range(num_layers))
+
+
+def adapted_for_validation(graph: onnx.ModelProto, target: str, dtype: str, layers: range,
+                           locations: Callable[[str], str] = lambda location: location) -> bytes:
+    """A copy of `target`'s graph (or of one of its stage graphs) that also returns the router
+    logits of `layers`, as its backend adapts it for onnxruntime's CPU provider.
+
+    Args:
+        locations: an external tensor's location -> where the session finds it, relative to the
+            target's folder (a stage graph's data is in its stage's folder).
+    """
     model = onnx.ModelProto()
-    model.CopyFrom(graph.model)
-    elem = dtype_info(graph.dtype).onnx
-    for i in range(num_layers):
+    model.CopyFrom(graph)
+    elem = dtype_info(dtype).onnx
+    for i in layers:
         model.graph.output.append(onnx.helper.make_tensor_value_info(router_logits_name(i), elem, None))
-    backend(graph.name).prepare_validation_model(model, elem)
+    for tensor in graph_tensors(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = locations(entry.value)
+    backend(target).prepare_validation_model(model, elem)
     return model.SerializeToString()
 
 
@@ -288,6 +305,11 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                     return OnnxrtRunner(session_loader(graph, num_layers), name=graph.name)
             report["targets"][name] = _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances,
                                                       range(num_layers), top_k, check_quant)
+    staged = [(name, graph) for name, graph in to_run if graph is not None and graph.stages
+              and report["targets"][name]["status"] != NOT_VALIDATED]
+    if staged:  # each stage graph and the chain too (`validate.staged`), whatever the mode
+        for name, result in compare_stages(staged, ckpt, dtype, tolerances, decode_steps, progress).items():
+            report["targets"][name] = with_stages(report["targets"][name], result)
     report["targets"] = {t: report["targets"][t] for t in [*graphs, ENGINE_TARGET] if t in report["targets"]}
     statuses = {t: r["status"] for t, r in report["targets"].items()}
     failed = [t for t, s in statuses.items() if s == "fail"]
@@ -308,14 +330,16 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
 
 
 def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers: range, top_k,
-                    check_quant=None) -> dict[str, Any]:
+                    check_quant=None, on_outputs=None) -> dict[str, Any]:
     """Run one target (or one stage of it: `layers` are those whose router logits it outputs) on
-    the scenario and compare it with the reference's outputs.
+    the scenario and compare it with the reference's outputs (those of the target's that the
+    reference does not have are not compared).
 
     A target that onnxruntime (or TensorRT) cannot load or run has failed; its error is the reason.
     `check_quant` (quantized artifacts): the target's outputs -> its quantization-error record
-    (`quant_parity.quantization_error`), which fails the target when a gate is missed, or None
-    where this stage has no record of its own (streamed validation records it at the head).
+    (`quant_parity.quantization_error`), which fails the target when a gate is missed.
+    `on_outputs`: receives the target's outputs per step, once it has run (a stage chain passes
+    them on to the next stage).
     """
     try:
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
@@ -325,6 +349,8 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers:
         first = (str(exc).strip().splitlines() or [""])[0][:400]
         return {"status": "fail", "reason": f"could not run: {type(exc).__name__}: {first}"}
     name, target_iters = next(iter(results.items()))
+    if on_outputs is not None:
+        on_outputs(target_iters)
     both = RunResults()
     both.append((ref_name, ref_iters))
     both.append((name, target_iters))
@@ -340,10 +366,9 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers:
         first = (str(exc).strip().splitlines() or [""])[0][:400]
         return {"status": "fail", "reason": f"outputs not comparable: {type(exc).__name__}: {first}"}
     result = _target_report(accuracy, target_iters, ref_iters, feeds, layers, top_k)
-    quantization = check_quant(target_iters) if check_quant is not None else None
-    if quantization is not None:
-        result["quantization"] = quantization
-        if not quantization["passed"]:
+    if check_quant is not None:
+        result["quantization"] = check_quant(target_iters)
+        if not result["quantization"]["passed"]:
             result["status"] = "fail"
     return result
 

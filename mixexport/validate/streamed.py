@@ -30,6 +30,7 @@ from mixexport import graph_io
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.checkpoint.names import weight_count
 from mixexport.dtypes import dtype_info, torch_dtype
+from mixexport.errors import InternalError
 from mixexport.model.decoder import (DecoderLayer, RMSNorm, attention_bias_mask, parameter_sources,
                                      rotary_cos_sin)
 from mixexport.passes.stages import cut_stage, layer_stages
@@ -39,6 +40,7 @@ from mixexport.validate.quant_parity import quantization_error
 from mixexport.validate.reference_runner import RecordingMoE, _numpy
 
 Progress = Callable[[str], None]
+StageModel = Callable[[TargetGraph, graph_io.Stage, MixtralConfig], Callable[[], bytes]]
 REFERENCE = "reference"
 
 
@@ -56,8 +58,13 @@ def memory_available() -> int | None:
 def whole_validation_bytes(config: MixtralConfig, dtype: str) -> int:
     """About what whole-model validation holds: the reference and one onnxruntime session (which on
     CPU keeps float32 copies of float16 weights for most ops)."""
-    weights = weight_count(config) * torch_dtype(dtype).itemsize
-    return weights * (2 + (dtype != "float32")) + 512 * 1024**2
+    return held_while_comparing(weight_count(config) * torch_dtype(dtype).itemsize, dtype)
+
+
+def held_while_comparing(weight_bytes: int, dtype: str) -> int:
+    """About what comparing a graph (or a stage) of `weight_bytes` of weights holds: its reference
+    part and its onnxruntime session (with float32 copies of float16 weights)."""
+    return weight_bytes * (2 + (dtype != "float32")) + 512 * 1024**2
 
 
 def choose_mode(requested: str, config: MixtralConfig, dtype: str, progress: Progress) -> str:
@@ -192,8 +199,10 @@ def _as_feed(tensors: dict[str, torch.Tensor], np_dtype) -> dict[str, np.ndarray
 
 
 def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tolerances: dict, decode_steps: int,
-                     progress: Progress, layers_per_stage: int = 1, quant: QuantScheme | None = None,
-                     quant_thresholds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+                     progress: Progress, layers_per_stage: int = 1, stages: list[graph_io.Stage] | None = None,
+                     stage_model: StageModel | None = None, chained: frozenset[str] = frozenset(),
+                     quant: QuantScheme | None = None, quant_thresholds: dict[str, float] | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """Compare each target graph in `to_run` with the reference, stage by stage.
 
     Full-precision experts: every stage is fed the reference's boundary (teacher forcing across
@@ -206,14 +215,22 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     the whole graph: the error accumulates through the layers as it does in the deployed model.
 
     Args:
-        to_run: (target name, its graph) for every target to compare.
+        to_run: (name, target graph) of every comparison: a target's name, or for a chain
+            (`chained`) another name of the same target's graph.
         ckpt: the reference's checkpoint.
         dtype: the graphs' dtype.
         tolerances: (atol, rtol) per output group (parity.TOLERANCES[dtype]).
         decode_steps: decode steps after the prefill.
         progress: one line per stage (done / total, elapsed, time left).
         layers_per_stage: decoder layers per compared stage.
-        quant: the experts' quantization scheme (None: full precision).
+        stages: the stages compared instead (a staged artifact's chain, `validate.staged`).
+        stage_model: (target graph, stage, config) -> a callable that gives the stage's graph as
+            validation runs it; default: the stage cut from the target's whole graph.
+        chained: the names in `to_run` whose stages are fed what their own previous stage output
+            (`_compare_chained`) instead of the reference's boundary: the stages run as one chain
+            from input_ids to logits, and only what the chain outputs is compared. Both kinds share
+            one pass over the checkpoint.
+        quant: the experts' quantization scheme (None: full precision; not with `chained`).
         quant_thresholds: `QuantThresholds.resolve`'s gates (with `quant`).
 
     Returns:
@@ -224,6 +241,8 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     from mixexport.validate.parity import _compare_target, router_agreement, session_loader
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
+    if quant is not None and chained:
+        raise InternalError("streamed_compare compares chains of full-precision experts only")
     config = ckpt.config
     torch_type = torch_dtype(dtype)
     np_dtype = np.float16 if dtype == "float16" else np.float32
@@ -234,7 +253,9 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     agreements: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in to_run}  # vs full precision
     quantization: dict[str, dict[str, Any]] = {}  # per target: check (b), over its chain
     results: dict[str, list[tuple[graph_io.Stage, dict]]] = {name: [] for name, _ in to_run}
-    stages = layer_stages(config.num_hidden_layers, layers_per_stage)
+    stages = stages or layer_stages(config.num_hidden_layers, layers_per_stage)
+    stage_model = stage_model or _stage_model_bytes
+    own = {name: [None] * len(steps) for name, _ in to_run}  # chained: each target's own boundary, per step
     start = time.perf_counter()
     for done, stage in enumerate(stages, 1):
         part = _ReferencePart(ckpt, stage, torch_type)
@@ -249,28 +270,33 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
         compare = []  # per target: its reference outputs, its feeds, its check (b)
         for name, _ in to_run:
             inputs = hidden if quant is None else chains[name]
-            ref_iters, check_quant = full_iters, None
+            ref_iters, on_outputs = full_iters, None
             if quant is not None:
                 part.recorder.quant = quant  # the exactness reference: the experts the artifact stores
                 ref_iters = _iterations(part.run(_stage_steps(steps, stage, inputs), pasts))
                 part.recorder.quant = None
-                check_quant = _quant_check(name, stage, full_iters, steps, chains, agreements, quantization,
+                on_outputs = _quant_check(name, stage, full_iters, steps, chains, agreements, quantization,
                                            quant_thresholds, router_agreement, layers, config.num_experts_per_tok,
                                            torch_type)
             feeds = [_as_feed({b.name: {**step, graph_io.hidden_state_name(stage.first): h, **past}[b.name]
                                for b in stage.inputs(config, dtype)}, np_dtype)
                      for step, h, past in zip(steps, inputs, pasts)]
-            compare.append((ref_iters, feeds, check_quant, inputs))
+            compare.append((ref_iters, feeds, on_outputs, inputs))
         hidden = [out.get(graph_io.hidden_state_name(stage.end)) for out in full]
         # The stage's reference weights go before an onnxruntime session loads the stage's own:
         # the two are never held at once.
         del part, full
-        for (name, graph), (ref_iters, feeds, check_quant, inputs) in zip(to_run, compare):
+        for (name, graph), (ref_iters, feeds, on_outputs, inputs) in zip(to_run, compare):
             def make_runner(graph=graph, stage=stage):
                 return OnnxrtRunner(session_loader(graph, config.num_hidden_layers,
-                                                   _stage_model_bytes(graph, stage, config)), name=graph.name)
-            results[name].append((stage, _compare_target(make_runner, REFERENCE, ref_iters, feeds, tolerances,
-                                                         layers, config.num_experts_per_tok, check_quant)))
+                                                   stage_model(graph, stage, config)), name=graph.name)
+            if name in chained:
+                report = _compare_chained(make_runner, stage, ref_iters, feeds, own[name], tolerances,
+                                          config.num_experts_per_tok)
+            else:
+                report = _compare_target(make_runner, REFERENCE, ref_iters, feeds, tolerances, layers,
+                                         config.num_experts_per_tok, on_outputs=on_outputs)
+            results[name].append((stage, report))
             if quant is not None and chains[name] is inputs:  # it did not run: go on from the reference's
                 chains[name] = hidden
         elapsed = time.perf_counter() - start
@@ -294,10 +320,10 @@ def _iterations(outputs: list[dict[str, torch.Tensor]]) -> list[IterationResult]
 
 def _quant_check(name: str, stage: graph_io.Stage, full_iters, steps, chains, agreements, quantization, thresholds,
                  router_agreement, layers: range, top_k: int, dtype: torch.dtype):
-    """Check (b) of one target's stage, for `_compare_target`: the target's outputs -> None (the
-    stage's own status is its exactness), after keeping its hidden state for its next stage and
-    its router agreement with the full-precision reference; at the head, the quantization-error
-    record of the whole chain goes into `quantization[name]`."""
+    """Check (b) of one target's stage, as `_compare_target`'s `on_outputs` (the stage's own status
+    is its exactness): keeps the target's hidden state for its next stage and its router agreement
+    with the full-precision reference; at the head, the quantization-error record of the whole
+    chain goes into `quantization[name]`."""
 
     def check(target_iters):
         next_hidden = graph_io.hidden_state_name(stage.end)
@@ -311,8 +337,33 @@ def _quant_check(name: str, stage: graph_io.Stage, full_iters, steps, chains, ag
             total = sum(n for _, n in agreements[name])
             agreement = sum(a * n for a, n in agreements[name]) / total if total else None
             quantization[name] = quantization_error(full_iters, target_iters, scenario, agreement, thresholds)
-        return None
     return check
+
+
+def _compare_chained(make_runner, stage: graph_io.Stage, ref_iters: list[IterationResult], feeds: list[dict],
+                     own: list, tolerances: dict, top_k: int) -> dict[str, Any]:
+    """One stage of a target's chain: fed, at each step, the boundary the target's own previous
+    stage output (`own`, which this stage's output then replaces), and the reference's past (as
+    whole-model validation feeds it); compared on its present, router logits and logits, not on
+    the boundary it passes on.
+
+    A stage whose previous stage produced nothing (it could not run) fails unrun.
+    """
+    from mixexport.validate.parity import _compare_target
+
+    entering, leaving = graph_io.hidden_state_name(stage.first), graph_io.hidden_state_name(stage.end)
+    if not stage.embedding:
+        if any(h is None for h in own):
+            return {"status": "fail", "reason": "not run: the chain's previous stage produced no output"}
+        feeds = [{**feed, entering: hidden} for feed, hidden in zip(feeds, own)]
+    compared = [IterationResult({k: v for k, v in it.items() if k != leaving}, runner_name=REFERENCE)
+                for it in ref_iters]
+    own[:] = [None] * len(own)
+
+    def pass_on(target_iters) -> None:
+        own[:] = [it[leaving] if leaving in it else None for it in target_iters]
+    return _compare_target(make_runner, REFERENCE, compared, feeds, tolerances, range(stage.first, stage.end), top_k,
+                           on_outputs=None if stage.head else pass_on)
 
 
 def _summarise(per_stage: list[tuple[graph_io.Stage, dict]], quantization: dict[str, Any] | None = None
