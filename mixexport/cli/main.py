@@ -197,9 +197,13 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
                    "columns (symmetric; attention, router, embeddings stay in the graph dtype).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="int4 columns per scale (default 32).")
 @quant_threshold_options
+@click.option("--kv-layout", type=click.Choice(["concat", "shared"]), default="concat", show_default=True,
+              help="KV cache of the ort graph: concat (present = past + new keys) or shared (static buffers "
+                   "updated in place by com.microsoft.GroupQueryAttention, for onnxruntime-genai's "
+                   "past_present_share_buffer and CUDA graphs; rows packed at the front, no left padding).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
           allow_not_validated, allow_non_finite, validation_mode, force, plugin, experts_quant, group_size,
-          quant_min_top1, quant_min_router, quant_max_logits_error) -> None:
+          quant_min_top1, quant_min_router, quant_max_logits_error, kv_layout) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -212,7 +216,8 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
                            validation_mode=validation_mode, plugin=plugin,
                            experts_quant=parse_scheme(experts_quant, group_size and int(group_size)),
                            quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
-                                                             quant_max_logits_error))
+                                                             quant_max_logits_error),
+                           kv_layout=kv_layout)
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
