@@ -406,7 +406,8 @@ def inspect(path, as_json) -> None:
                        f"{info['validation']['targets']}")
     for target, t in info["targets"].items():
         click.echo(f"\n[{target}] {t['path']}: {t['nodes']} nodes, {t['moe_nodes']} MoE nodes, "
-                   f"{t['initializers']} initializers, opsets {t['opsets']}")
+                   f"{t['initializers']} initializers, opsets {t['opsets']}"
+                   + (f", KV layout {t['kv_layout']}" if "kv_layout" in t else ""))
         click.echo("  ops: " + ", ".join(f"{op} {n}" for op, n in t["ops"].items()))
         for kind in ("inputs", "outputs"):
             shown = t[kind][:5]

@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
-from polygraphy.datatype import DataType
 
 from mixexport import graph_io
 from mixexport.errors import InternalError
@@ -149,7 +148,7 @@ class SharedBufferRunner(BaseRunner):
         # The graph's names and dtypes; every dimension dynamic, since the feeds are concat-layout.
         meta = TensorMetadata()
         for name, (dtype, shape) in self.inner.get_input_metadata().items():
-            meta.add(name, DataType.to_dtype(dtype, "numpy"), [-1] * len(shape))
+            meta.add(name, dtype, [-1] * len(shape))
         return meta
 
     def infer_impl(self, feed_dict):

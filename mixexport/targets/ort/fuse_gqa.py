@@ -60,8 +60,10 @@ class FuseGroupQueryAttentionOrt(AllOrNothingFusion):
         """
         super().__init__(num_layers)
         self.num_layers = num_layers
-        # GroupQueryAttention sees its own position and local_window_size positions before it.
-        self.local_window_size = -1 if sliding_window is None else sliding_window - 1
+        # onnxruntime 1.32's local_window_size W has Hugging Face's meaning (i - j < W): the
+        # shared-layout parity test with a window shorter than its sequences passes with W and
+        # fails with W - 1 and W + 1.
+        self.local_window_size = -1 if sliding_window is None else sliding_window
 
     def match(self, model: ir.Model) -> list[AttentionMatch | str]:
         graph = model.graph
