@@ -10,8 +10,9 @@ MatMuls and replaces everything between them with
         -> y [B, S, Hq*D] (into o_proj), present_key, present_value [B, KVH, T, D]
 
 Standard `Attention` rather than com.microsoft.GroupQueryAttention: onnxruntime's CPU GQA refuses
-batch > 1 with S > 1 and a past (chunked prefill), which the graph contract allows. Its present
-outputs are concat(past, rotated key) and concat(past, value), the contract's layout.
+batch > 1 with S > 1 and a past (chunked prefill), which the graph contract allows, and it cannot
+take left padding. Its present outputs are concat(past, rotated key) and concat(past, value), the
+contract's concat layout; `fuse_gqa` builds the shared-buffer layout with GroupQueryAttention.
 
 The mask stays the captured one ([B, 1, S, T] bool: causal, padding and sliding window, computed
 once per graph). One difference needs care: for a query row with no visible key (a left-padding
