@@ -147,3 +147,13 @@ def test_inspect_shows_the_layout(shared_build):
     out, _ = shared_build
     result = run_cli("inspect", out)
     assert result.exit_code == 0 and "KV layout shared" in result.stdout
+
+
+def test_streamed_validation_reports_the_shared_layout_not_validated(shared_build):
+    """Fail closed: the stage graphs of a shared-layout graph are not fed in its contract yet."""
+    out, path = shared_build
+    report = validate_artifact(out, read_manifest(out), Checkpoint(path), lambda _: None, write_report=False,
+                               mode="streamed")
+    assert report["targets"]["ort"]["status"] == "not validated"
+    assert report["targets"]["ort"]["reason"].startswith("streamed validation of the shared KV layout is not implemented")
+    assert not report["passed"] and report["summary"]["compared"] == 0
