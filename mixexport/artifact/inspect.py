@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 
+from mixexport import graph_io
 from mixexport.artifact.manifest import MANIFEST, artifact_path, read_manifest
 from mixexport.capture.moe_op import MOE_DOMAIN, MOE_OP
 from mixexport.dtypes import BY_ONNX
@@ -102,6 +103,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
                 "experts_quant": manifest.experts_quant,
                 "validation": manifest.validation,
                 "targets": {t: {**inspect_onnx(artifact_path(path, e.onnx, f"{where}: targets.{t}.onnx")),
-                                **({"stages": stage_chain(path, t, e.stages)} if e.stages else {})}
+                                 "kv_layout": graph_io.kv_layout_of(e.extra),
+                                 **({"stages": stage_chain(path, t, e.stages)} if e.stages else {})}
                             for t, e in manifest.targets.items()}}
     return {"targets": {path.stem: inspect_onnx(path)}}

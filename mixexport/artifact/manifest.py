@@ -213,7 +213,9 @@ SUMMARY = record({"passed": boolean, "targets": mapping(text(VALIDATION_STATUSES
 
 
 def _dynamic_dims(value, where) -> None:
-    record({name: _RANGE for name in (graph_io.BATCH, graph_io.SEQUENCE, graph_io.PAST, graph_io.TOTAL)})(value, where)
+    # kv_buffer_length: only where a target has the shared-buffer KV layout.
+    record({name: _RANGE for name in (graph_io.BATCH, graph_io.SEQUENCE, graph_io.PAST, graph_io.TOTAL)},
+           {graph_io.KV_BUFFER: _RANGE})(value, where)
     for name, (lo, hi) in value.items():
         if lo > hi:
             raise Invalid(join(where, name), f"is [{lo}, {hi}]: the minimum exceeds the maximum")

@@ -200,9 +200,13 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
               help="Also write each target as a chain of N stage graphs over contiguous layer ranges balanced by "
                    "bytes (pipeline parallel: one per GPU); 1 or unset: the whole graph only.")
 @quant_threshold_options
+@click.option("--kv-layout", type=click.Choice(["concat", "shared"]), default="concat", show_default=True,
+              help="KV cache of the ort graph: concat (present = past + new keys) or shared (static buffers "
+                   "updated in place by com.microsoft.GroupQueryAttention, for onnxruntime-genai's "
+                   "past_present_share_buffer and CUDA graphs; rows packed at the front, no left padding).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
           allow_not_validated, allow_non_finite, validation_mode, force, plugin, experts_quant, group_size,
-          stages, quant_min_top1, quant_min_router, quant_max_logits_error) -> None:
+          stages, quant_min_top1, quant_min_router, quant_max_logits_error, kv_layout) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -215,7 +219,8 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
                            validation_mode=validation_mode, plugin=plugin,
                            experts_quant=parse_scheme(experts_quant, group_size and int(group_size)),
                            quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
-                                                             quant_max_logits_error), stages=stages)
+                                                             quant_max_logits_error),
+                           stages=stages, kv_layout=kv_layout)
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
@@ -404,7 +409,8 @@ def inspect(path, as_json) -> None:
                        f"{info['validation']['targets']}")
     for target, t in info["targets"].items():
         click.echo(f"\n[{target}] {t['path']}: {t['nodes']} nodes, {t['moe_nodes']} MoE nodes, "
-                   f"{t['initializers']} initializers, opsets {t['opsets']}")
+                   f"{t['initializers']} initializers, opsets {t['opsets']}"
+                   + (f", KV layout {t['kv_layout']}" if "kv_layout" in t else ""))
         click.echo("  ops: " + ", ".join(f"{op} {n}" for op, n in t["ops"].items()))
         for kind in ("inputs", "outputs"):
             shown = t[kind][:5]

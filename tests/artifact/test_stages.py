@@ -281,6 +281,13 @@ def test_stages_of_quantized_experts_are_refused(tmp_path):
     assert error_line(result).startswith("error: --stages 2 with --experts-quant is not supported")
 
 
+def test_stages_of_a_shared_kv_layout_are_refused(tmp_path):
+    result = run_cli("build", "--preset", "tiny", "-o", tmp_path / "out", "--target", "ort", "--stages", "2",
+                     "--kv-layout", "shared")
+    assert error_line(result).startswith("error: --stages 2 with --kv-layout shared is not supported")
+    assert not (tmp_path / "out").exists()
+
+
 def test_zero_stages_are_refused(tmp_path):
     result = run_cli("build", "--preset", "tiny", "-o", tmp_path / "out", "--stages", "0")
     assert error_line(result) == ("error: Invalid value for '--stages': 0 is not in the range 1<=x<=2147483647. "

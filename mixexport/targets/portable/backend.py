@@ -3,6 +3,7 @@ TensorRT baseline)."""
 
 from __future__ import annotations
 
+from mixexport import graph_io
 from mixexport.passes.pipeline import Step
 from mixexport.quant import QuantScheme
 from mixexport.targets.runtime_files import RuntimeFilesBackend
@@ -13,5 +14,6 @@ class PortableBackend(RuntimeFilesBackend):
     name = "portable"
     dtypes = ("float32", "float16", "bfloat16")
 
-    def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:
+    def lowering(self, num_layers: int, quant: QuantScheme | None = None,
+                 kv: graph_io.KvLayout = graph_io.CONCAT) -> list[Step]:
         return [("lower_moe_portable", LowerMoEToPortable(quant))]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from mixexport import graph_io
 from mixexport.dtypes import dtype_info
 from mixexport.errors import InternalError, MixexportError
 from mixexport.kernels.configs import kernel_shape_refusal
@@ -49,7 +50,8 @@ class TrtBackend(Backend):
     def quant_refusal(self, config: "MixtralConfig", scheme: QuantScheme) -> str | None:
         return kernel_shape_refusal(config.hidden_size, config.intermediate_size, config.num_local_experts, scheme)
 
-    def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:
+    def lowering(self, num_layers: int, quant: QuantScheme | None = None,
+                 kv: graph_io.KvLayout = graph_io.CONCAT) -> list[Step]:
         return [("lower_moe_trt", LowerMoEToTrtPlugin(quant))]
 
     def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
@@ -72,9 +74,9 @@ class TrtBackend(Backend):
         _try_engine(root, out, manifest, options, record, progress)
         stages = manifest.targets["trt"].stages
         if stages:
-            reason = (f"mixexport builds one engine, of the whole graph; each stage's engine is built from its graph "
-                      f"(trt/stage-{{i}}/model.onnx, the MixtralMoE plugin node inside) with trtexec --onnx=... "
-                      f"--plugins=... on the GPU that serves the stage")
+            reason = ("mixexport builds one engine, of the whole graph; each stage's engine is built from its graph "
+                      "(trt/stage-{i}/model.onnx, the MixtralMoE plugin node inside) with trtexec --onnx=... "
+                      "--plugins=... on the GPU that serves the stage")
             extra["stage_engines"] = {"status": "not built", "reason": reason}
             progress(f"trt: {len(stages)} TensorRT-ready stage graphs written ({', '.join(s['onnx'] for s in stages)}); "
                      f"no per-stage engines: {reason}")
