@@ -118,8 +118,9 @@ class MoEBlock(nn.Module):
         self.w_down = nn.Parameter(torch.empty(c.num_local_experts, c.hidden_size, c.intermediate_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, hidden = x.shape
         flat, router_logits = self._routed(x)
-        return self.moe_impl(flat, router_logits, self.w_gate_up, self.w_down, self.top_k, True).reshape(x.shape)
+        return self.moe_impl(flat, router_logits, self.w_gate_up, self.w_down, self.top_k, True).reshape(bsz, seq, hidden)
 
     def forward_batches(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """`forward` of each of `xs` [B, S, H] (independent batches, e.g. the steps of a scenario).
@@ -134,11 +135,12 @@ class MoEBlock(nn.Module):
             outs = batches(routed, self.w_gate_up, self.w_down, self.top_k, True)
         else:
             outs = [self.moe_impl(flat, logits, self.w_gate_up, self.w_down, self.top_k, True) for flat, logits in routed]
-        return [out.reshape(x.shape) for out, x in zip(outs, xs)]
+        return [out.reshape(*x.shape) for out, x in zip(outs, xs)]
 
     def _routed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, H] -> (flat [N, H], router logits [N, E])."""
-        flat = x.reshape(-1, x.shape[-1])  # [N, H]
+        bsz, seq, hidden = x.shape  # explicit sizes: what capture has always traced
+        flat = x.reshape(bsz * seq, hidden)  # [N, H]
         # Router logits in the model dtype, as Hugging Face computes them; the op softmaxes in fp32.
         return flat, self.gate(flat)
 
