@@ -59,6 +59,7 @@ class BuildOptions:
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
     experts_quant: QuantScheme | None = None  # weight-only quantized experts (mixexport.quant)
     quant_thresholds: QuantThresholds | None = None  # gates of validation's quantization error; None: defaults
+    ort_provider: str = "cpu"  # the onnxruntime provider the ort graph's MoE is lowered for (or "cuda")
 
 
 def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progress) -> str:
@@ -273,7 +274,8 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
     quant = options.experts_quant
     if quant is not None:
         progress(f"experts quantized {quant.name} while they are written (attention, router, embeddings stay {dtype})")
-    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant) for target in targets}
+    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant, options.ort_provider)
+               for target in targets}
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
         source = {**source, "files": checkpoint_entries(ckpt)}
@@ -287,10 +289,10 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
-                  progress: Progress, quant: QuantScheme | None = None) -> TargetRecord:
+                  progress: Progress, quant: QuantScheme | None = None, provider: str | None = None) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
-    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant)
+    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant, provider)
     folder = root / target
     folder.mkdir()
     files = save_model(model, folder, root, target, progress)
@@ -299,4 +301,4 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
                         inputs=[b.as_dict() for b in graph_io.inputs(config, dtype)],
                         outputs=[b.as_dict() for b in graph_io.outputs(config, dtype)],
-                        moe_op=BACKENDS[target].moe_op_for(quant), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)
+                        moe_op=BACKENDS[target].moe_op_for(quant, provider), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)

@@ -49,6 +49,9 @@ class Backend:
     # Fields its manifest entry may hold beyond the common ones (name -> schema check); they are
     # the entry's `extra` (`mixexport.artifact.manifest.TargetRecord`).
     manifest_fields: ClassVar[dict[str, Check]] = {}
+    # onnxruntime execution providers it lowers a different graph for (ort: `cpu`, `cuda`), the
+    # first the default; empty: one graph for every runtime, and `provider` arguments are ignored.
+    providers: ClassVar[tuple[str, ...]] = ()
 
     def refusal(self, config: "MixtralConfig", dtype: str) -> str | None:
         """Why this target cannot serve `config` in `dtype`, or None when it can."""
@@ -60,20 +63,24 @@ class Backend:
         """Why this target cannot serve `config`'s experts quantized with `scheme`, or None when it can."""
         return None
 
-    def moe_op_for(self, quant: "QuantScheme | None") -> str | None:
-        """The fused MoE node's "domain.op_type" for experts quantized with `quant` (or not)."""
+    def moe_op_for(self, quant: "QuantScheme | None", provider: str | None = None) -> str | None:
+        """The fused MoE node's "domain.op_type" for experts quantized with `quant` (or not), in
+        the graph lowered for `provider`."""
         return self.quant_moe_op if quant is not None and self.quant_moe_op else self.moe_op
 
-    def lowering(self, num_layers: int, quant: "QuantScheme | None" = None) -> list[Step]:
+    def lowering(self, num_layers: int, quant: "QuantScheme | None" = None,
+                 provider: str | None = None) -> list[Step]:
         """(report name, pass) that lower a captured graph of `num_layers` decoder layers, the MoE
-        lowering (`lower_moe_<name>`, its experts quantized with `quant` when given) first; the
-        pipeline adds the common passes around them."""
+        lowering (`lower_moe_<name>`, its experts quantized with `quant` when given, in the form
+        for `provider`, one of `providers`) first; the pipeline adds the common passes around them."""
         raise NotImplementedError
 
-    def lower(self, model: ir.Model, num_layers: int, quant: "QuantScheme | None" = None) -> dict[str, int]:
+    def lower(self, model: ir.Model, num_layers: int, quant: "QuantScheme | None" = None,
+              provider: str | None = None) -> dict[str, int]:
         """Lower a clone of the captured graph in place (experts quantized with `quant` when
-        given); returns the rewrites per pass."""
-        return run_pipeline(model, self.name, self.lowering(num_layers, quant), num_layers)
+        given, for onnxruntime's `provider` where the target has `providers`); returns the
+        rewrites per pass."""
+        return run_pipeline(model, self.name, self.lowering(num_layers, quant, provider), num_layers)
 
     # -- validation on this machine (onnxruntime, CPU) --------------------------------------------
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
-import onnx
 import pytest
 
 from artifact.shared import RANGES, error_line, run_cli, targets_of, unvalidated_build
@@ -16,6 +14,7 @@ from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.validate.parity import REPORT_FILE, validate_out
 from mixexport.validate.streamed import choose_mode
 from validate.test_hf_checkpoint import write_hf_checkpoint
+from validate.test_parity_failure import corrupt_moe_weights
 
 
 def _agree(out, checkpoint=None):
@@ -63,15 +62,7 @@ def test_streamed_agrees_with_whole_on_a_transformers_checkpoint(tmp_path_factor
 
 def _corrupt_layer(out, layer: int) -> None:
     """Negate layer `layer`'s ort expert weights in OUT (hashes re-recorded, so the numerics are reached)."""
-    model = onnx.load(str(out / "ort" / "model.onnx"), load_external_data=False)
-    (tensor,) = [t for t in model.graph.initializer if t.name == f"layers.{layer}.moe.fc1_interleaved"]
-    info = {e.key: e.value for e in tensor.external_data}
-    offset, length = int(info["offset"]), int(info["length"])
-    path = out / "ort" / info["location"]
-    data = bytearray(path.read_bytes())
-    region = np.frombuffer(bytes(data[offset:offset + length]), np.float32) * -3.0
-    data[offset:offset + length] = region.astype(np.float32).tobytes()
-    path.write_bytes(bytes(data))
+    corrupt_moe_weights(out, layer)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["targets"]["ort"]["files"] = [file_entry(out / f["path"], out) for f in manifest["targets"]["ort"]["files"]]
     (out / "manifest.json").write_text(json.dumps(manifest))

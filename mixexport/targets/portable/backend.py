@@ -13,5 +13,6 @@ class PortableBackend(RuntimeFilesBackend):
     name = "portable"
     dtypes = ("float32", "float16", "bfloat16")
 
-    def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:
+    def lowering(self, num_layers: int, quant: QuantScheme | None = None,
+                 provider: str | None = None) -> list[Step]:
         return [("lower_moe_portable", LowerMoEToPortable(quant))]

@@ -49,7 +49,8 @@ class TrtBackend(Backend):
     def quant_refusal(self, config: "MixtralConfig", scheme: QuantScheme) -> str | None:
         return kernel_shape_refusal(config.hidden_size, config.intermediate_size, config.num_local_experts, scheme)
 
-    def lowering(self, num_layers: int, quant: QuantScheme | None = None) -> list[Step]:
+    def lowering(self, num_layers: int, quant: QuantScheme | None = None,
+                 provider: str | None = None) -> list[Step]:
         return [("lower_moe_trt", LowerMoEToTrtPlugin(quant))]
 
     def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
