@@ -7,6 +7,9 @@ E 8, top-2, fp32, 2 threads, median of 200 interleaved runs, shared 2-core VM):
   `com.microsoft.MoE` at 1 token, 15-18 against 27 ms at 8 tokens, 27-63 against 52 ms at 64
   (prefill: within noise of each other). The CPU MoE kernel gives each thread a fixed share of the
   experts and runs each expert on one thread; MatMul in an `If` branch runs on all threads.
+  A whole `mid` decode step (batch 1, both graphs interleaved in one process, median of 55 steps)
+  gained less on the same machine under a load average of 6-14: 1.0-1.45x in four runs (e.g.
+  67.6 against 97.8 ms); an idle-machine number is still to be taken.
 - CPU, quantized experts: `com.microsoft.QMoE` (below): int4 0.67-0.89 ms, faster than
   `MatMulNBits` in `If` branches (0.94-1.02 ms, accuracy_level 0). int8 has no exact fast kernel on
   onnxruntime 1.32 CPU: QMoE without `block_size` takes 9.8-15.6 ms, MatMulNBits bits=8 at
