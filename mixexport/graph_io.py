@@ -13,6 +13,36 @@ from mixexport.checkpoint.config import MixtralConfig
 
 # Symbolic dimension names used in every graph and in the manifest.
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
+# The static KV buffers' length in the shared layout (genai allocates them max_length long).
+KV_BUFFER = "kv_buffer_length"
+
+# How a graph keeps its KV cache:
+# - "concat": past [B, KVH, P, D] in, present = concat(past, new) [B, KVH, P+S, D] out; the mask
+#   is [B, P+S] and may pad anywhere (the parity scenario pads on the left).
+# - "shared": past and present are one static buffer [B, KVH, M, D] (genai's
+#   past_present_share_buffer), updated in place at each row's next slots; the mask is [B, T],
+#   T <= M the tokens so far, each row's tokens packed at its front (com.microsoft.GroupQueryAttention's
+#   seqlens_k contract, `targets.ort.fuse_gqa`).
+KV_LAYOUTS = ("concat", "shared")
+# The manifest field (of a target entry that records it) naming its graph's layout; absent: concat.
+KV_LAYOUT_FIELD = "kv_layout"
+
+
+@dataclasses.dataclass(frozen=True)
+class KvLayout:
+    """A graph's KV layout (one of KV_LAYOUTS) and what its lowering needs to know for it: the
+    model's sliding window, which an attention op with its own causal mask applies itself."""
+
+    name: str = "concat"
+    sliding_window: int | None = None
+
+
+CONCAT = KvLayout()
+
+
+def kv_layout_of(extra: dict) -> str:
+    """The KV layout a manifest target entry's `extra` fields record (concat where absent)."""
+    return extra.get(KV_LAYOUT_FIELD, "concat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +71,10 @@ def router_logits_name(layer: int) -> str:
     return f"layers.{layer}.moe.router_logits"
 
 
-def inputs(config: MixtralConfig, dtype: str) -> list[Binding]:
-    """Graph inputs in their positional order: ids, mask, positions, then (key, value) per layer."""
-    kv = (BATCH, config.num_key_value_heads, PAST, config.head_dim)
+def inputs(config: MixtralConfig, dtype: str, kv_layout: str = "concat") -> list[Binding]:
+    """Graph inputs in their positional order: ids, mask, positions, then (key, value) per layer
+    (`kv_layout`: one of KV_LAYOUTS)."""
+    kv = (BATCH, config.num_key_value_heads, PAST if kv_layout == "concat" else KV_BUFFER, config.head_dim)
     bindings = [
         Binding("input_ids", "int64", (BATCH, SEQUENCE)),
         Binding("attention_mask", "int64", (BATCH, TOTAL)),
@@ -54,9 +85,10 @@ def inputs(config: MixtralConfig, dtype: str) -> list[Binding]:
     return bindings
 
 
-def outputs(config: MixtralConfig, dtype: str) -> list[Binding]:
-    """Graph outputs in their positional order: logits, then (key, value) per layer."""
-    kv = (BATCH, config.num_key_value_heads, TOTAL, config.head_dim)
+def outputs(config: MixtralConfig, dtype: str, kv_layout: str = "concat") -> list[Binding]:
+    """Graph outputs in their positional order: logits, then (key, value) per layer
+    (`kv_layout`: one of KV_LAYOUTS)."""
+    kv = (BATCH, config.num_key_value_heads, TOTAL if kv_layout == "concat" else KV_BUFFER, config.head_dim)
     bindings = [Binding("logits", "float32", (BATCH, SEQUENCE, config.vocab_size))]
     for layer in range(config.num_hidden_layers):
         bindings += [Binding(name, dtype, kv) for name in present_names(layer)]

@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 
+from mixexport import graph_io
 from mixexport.artifact.manifest import MANIFEST, artifact_path, read_manifest
 from mixexport.capture.moe_op import MOE_DOMAIN, MOE_OP
 from mixexport.dtypes import BY_ONNX
@@ -76,6 +77,16 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     }
 
 
+def stage_chain(root: Path, target: str, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A staged target's chain as inspect shows it: per stage its record (layers, files, bindings,
+    which outputs feed the next stage) and its graph's node counts."""
+    chain = []
+    for i, stage in enumerate(stages):
+        graph = inspect_onnx(artifact_path(root, stage["onnx"], f"{root / MANIFEST}: targets.{target}.stages[{i}].onnx"))
+        chain.append({**stage, "nodes": graph["nodes"], "moe_nodes": graph["moe_nodes"]})
+    return chain
+
+
 def inspect_path(path: str | Path) -> dict[str, Any]:
     """Inspect an artifact directory (every target) or one ONNX file."""
     path = Path(path)
@@ -91,6 +102,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         return {"manifest": {k: getattr(manifest, k) for k in ("model", "dtype", "source", "dynamic_dims", "tools")},
                 "experts_quant": manifest.experts_quant,
                 "validation": manifest.validation,
-                "targets": {t: inspect_onnx(artifact_path(path, e.onnx, f"{where}: targets.{t}.onnx"))
+                "targets": {t: {**inspect_onnx(artifact_path(path, e.onnx, f"{where}: targets.{t}.onnx")),
+                                 "kv_layout": graph_io.kv_layout_of(e.extra),
+                                 **({"stages": stage_chain(path, t, e.stages)} if e.stages else {})}
                             for t, e in manifest.targets.items()}}
     return {"targets": {path.stem: inspect_onnx(path)}}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixexport import __version__, graph_io
+from mixexport.artifact.stage_chain import MAX_STAGES, check_chain
 from mixexport.dtypes import DTYPES as GRAPH_DTYPES
 from mixexport.errors import MixexportError
 from mixexport.quant import QuantScheme
@@ -185,6 +186,11 @@ _RANGE = array(integer(), 2, 2)
 _TARGET_FIELDS = {"dtype": text(DTYPES), "files": array(FILE), "onnx": relative_path,
                   "inputs": array(BINDING), "outputs": array(BINDING), "moe_op": nullable(text(max_len=256)),
                   "moe_nodes": integer(), "passes": mapping(integer())}
+# A staged target (`build --stages N`): its chain of stage graphs (`artifact.stage_chain`).
+STAGE = record({"name": text(max_len=256), "layers": _RANGE, "embedding": boolean, "head": boolean,
+                "onnx": relative_path, "data": array(relative_path, 1, 64), "inputs": array(BINDING),
+                "outputs": array(BINDING), "next": mapping(text(max_len=256))})
+_OPTIONAL_TARGET_FIELDS = {"stages": array(STAGE, 2, MAX_STAGES)}
 # The model summary (`MixtralConfig.summary()`): the sizes every reader of the manifest uses are
 # checked; more fields may come and go with the config.
 MODEL = record({name: integer(1) for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -207,7 +213,9 @@ SUMMARY = record({"passed": boolean, "targets": mapping(text(VALIDATION_STATUSES
 
 
 def _dynamic_dims(value, where) -> None:
-    record({name: _RANGE for name in (graph_io.BATCH, graph_io.SEQUENCE, graph_io.PAST, graph_io.TOTAL)})(value, where)
+    # kv_buffer_length: only where a target has the shared-buffer KV layout.
+    record({name: _RANGE for name in (graph_io.BATCH, graph_io.SEQUENCE, graph_io.PAST, graph_io.TOTAL)},
+           {graph_io.KV_BUFFER: _RANGE})(value, where)
     for name, (lo, hi) in value.items():
         if lo > hi:
             raise Invalid(join(where, name), f"is [{lo}, {hi}]: the minimum exceeds the maximum")
@@ -217,7 +225,7 @@ def _targets(value, where) -> None:
     """Each target's entry: the common fields, and those its backend declares (`manifest_fields`)."""
     mapping(lambda v, w: None, keys=text(TARGETS))(value, where)
     for name, entry in value.items():
-        record(_TARGET_FIELDS, BACKENDS[name].manifest_fields)(entry, join(where, name))
+        record(_TARGET_FIELDS, {**_OPTIONAL_TARGET_FIELDS, **BACKENDS[name].manifest_fields})(entry, join(where, name))
 
 
 def _experts_quant(value, where) -> None:
@@ -255,15 +263,18 @@ class TargetRecord:
     moe_nodes: int
     passes: dict[str, int]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A staged target's chain (`artifact.stage_chain`); None: the whole graph only (the default layout).
+    stages: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**{name: getattr(self, name) for name in _TARGET_FIELDS}, **self.extra}
+        staged = {} if self.stages is None else {"stages": self.stages}
+        return {**{name: getattr(self, name) for name in _TARGET_FIELDS}, **staged, **self.extra}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> "TargetRecord":
         """The record of a schema-checked entry."""
-        return cls(**{name: value[name] for name in _TARGET_FIELDS},
-                   extra={k: v for k, v in value.items() if k not in _TARGET_FIELDS})
+        return cls(**{name: value[name] for name in _TARGET_FIELDS}, stages=value.get("stages"),
+                   extra={k: v for k, v in value.items() if k not in _TARGET_FIELDS and k not in _OPTIONAL_TARGET_FIELDS})
 
 
 def _now() -> str:
@@ -364,6 +375,12 @@ def check_manifest(manifest: Any, source: str) -> None:
         MANIFEST_SCHEMA(manifest, "")
     except Invalid as exc:
         raise MixexportError(f"{source}: {exc.where or 'the manifest'} {exc.what}") from None
+    for name, entry in manifest["targets"].items():
+        if "stages" in entry:
+            try:
+                check_chain(name, entry, manifest["model"]["num_hidden_layers"], f"targets.{name}")
+            except Invalid as exc:
+                raise MixexportError(f"{source}: {exc.where} {exc.what}") from None
     if "validation" in manifest:
         _check_summary(manifest["validation"], manifest["targets"], source)
 
@@ -372,7 +389,7 @@ def _check_summary(summary: dict[str, Any], targets: dict[str, Any], source: str
     """A recorded validation summary must agree with itself and with the targets (inspect shows it)."""
     statuses = summary["targets"]
     held = {h for name, entry in targets.items()
-            for h in (name, *BACKENDS[name].extra_targets({k: v for k, v in entry.items() if k not in _TARGET_FIELDS}))}
+            for h in (name, *BACKENDS[name].extra_targets(TargetRecord.from_json(entry).extra))}
     unknown = sorted(set(statuses) - held)
     if unknown:
         raise MixexportError(f"{source}: validation.targets names {', '.join(unknown)}, which the artifact does not "
@@ -437,6 +454,9 @@ def manifest_paths(manifest: "Manifest") -> list[tuple[str, str, str]]:
         paths.append((f"{where}.onnx", entry.onnx, "file"))
         paths += [(f"{where}.files[{i}].path", f["path"], "file") for i, f in enumerate(entry.files)]
         paths += [(f"{where}.{field}", name, kind) for field, name, kind in BACKENDS[target].entry_paths(entry.extra)]
+        for i, stage in enumerate(entry.stages or []):
+            paths += [(f"{where}.stages[{i}].onnx", stage["onnx"], "file"),
+                      *((f"{where}.stages[{i}].data[{k}]", p, "file") for k, p in enumerate(stage["data"]))]
     return paths
 
 

@@ -199,10 +199,17 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
 @click.option("--ort-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider the ort graph is for: cpu runs each chosen expert's MatMuls on "
                    "all threads (standard ops, one If per expert), cuda keeps one fused MoE/QMoE node per layer.")
+@click.option("--stages", type=click.IntRange(min=1, max=2**31 - 1),
+              help="Also write each target as a chain of N stage graphs over contiguous layer ranges balanced by "
+                   "bytes (pipeline parallel: one per GPU); 1 or unset: the whole graph only.")
 @quant_threshold_options
+@click.option("--kv-layout", type=click.Choice(["concat", "shared"]), default="concat", show_default=True,
+              help="KV cache of the ort graph: concat (present = past + new keys) or shared (static buffers "
+                   "updated in place by com.microsoft.GroupQueryAttention, for onnxruntime-genai's "
+                   "past_present_share_buffer and CUDA graphs; rows packed at the front, no left padding).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
           allow_not_validated, allow_non_finite, validation_mode, force, plugin, experts_quant, group_size,
-          ort_provider, quant_min_top1, quant_min_router, quant_max_logits_error) -> None:
+          ort_provider, stages, quant_min_top1, quant_min_router, quant_max_logits_error, kv_layout) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -216,7 +223,8 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
                            experts_quant=parse_scheme(experts_quant, group_size and int(group_size)),
                            ort_provider=ort_provider,
                            quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
-                                                             quant_max_logits_error))
+                                                             quant_max_logits_error),
+                           stages=stages, kv_layout=kv_layout)
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
@@ -405,13 +413,19 @@ def inspect(path, as_json) -> None:
                        f"{info['validation']['targets']}")
     for target, t in info["targets"].items():
         click.echo(f"\n[{target}] {t['path']}: {t['nodes']} nodes, {t['moe_nodes']} MoE nodes, "
-                   f"{t['initializers']} initializers, opsets {t['opsets']}")
+                   f"{t['initializers']} initializers, opsets {t['opsets']}"
+                   + (f", KV layout {t['kv_layout']}" if "kv_layout" in t else ""))
         click.echo("  ops: " + ", ".join(f"{op} {n}" for op, n in t["ops"].items()))
         for kind in ("inputs", "outputs"):
             shown = t[kind][:5]
             more = len(t[kind]) - len(shown)
             click.echo(f"  {kind}: " + "; ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in shown)
                        + (f"; ... {more} more" if more > 0 else ""))
+        for i, stage in enumerate(t.get("stages", [])):
+            fed = ", ".join(f"{a} -> {b}" for a, b in stage["next"].items())
+            click.echo(f"  stage {i} {stage['name']}: {stage['onnx']}, {stage['nodes']} nodes, {stage['moe_nodes']} MoE "
+                       f"nodes, {len(stage['inputs'])} inputs, {len(stage['outputs'])} outputs"
+                       + (f"; feeds the next stage {fed}" if fed else ""))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from mixexport.artifact.install import (check_destination, collect_stale, instal
                                         output_lock)
 from mixexport.artifact.manifest import Manifest, TargetRecord, checkpoint_entries, file_entry, write_manifest
 from mixexport.artifact.save import ONNX_FILE, save_model
+from mixexport.artifact.stages import balanced_stages, check_stage_options, part_bytes, save_stages
 from mixexport.capture.export import attach_checkpoint_weights, capture_decoder
 from mixexport.checkpoint.config import MixtralConfig, preset
 from mixexport.checkpoint.names import weight_count
@@ -60,6 +61,8 @@ class BuildOptions:
     experts_quant: QuantScheme | None = None  # weight-only quantized experts (mixexport.quant)
     quant_thresholds: QuantThresholds | None = None  # gates of validation's quantization error; None: defaults
     ort_provider: str = "cpu"  # the onnxruntime provider the ort graph's MoE is lowered for (or "cuda")
+    stages: int | None = None  # per target, a chain of this many stage graphs (artifact.stages); None, 1: whole
+    kv_layout: str = "concat"  # or "shared": static KV buffers updated in place (ort; graph_io.KV_LAYOUTS)
 
 
 def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progress) -> str:
@@ -117,6 +120,30 @@ def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dt
         if reason:
             raise MixexportError(f"target {target} cannot be built for {what}: {reason}")
     return requested
+
+
+def resolve_kv_layouts(requested: str, targets: tuple[str, ...], named: bool, config: MixtralConfig,
+                       progress: Progress) -> dict[str, graph_io.KvLayout]:
+    """Each target's KV layout: `requested` where the target has it; a target the user named
+    (`named`) that lacks it is refused, a default one keeps concat, saying so.
+
+    Raises:
+        MixexportError: for an unknown layout, or a named target without it, or no target with it.
+    """
+    if requested not in graph_io.KV_LAYOUTS:
+        raise MixexportError(f"--kv-layout {requested!r}: choose from {', '.join(graph_io.KV_LAYOUTS)}")
+    layouts = {}
+    for target in targets:
+        reason = BACKENDS[target].kv_layout_refusal(requested)
+        if reason and named:
+            raise MixexportError(f"--kv-layout {requested}: {reason}")
+        if reason:
+            progress(f"{target}: KV layout concat ({reason})")
+        layouts[target] = graph_io.KvLayout("concat" if reason else requested, config.sliding_window)
+    if requested != "concat" and all(kv.name == "concat" for kv in layouts.values()):
+        raise MixexportError(f"--kv-layout {requested}: none of the targets built ({', '.join(targets)}) has it; "
+                             f"add --target ort")
+    return layouts
 
 
 @contextmanager
@@ -213,7 +240,14 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
     if quant is not None and (reason := quant.refusal(config.hidden_size, config.intermediate_size)):
         raise MixexportError(f"--experts-quant: {reason}")
     targets = resolve_targets(options.targets, config, dtype, progress, quant)
+    layouts = resolve_kv_layouts(options.kv_layout, targets, options.targets is not None, config, progress)
+    check_stage_options(options.stages, config.num_hidden_layers, quant is not None)
+    if options.stages and options.stages > 1 and any(kv.name == "shared" for kv in layouts.values()):
+        raise MixexportError(f"--stages {options.stages} with --kv-layout shared is not supported: stage graphs and "
+                             f"their validation follow the concat KV contract")
     ranges = dynamic_ranges(options, config)
+    if any(kv.name == "shared" for kv in layouts.values()):
+        ranges[graph_io.KV_BUFFER] = [1, ranges[graph_io.TOTAL][1]]  # the run's max_length in genai
     protected = {"the checkpoint": ckpt.path}
     check_destination(out, options.force, protected)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +257,7 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
         _check_resources(ckpt, dtype, targets, out, options.validate, options.validation_mode, progress, quant)
         staging = make_staging(out)
         try:
-            manifest = _build_into(staging, ckpt, source, out, targets, dtype, ranges, options, progress)
+            manifest = _build_into(staging, ckpt, source, out, layouts, dtype, ranges, options, progress)
             report = None
             if options.validate:
                 report = validate_artifact(staging, manifest, ckpt, progress=progress, mode=options.validation_mode,
@@ -261,9 +295,10 @@ class NotValidatedError(MixexportError):
         self.manifest = manifest
 
 
-def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: tuple[str, ...], dtype: str,
+def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, layouts: dict[str, graph_io.KvLayout], dtype: str,
                 ranges: dict[str, list[int]], options: BuildOptions, progress: Progress) -> Manifest:
-    """Capture once, lower and write every target into `root`; returns the manifest (written)."""
+    """Capture once, lower and write every target (`layouts`: target -> its KV layout) into `root`;
+    returns the manifest (written)."""
     config = ckpt.config
     start = time.perf_counter()
     progress(f"capturing the decoder ({config.num_hidden_layers} layers, {dtype})")
@@ -274,14 +309,16 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
     quant = options.experts_quant
     if quant is not None:
         progress(f"experts quantized {quant.name} while they are written (attention, router, embeddings stay {dtype})")
-    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant, options.ort_provider)
-               for target in targets}
+    stages = options.stages if options.stages and options.stages > 1 else None
+    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant, kv, stages,
+                                     options.ort_provider)
+               for target, kv in layouts.items()}
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
         source = {**source, "files": checkpoint_entries(ckpt)}
     manifest = Manifest(model=config.summary(), dtype=dtype, source=source, dynamic_dims=ranges, targets=entries,
                         experts_quant=None if quant is None else quant.to_json())
-    for target in targets:
+    for target in layouts:
         BACKENDS[target].finish(root, out, manifest, options, lambda path: file_entry(path, root), progress,
                                 checkpoint=ckpt.path)
     write_manifest(root, manifest)
@@ -289,16 +326,27 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, targets: 
 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
-                  progress: Progress, quant: QuantScheme | None = None, provider: str | None = None) -> TargetRecord:
+                  progress: Progress, quant: QuantScheme | None = None,
+                  kv: graph_io.KvLayout = graph_io.CONCAT, stages: int | None = None,
+                  provider: str | None = None) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
-    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant, provider)
+    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant, kv, provider)
     folder = root / target
     folder.mkdir()
-    files = save_model(model, folder, root, target, progress)
+    chain = None
+    if stages is None:
+        files = save_model(model, folder, root, target, progress)
+    else:
+        cut = balanced_stages(part_bytes(model, config.num_hidden_layers), stages)
+        progress(f"{target}: writing {stages} stage graphs: {', '.join(s.name for s in cut)}")
+        files, chain = save_stages(model, cut, config, dtype, root, target, progress)
     progress(f"{target}: {config.num_hidden_layers} MoE nodes lowered, {sum(f['bytes'] for f in files) / 1e6:.1f} MB "
              f"written in {time.perf_counter() - start:.1f}s")
     return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
-                        inputs=[b.as_dict() for b in graph_io.inputs(config, dtype)],
-                        outputs=[b.as_dict() for b in graph_io.outputs(config, dtype)],
-                        moe_op=BACKENDS[target].moe_op_for(quant, provider), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites)
+                        inputs=[b.as_dict() for b in graph_io.inputs(config, dtype, kv.name)],
+                        outputs=[b.as_dict() for b in graph_io.outputs(config, dtype, kv.name)],
+                        moe_op=BACKENDS[target].moe_op_for(quant, provider), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites,
+                        stages=chain,
+                        # recorded by the targets that have more than one layout
+                        extra={graph_io.KV_LAYOUT_FIELD: kv.name} if len(BACKENDS[target].kv_layouts) > 1 else {})

@@ -52,9 +52,10 @@ def layer_stages(num_layers: int, layers_per_stage: int = 1) -> list[graph_io.St
     return [graph_io.Stage(0, 0, embedding=True), *middle, graph_io.Stage(num_layers, num_layers, head=True)]
 
 
-def _owner(name: str) -> str | int | None:
+def weight_owner(name: str) -> str | int | None:
     """Which part of the decoder an initializer belongs to: a layer index, "embedding", "head",
-    or None for a shared constant (no parameter's name)."""
+    or None for a shared constant (no parameter's name). Stage artifacts balance their stages by
+    the bytes of each owner (`artifact.stages`)."""
     layer = _LAYER_WEIGHT.match(name)
     if layer:
         return int(layer.group(1))
@@ -231,7 +232,7 @@ def _check_closed(graph: ir.Graph, stage: graph_io.Stage) -> None:
             if value is None or value.producer() is not None or value in free:
                 continue
             if value.is_initializer() and value.name in graph.initializers:
-                if not _owned_by(stage, _owner(value.name)):
+                if not _owned_by(stage, weight_owner(value.name)):
                     raise MixexportError(f"stage {stage.name} reads weight {value.name}, which belongs to another "
                                          f"stage: the graph computes across the stage boundary")
                 continue

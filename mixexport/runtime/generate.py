@@ -3,7 +3,8 @@
 Two engines, one result: onnxruntime-genai (`mixexport[genai]`) reads the `genai_config.json` the
 build wrote beside the graph; without it, a plain onnxruntime loop feeds the graph I/O contract
 (`graph_io`) itself: the prompt in chunks of at most the built sequence length, then one token
-per step, each step's presents fed back as the next step's past. Greedy by default; temperature,
+per step, each step's presents fed back as the next step's past (for the shared KV layout, one
+static buffer of prompt + new tokens, updated by the graph). Greedy by default; temperature,
 top-k and top-p sample (the plain loop with numpy's generator, seeded by `seed`). Generation
 stops at the end-of-sequence id or after `max_new_tokens`.
 
@@ -68,6 +69,7 @@ class Generation:
     max_sequence: int  # new tokens per graph call
     context: int  # past + new tokens
     eos: set[int]
+    kv_layout: str = "concat"  # graph_io.KV_LAYOUTS: how the plain loop feeds the past
 
     @property
     def vocab_size(self) -> int:
@@ -104,7 +106,7 @@ def open_target(out: str | Path, target: str | None) -> Generation:
     eos_ids = set(eos) if isinstance(eos, list) else {eos}
     dims = manifest.dynamic_dims
     return Generation(folder, target, dtype, manifest.model, dims[graph_io.SEQUENCE][1], dims[graph_io.TOTAL][1],
-                      {i for i in eos_ids if isinstance(i, int)})
+                      {i for i in eos_ids if isinstance(i, int)}, graph_io.kv_layout_of(manifest.targets[target].extra))
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -210,7 +212,10 @@ def _onnxruntime_steps(generation: Generation, prompt: list[int], max_new_tokens
     output_names = [o.name for o in session.get_outputs()]
     config = generation.config
     layers = config["num_hidden_layers"]
-    empty = np.zeros((1, config["num_key_value_heads"], 0, config["head_dim"]), dtype_info(generation.dtype).numpy)
+    # concat: the past starts empty and grows; shared: one static buffer for the whole run, as
+    # genai allocates it (max_length long), which the graph updates and returns as present.
+    length = 0 if generation.kv_layout == "concat" else len(prompt) + max_new_tokens
+    empty = np.zeros((1, config["num_key_value_heads"], length, config["head_dim"]), dtype_info(generation.dtype).numpy)
     past = {name: empty for layer in range(layers) for name in graph_io.past_names(layer)}
     rng = np.random.default_rng(sampling.seed)
     done, pending = 0, list(prompt)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import onnx_ir as ir
 
+from mixexport import graph_io
+from mixexport.errors import InternalError
 from mixexport.passes.pipeline import Step, run_pipeline
 from mixexport.schema import Check
 
@@ -49,6 +51,8 @@ class Backend:
     # Fields its manifest entry may hold beyond the common ones (name -> schema check); they are
     # the entry's `extra` (`mixexport.artifact.manifest.TargetRecord`).
     manifest_fields: ClassVar[dict[str, Check]] = {}
+    # The KV layouts its graphs can have (`graph_io.KV_LAYOUTS`), the first the default.
+    kv_layouts: ClassVar[tuple[str, ...]] = ("concat",)
     # onnxruntime execution providers it lowers a different graph for (ort: `cpu`, `cuda`), the
     # first the default; empty: one graph for every runtime, and `provider` arguments are ignored.
     providers: ClassVar[tuple[str, ...]] = ()
@@ -68,19 +72,29 @@ class Backend:
         the graph lowered for `provider`."""
         return self.quant_moe_op if quant is not None and self.quant_moe_op else self.moe_op
 
+    def kv_layout_refusal(self, layout: str) -> str | None:
+        """Why this target cannot build its graph with the KV layout `layout`, or None when it can."""
+        if layout not in self.kv_layouts:
+            return (f"the {self.name} target has the {' and '.join(self.kv_layouts)} KV layout only (the shared "
+                    f"buffer needs com.microsoft.GroupQueryAttention: build the ort target)")
+        return None
+
     def lowering(self, num_layers: int, quant: "QuantScheme | None" = None,
-                 provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
         """(report name, pass) that lower a captured graph of `num_layers` decoder layers, the MoE
         lowering (`lower_moe_<name>`, its experts quantized with `quant` when given, in the form
-        for `provider`, one of `providers`) first; the pipeline adds the common passes around them."""
+        for `provider`, one of `providers`) first, its attention for the KV layout `kv` (one of
+        `kv_layouts`); the pipeline adds the common passes around them."""
         raise NotImplementedError
 
     def lower(self, model: ir.Model, num_layers: int, quant: "QuantScheme | None" = None,
-              provider: str | None = None) -> dict[str, int]:
+              kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> dict[str, int]:
         """Lower a clone of the captured graph in place (experts quantized with `quant` when
-        given, for onnxruntime's `provider` where the target has `providers`); returns the
-        rewrites per pass."""
-        return run_pipeline(model, self.name, self.lowering(num_layers, quant, provider), num_layers)
+        given, the KV cache in layout `kv`, for onnxruntime's `provider` where the target has
+        `providers`); returns the rewrites per pass."""
+        if self.kv_layout_refusal(kv.name):
+            raise InternalError(f"{self.name} lowering asked for KV layout {kv.name}: {self.kv_layout_refusal(kv.name)}")
+        return run_pipeline(model, self.name, self.lowering(num_layers, quant, kv, provider), num_layers)
 
     # -- validation on this machine (onnxruntime, CPU) --------------------------------------------
 

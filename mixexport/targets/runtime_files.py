@@ -4,8 +4,9 @@ folder that onnxruntime-genai and Optimum open as it is.
 - `genai_config.json` for onnxruntime-genai (0.18): model type "mistral" (genai refuses
   "mixtral"; the graph's interface is Mistral's, the MoE is inside the graph), the built context
   length, the graph's I/O names from `graph_io`, greedy search defaults, and
-  `past_present_share_buffer: false`: the graphs' attention concatenates past and new keys, so
-  present grows each step instead of being updated in place in a static buffer.
+  `past_present_share_buffer`: false for the concat KV layout (the graph's attention concatenates
+  past and new keys, so present grows each step), true for the ort target's shared layout
+  (static buffers updated in place, `targets.ort.fuse_gqa`).
 - `config.json` + `generation_config.json` for Optimum's `ORTModelForCausalLM`, also with
   `model_type: "mistral"`: Optimum reads `num_key_value_heads` only for a fixed list of model types
   (Mistral's among them, Mixtral's not), and with the wrong head count its `generate` builds past
@@ -68,8 +69,9 @@ def special_token_ids(checkpoint: Path, vocab_size: int) -> dict[str, Any]:
     return ids
 
 
-def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any]) -> dict[str, Any]:
-    """`genai_config.json` for onnxruntime-genai 0.18 (`model.decoder` names the graph's I/O)."""
+def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any], kv_layout: str = "concat") -> dict[str, Any]:
+    """`genai_config.json` for onnxruntime-genai 0.18 (`model.decoder` names the graph's I/O);
+    `past_present_share_buffer` is true for a graph with the shared KV layout (`graph_io.KV_LAYOUTS`)."""
     past_key, past_value = graph_io.past_names("%d")  # genai's per-layer name patterns
     present_key, present_value = graph_io.present_names("%d")
     inputs = [b.name for b in graph_io.inputs(model, model.dtype)][:3]
@@ -96,7 +98,7 @@ def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any]) -> dic
         "search": {
             "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": kv_layout == "shared", "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
@@ -132,7 +134,7 @@ def write_runtime_files(root: Path, target: str, manifest: Any, checkpoint: Path
     ids = special_token_ids(checkpoint, model.vocab_size)
     folder = root / target
     documents = {
-        GENAI_CONFIG: genai_config(model, context, ids),
+        GENAI_CONFIG: genai_config(model, context, ids, graph_io.kv_layout_of(manifest.targets[target].extra)),
         CONFIG_FILE: optimum_config(model, manifest.dtype, context, ids),
         GENERATION_CONFIG: {**ids, "do_sample": False, "max_length": context},
     }

@@ -28,6 +28,7 @@ from mixexport import graph_io
 from mixexport.artifact.inspect import MOE_KINDS, binding, dtype_name, load_graph
 from mixexport.artifact.manifest import MANIFEST, Manifest, TargetRecord, artifact_path, path_problem, sha256_file
 from mixexport.artifact.save import ONNX_FILE
+from mixexport.artifact.stage_chain import as_stage
 from mixexport.dtypes import BY_ONNX
 from mixexport.errors import MixexportError
 from mixexport.targets import BACKENDS, TARGETS
@@ -44,6 +45,17 @@ class TargetGraph:
     model: onnx.ModelProto  # the graph, external data not loaded
     dtype: str  # read from the graph's past_key_values inputs and float initializers
     engine: bool  # a TensorRT engine is part of this target
+    stages: list["StageGraph"] = dataclasses.field(default_factory=list)  # a staged target's chain, in order
+
+
+@dataclasses.dataclass
+class StageGraph:
+    """One stage graph of a staged target (`build --stages N`), checked against its stage record."""
+
+    stage: graph_io.Stage
+    folder: str  # relative to the target's folder ("stage-0"): where its external data lives
+    model: onnx.ModelProto  # external data not loaded
+    weight_bytes: int  # of its data files
 
 
 def artifact_targets(root: Path, manifest: Manifest, verify_hashes: bool) -> dict[str, TargetGraph]:
@@ -98,25 +110,45 @@ def _target_graph(root: Path, name: str, entry: TargetRecord, dtype: str, verify
     for field, value in (("dtype", dtype), (f"targets.{name}.dtype", entry.dtype)):
         if value != graph:
             raise MixexportError(f"{where}: {field} is {value!r} but {graph_path} is a {graph} graph")
-    _check_description(model, entry, graph_path, f"{where}: targets.{name}")
-    return TargetGraph(name, (root / name).resolve(), model, graph, bool(BACKENDS[name].extra_targets(entry.extra)))
+    _check_description(model, entry.inputs, entry.outputs, entry.moe_op, entry.moe_nodes, graph_path,
+                       f"{where}: targets.{name}")
+    stages = [_stage_graph(root, name, i, record, entry, graph, listed) for i, record in enumerate(entry.stages or [])]
+    return TargetGraph(name, (root / name).resolve(), model, graph, bool(BACKENDS[name].extra_targets(entry.extra)),
+                       stages)
 
 
-def _check_description(model: onnx.ModelProto, entry: TargetRecord, path: Path, where: str) -> None:
+def _stage_graph(root: Path, target: str, index: int, record: dict, entry: TargetRecord, dtype: str,
+                 listed: dict[str, str]) -> StageGraph:
+    """Stage `index` of a staged target, checked like the target's graph: its bindings and MoE
+    nodes are the record's, its dtype the target's, and its external data only in its own files."""
+    where = f"{root / MANIFEST}: targets.{target}.stages[{index}]"
+    path = artifact_path(root, record["onnx"], f"{where}.onnx")
+    model = load_graph(path)
+    folder = posixpath.dirname(record["onnx"])
+    _check_external_data(model, path, folder, {p: f"stages[{index}].data" for p in record["data"]}, where)
+    if graph_dtype(model, path) != dtype:
+        raise MixexportError(f"{where}: {path} is a {graph_dtype(model, path)} graph, the target is {dtype}")
+    stage = as_stage(record)
+    moe_nodes = (stage.end - stage.first) if entry.moe_op is not None else 0
+    _check_description(model, record["inputs"], record["outputs"], entry.moe_op, moe_nodes, path, where)
+    return StageGraph(stage, posixpath.relpath(folder, target), model,
+                      sum((root / p).stat().st_size for p in record["data"]))
+
+
+def _check_description(model: onnx.ModelProto, inputs: list[dict], outputs: list[dict], moe_op: str | None,
+                       moe_nodes: int, path: Path, where: str) -> None:
     """The manifest's account of a graph (its bindings, which runtimes and the TensorRT profiles
     read, and its MoE op) must be the graph's."""
-    for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+    for kind, values, recorded in (("inputs", model.graph.input, inputs), ("outputs", model.graph.output, outputs)):
         actual = [binding(v) for v in values]
-        recorded = getattr(entry, kind)
         if actual != recorded:
             first = next((i for i, (a, b) in enumerate(zip(actual, recorded)) if a != b),
                          min(len(actual), len(recorded)))
             raise MixexportError(f"{where}.{kind} differ from {path}'s at [{first}] "
                                  f"(graph: {actual[first] if first < len(actual) else 'none'})")
     kinds = Counter(f"{n.domain}.{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in MOE_KINDS)
-    if entry.moe_op is None and kinds or entry.moe_op is not None and (
-            set(kinds) != {entry.moe_op} or kinds[entry.moe_op] != entry.moe_nodes):
-        raise MixexportError(f"{where}: moe_op {entry.moe_op!r} x {entry.moe_nodes} but {path} holds "
+    if moe_op is None and kinds or moe_op is not None and (set(kinds) != {moe_op} or kinds[moe_op] != moe_nodes):
+        raise MixexportError(f"{where}: moe_op {moe_op!r} x {moe_nodes} but {path} holds "
                              f"{dict(kinds) or 'no MoE node'}")
 
 
@@ -212,16 +244,17 @@ def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 graphs.extend(attr.graphs)
 
 
-def _check_external_data(model: onnx.ModelProto, path: Path, target: str, listed: dict[str, str], where: Path) -> None:
-    """Every external tensor of the graph must live in a file of its own target that the manifest lists."""
+def _check_external_data(model: onnx.ModelProto, path: Path, folder: str, listed: dict[str, str], where) -> None:
+    """Every external tensor of the graph (in OUT's `folder`) must live in one of the `listed`
+    files: its own target's (a stage graph: its own stage's)."""
     for tensor in graph_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        rel = None if path_problem(location) else posixpath.join(target, location)
+        rel = None if path_problem(location) else posixpath.join(folder, location)
         if rel is None or rel not in listed:
             raise MixexportError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which is not one of "
-                                 f"the {target} files {where} lists")
+                                 f"the {folder} files {where} lists")
 
 
 def graph_dtype(model: onnx.ModelProto, path: Path) -> str:

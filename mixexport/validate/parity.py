@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 from polygraphy.backend.onnxrt import OnnxrtRunner
-from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from mixexport import graph_io
@@ -42,9 +42,11 @@ from mixexport.targets import backend
 from mixexport.targets.trt.engine import gpu_name, require_tensorrt
 from mixexport.targets.trt.manifest_fields import ENGINE_TARGET
 from mixexport.targets.trt.runner import engine_runner
-from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets
+from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets, graph_tensors
 from mixexport.validate.quant_parity import QuantThresholds, quantization_error, scheme_of
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
+from mixexport.validate.staged import compare_stages, with_stages
+from mixexport.validate.shared_kv import SharedBufferRunner, graph_kv_layout, zero_padding
 from mixexport.validate.streamed import choose_mode, streamed_compare
 
 Progress = Callable[[str], None]
@@ -109,12 +111,28 @@ def validation_graph(graph: TargetGraph, num_layers: int) -> bytes:
     onnxruntime's CPU provider (trt: the plugin node through the CPU stand-in). Nothing is
     written: the session reads the weights from the target's own folder (`session_loader`), so a
     read-only artifact validates too."""
+    return adapted_for_validation(graph.model, graph.name, graph.dtype, range(num_layers))
+
+
+def adapted_for_validation(graph: onnx.ModelProto, target: str, dtype: str, layers: range,
+                           locations: Callable[[str], str] = lambda location: location) -> bytes:
+    """A copy of `target`'s graph (or of one of its stage graphs) that also returns the router
+    logits of `layers`, as its backend adapts it for onnxruntime's CPU provider.
+
+    Args:
+        locations: an external tensor's location -> where the session finds it, relative to the
+            target's folder (a stage graph's data is in its stage's folder).
+    """
     model = onnx.ModelProto()
-    model.CopyFrom(graph.model)
-    elem = dtype_info(graph.dtype).onnx
-    for i in range(num_layers):
+    model.CopyFrom(graph)
+    elem = dtype_info(dtype).onnx
+    for i in layers:
         model.graph.output.append(onnx.helper.make_tensor_value_info(router_logits_name(i), elem, None))
-    backend(graph.name).prepare_validation_model(model, elem)
+    for tensor in graph_tensors(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = locations(entry.value)
+    backend(target).prepare_validation_model(model, elem)
     return model.SerializeToString()
 
 
@@ -252,6 +270,14 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                                                    f"validate with --validation-mode whole on a machine that holds "
                                                    f"the model"}
     elif to_run and report["mode"] == "streamed":
+        for name, graph in list(to_run):
+            if graph is not None and graph_kv_layout(graph.model) == "shared":
+                # Fail closed: the stage graphs of a shared-buffer graph are not cut or fed yet.
+                to_run.remove((name, graph))
+                report["targets"][name] = {
+                    "status": NOT_VALIDATED, "reason": "streamed validation of the shared KV layout is not "
+                                                       "implemented: validate with --validation-mode whole on a "
+                                                       "machine that holds the model"}
         if (ENGINE_TARGET, None) in to_run:
             to_run.remove((ENGINE_TARGET, None))
             report["targets"][ENGINE_TARGET] = {
@@ -292,8 +318,20 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
             else:
                 def make_runner(graph=graph):
                     return OnnxrtRunner(session_loader(graph, num_layers), name=graph.name)
-            report["targets"][name] = _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances,
+            expected = ref_iters
+            if graph is not None and graph_kv_layout(graph.model) == "shared":
+                make_runner = _shared_runner(make_runner, num_layers)
+                expected = [IterationResult(zero_padding(r, f), runner_name=ref_name) for r, f in zip(ref_iters, feeds)]
+            report["targets"][name] = _compare_target(make_runner, ref_name, expected, feeds, tolerances,
                                                       range(num_layers), top_k, check_quant)
+            if expected is not ref_iters:
+                report["targets"][name]["compared"] = "real-token positions (shared KV layout: padding is not " \
+                                                      "part of its contract)"
+    staged = [(name, graph) for name, graph in to_run if graph is not None and graph.stages
+              and report["targets"][name]["status"] != NOT_VALIDATED]
+    if staged:  # each stage graph and the chain too (`validate.staged`), whatever the mode
+        for name, result in compare_stages(staged, ckpt, dtype, tolerances, decode_steps, progress).items():
+            report["targets"][name] = with_stages(report["targets"][name], result)
     report["targets"] = {t: report["targets"][t] for t in [*graphs, ENGINE_TARGET] if t in report["targets"]}
     statuses = {t: r["status"] for t, r in report["targets"].items()}
     failed = [t for t, s in statuses.items() if s == "fail"]
@@ -313,14 +351,22 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
     return report
 
 
+def _shared_runner(make_runner: Callable, num_layers: int) -> Callable:
+    """`make_runner` of a shared-KV-layout graph, fed and read back in the scenario's layout."""
+    return lambda: SharedBufferRunner(make_runner(), num_layers)
+
+
 def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers: range, top_k,
-                    check_quant=None) -> dict[str, Any]:
+                    check_quant=None, on_outputs=None) -> dict[str, Any]:
     """Run one target (or one stage of it: `layers` are those whose router logits it outputs) on
-    the scenario and compare it with the reference's outputs.
+    the scenario and compare it with the reference's outputs (those of the target's that the
+    reference does not have are not compared).
 
     A target that onnxruntime (or TensorRT) cannot load or run has failed; its error is the reason.
     `check_quant` (quantized artifacts): the target's outputs -> its quantization-error record
     (`quant_parity.quantization_error`), which fails the target when a gate is missed.
+    `on_outputs`: receives the target's outputs per step, once it has run (a stage chain passes
+    them on to the next stage).
     """
     try:
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
@@ -330,6 +376,8 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers:
         first = (str(exc).strip().splitlines() or [""])[0][:400]
         return {"status": "fail", "reason": f"could not run: {type(exc).__name__}: {first}"}
     name, target_iters = next(iter(results.items()))
+    if on_outputs is not None:
+        on_outputs(target_iters)
     both = RunResults()
     both.append((ref_name, ref_iters))
     both.append((name, target_iters))

@@ -37,6 +37,7 @@ from mixexport.validate.inventory import TargetGraph
 from mixexport.validate.reference_runner import RecordingMoE, _numpy
 
 Progress = Callable[[str], None]
+StageModel = Callable[[TargetGraph, graph_io.Stage, MixtralConfig], Callable[[], bytes]]
 REFERENCE = "reference"
 
 
@@ -54,8 +55,13 @@ def memory_available() -> int | None:
 def whole_validation_bytes(config: MixtralConfig, dtype: str) -> int:
     """About what whole-model validation holds: the reference and one onnxruntime session (which on
     CPU keeps float32 copies of float16 weights for most ops)."""
-    weights = weight_count(config) * torch_dtype(dtype).itemsize
-    return weights * (2 + (dtype != "float32")) + 512 * 1024**2
+    return held_while_comparing(weight_count(config) * torch_dtype(dtype).itemsize, dtype)
+
+
+def held_while_comparing(weight_bytes: int, dtype: str) -> int:
+    """About what comparing a graph (or a stage) of `weight_bytes` of weights holds: its reference
+    part and its onnxruntime session (with float32 copies of float16 weights)."""
+    return weight_bytes * (2 + (dtype != "float32")) + 512 * 1024**2
 
 
 def choose_mode(requested: str, config: MixtralConfig, dtype: str, progress: Progress) -> str:
@@ -166,17 +172,27 @@ def _as_feed(tensors: dict[str, torch.Tensor], np_dtype) -> dict[str, np.ndarray
 
 
 def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tolerances: dict, decode_steps: int,
-                     progress: Progress, layers_per_stage: int = 1) -> dict[str, dict[str, Any]]:
+                     progress: Progress, layers_per_stage: int = 1, stages: list[graph_io.Stage] | None = None,
+                     stage_model: StageModel | None = None, chained: frozenset[str] = frozenset()
+                     ) -> dict[str, dict[str, Any]]:
     """Compare each target graph in `to_run` with the reference, stage by stage.
 
     Args:
-        to_run: (target name, its graph) for every target to compare.
+        to_run: (name, target graph) of every comparison: a target's name, or for a chain
+            (`chained`) another name of the same target's graph.
         ckpt: the reference's checkpoint.
         dtype: the graphs' dtype.
         tolerances: (atol, rtol) per output group (parity.TOLERANCES[dtype]).
         decode_steps: decode steps after the prefill.
         progress: one line per stage (done / total, elapsed, time left).
         layers_per_stage: decoder layers per compared stage.
+        stages: the stages compared instead (a staged artifact's chain, `validate.staged`).
+        stage_model: (target graph, stage, config) -> a callable that gives the stage's graph as
+            validation runs it; default: the stage cut from the target's whole graph.
+        chained: the names in `to_run` whose stages are fed what their own previous stage output
+            (`_compare_chained`) instead of the reference's boundary: the stages run as one chain
+            from input_ids to logits, and only what the chain outputs is compared. Both kinds share
+            one pass over the checkpoint.
 
     Returns:
         per target: status, max_abs_diff per group, router_agreement (all layers) and per layer,
@@ -194,7 +210,9 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
                 for name in graph_io.present_names(i)}  # the "present" before the prefill: empty
     hidden: list[torch.Tensor | None] = [None] * len(steps)  # the boundary leaving the last stage
     results: dict[str, list[tuple[graph_io.Stage, dict]]] = {name: [] for name, _ in to_run}
-    stages = layer_stages(config.num_hidden_layers, layers_per_stage)
+    stages = stages or layer_stages(config.num_hidden_layers, layers_per_stage)
+    stage_model = stage_model or _stage_model_bytes
+    own = {name: [None] * len(steps) for name, _ in to_run}  # chained: each target's own boundary, per step
     start = time.perf_counter()
     for done, stage in enumerate(stages, 1):
         part = _ReferencePart(ckpt, stage, torch_type)
@@ -217,13 +235,44 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
             def make_runner(graph=graph, stage=stage):
                 from mixexport.validate.parity import session_loader
                 return OnnxrtRunner(session_loader(graph, config.num_hidden_layers,
-                                                   _stage_model_bytes(graph, stage, config)), name=graph.name)
-            results[name].append((stage, _compare_target(make_runner, REFERENCE, ref_iters, feeds, tolerances,
-                                                         layers, config.num_experts_per_tok)))
+                                                   stage_model(graph, stage, config)), name=graph.name)
+            if name in chained:
+                report = _compare_chained(make_runner, stage, ref_iters, feeds, own[name], tolerances,
+                                          config.num_experts_per_tok)
+            else:
+                report = _compare_target(make_runner, REFERENCE, ref_iters, feeds, tolerances, layers,
+                                         config.num_experts_per_tok)
+            results[name].append((stage, report))
         elapsed = time.perf_counter() - start
         progress(f"streamed validation: stage {done}/{len(stages)} ({stage.name}) compared, {elapsed:.1f}s elapsed, "
                  f"about {elapsed / done * (len(stages) - done):.0f}s left")
     return {name: _summarise(per_stage) for name, per_stage in results.items()}
+
+
+def _compare_chained(make_runner, stage: graph_io.Stage, ref_iters: list[IterationResult], feeds: list[dict],
+                     own: list, tolerances: dict, top_k: int) -> dict[str, Any]:
+    """One stage of a target's chain: fed, at each step, the boundary the target's own previous
+    stage output (`own`, which this stage's output then replaces), and the reference's past (as
+    whole-model validation feeds it); compared on its present, router logits and logits, not on
+    the boundary it passes on.
+
+    A stage whose previous stage produced nothing (it could not run) fails unrun.
+    """
+    from mixexport.validate.parity import _compare_target
+
+    entering, leaving = graph_io.hidden_state_name(stage.first), graph_io.hidden_state_name(stage.end)
+    if not stage.embedding:
+        if any(h is None for h in own):
+            return {"status": "fail", "reason": "not run: the chain's previous stage produced no output"}
+        feeds = [{**feed, entering: hidden} for feed, hidden in zip(feeds, own)]
+    compared = [IterationResult({k: v for k, v in it.items() if k != leaving}, runner_name=REFERENCE)
+                for it in ref_iters]
+    own[:] = [None] * len(own)
+
+    def pass_on(target_iters) -> None:
+        own[:] = [it[leaving] if leaving in it else None for it in target_iters]
+    return _compare_target(make_runner, REFERENCE, compared, feeds, tolerances, range(stage.first, stage.end), top_k,
+                           on_outputs=None if stage.head else pass_on)
 
 
 def _summarise(per_stage: list[tuple[graph_io.Stage, dict]]) -> dict[str, Any]:

@@ -13,3 +13,13 @@ def tiny_preset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_written(tmp_path_factory):
     return artifacts.hf_written(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_preset_shared(tmp_path_factory):
+    return artifacts.tiny_preset(tmp_path_factory, "shared")
+
+
+@pytest.fixture(scope="module")
+def hf_written_shared(tmp_path_factory):
+    return artifacts.hf_written(tmp_path_factory, "shared")

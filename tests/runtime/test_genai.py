@@ -54,6 +54,18 @@ def test_transformers_checkpoint_tokens_match(hf_written, new_tokens, batch):
     assert genai_greedy(out / "ort", prompts, new_tokens) == artifacts.transformers_greedy(model, prompts, new_tokens)
 
 
+@pytest.mark.parametrize("new_tokens", [16, 32])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shared_kv_layout_tokens_match_transformers(tiny_preset_shared, hf_written_shared, new_tokens, batch):
+    """genai with past_present_share_buffer true (static buffers updated in place by the graph)."""
+    for (model, out), vocab in ((tiny_preset_shared, 256), (hf_written_shared, VOCAB)):
+        genai = json.loads((out / "ort" / "genai_config.json").read_text())
+        assert genai["search"]["past_present_share_buffer"] is True
+        prompts = [[t % vocab for t in row] for row in PROMPTS[batch]]
+        assert genai_greedy(out / "ort", prompts, new_tokens) == artifacts.transformers_greedy(model, prompts,
+                                                                                               new_tokens)
+
+
 def test_runtime_files_are_in_the_manifest_and_say_what_genai_needs(tiny_preset):
     _, out = tiny_preset
     manifest = read_manifest(out)

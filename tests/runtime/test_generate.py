@@ -40,6 +40,15 @@ def test_plain_loop_matches_transformers_on_its_own_checkpoint(hf_written):
     assert _tokens(out, "ort", prompt, 24, "onnxruntime") == want
 
 
+@pytest.mark.parametrize("prompt, n", [(PROMPT, 32), (LONG_PROMPT, 16)])
+def test_plain_loop_runs_the_shared_kv_layout(tiny_preset_shared, prompt, n):
+    """One static buffer for the run; the long prompt is prefilled in two calls (a chunk with a past)."""
+    model, out = tiny_preset_shared
+    assert open_target(out, "ort").kv_layout == "shared"
+    want = artifacts.transformers_greedy(model, [prompt], n, stop_at_eos=True)[0][len(prompt):]
+    assert _tokens(out, "ort", prompt, n, "onnxruntime") == want
+
+
 @pytest.mark.skipif(not HAS_GENAI, reason="onnxruntime-genai is not installed (pip install 'mixexport[genai]')")
 @pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT])
 def test_genai_and_the_plain_loop_agree(tiny_preset, prompt):

@@ -27,7 +27,7 @@ def _checkpoint(tmp_path, **fields):
 def _manifest():
     """What write_runtime_files reads of the artifact stage's Manifest (which targets cannot import)."""
     return SimpleNamespace(model=CONFIG.summary(), dtype="float32", dynamic_dims={graph_io.TOTAL: [1, 64]},
-                           targets={"ort": SimpleNamespace(files=[])})
+                           targets={"ort": SimpleNamespace(files=[], extra={})})
 
 
 def test_ids_default_to_mixtrals_and_pad_with_eos(tmp_path):

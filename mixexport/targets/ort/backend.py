@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from mixexport import graph_io
 from mixexport.passes.pipeline import Step
 from mixexport.quant import QuantScheme
 from mixexport.schema import text
 from mixexport.targets.base import Progress
 from mixexport.targets.runtime_files import RuntimeFilesBackend
 from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
+from mixexport.targets.ort.fuse_gqa import FuseGroupQueryAttentionOrt
 from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
 from mixexport.targets.ort.lowering import ORT_DOMAIN, PROVIDERS, LowerMoEToOrt, uses_sparse_form
 
@@ -25,9 +27,11 @@ class OrtBackend(RuntimeFilesBackend):
     moe_op = f"{ORT_DOMAIN}.MoE"
     quant_moe_op = f"{ORT_DOMAIN}.QMoE"
     providers = PROVIDERS
+    # concat: opset-23 Attention; shared: com.microsoft.GroupQueryAttention over static buffers.
+    kv_layouts = graph_io.KV_LAYOUTS
     # The provider the graph was lowered for (`--ort-provider`); absent in artifacts of earlier
     # versions, whose graphs were the fused (`cuda`) form.
-    manifest_fields = {"provider": text(PROVIDERS)}
+    manifest_fields = {graph_io.KV_LAYOUT_FIELD: text(graph_io.KV_LAYOUTS), "provider": text(PROVIDERS)}
 
     def moe_op_for(self, quant: QuantScheme | None, provider: str | None = None) -> str | None:
         if uses_sparse_form(quant, provider or PROVIDERS[0]):
@@ -35,12 +39,14 @@ class OrtBackend(RuntimeFilesBackend):
         return super().moe_op_for(quant, provider)
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
+        attention = (("fuse_attention_ort", FuseAttentionOrt(num_layers)) if kv.name == "concat" else
+                     ("fuse_gqa_ort", FuseGroupQueryAttentionOrt(num_layers, kv.sliding_window)))
         return [
             # the sparse form (CPU) or com.microsoft.MoE (QMoE) with fc1 gate/up interleaved
             ("lower_moe_ort", LowerMoEToOrt(quant, provider or PROVIDERS[0])),
             # onnxruntime's fused ops; opset 23 is not for portable/trt (TensorRT 10)
-            ("fuse_attention_ort", FuseAttentionOrt(num_layers)),  # RotaryEmbedding + Attention
+            attention,  # RotaryEmbedding + Attention, or + GroupQueryAttention (shared KV buffers)
             ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
         ]
 

@@ -10,8 +10,9 @@ MatMuls and replaces everything between them with
         -> y [B, S, Hq*D] (into o_proj), present_key, present_value [B, KVH, T, D]
 
 Standard `Attention` rather than com.microsoft.GroupQueryAttention: onnxruntime's CPU GQA refuses
-batch > 1 with S > 1 and a past (chunked prefill), which the graph contract allows. Its present
-outputs are concat(past, rotated key) and concat(past, value), the contract's layout.
+batch > 1 with S > 1 and a past (chunked prefill), which the graph contract allows, and it cannot
+take left padding. Its present outputs are concat(past, rotated key) and concat(past, value), the
+contract's concat layout; `fuse_gqa` builds the shared-buffer layout with GroupQueryAttention.
 
 The mask stays the captured one ([B, 1, S, T] bool: causal, padding and sliding window, computed
 once per graph). One difference needs care: for a query row with no visible key (a left-padding
@@ -149,7 +150,7 @@ def find_mask(graph: ir.Graph, num_layers: int) -> ir.Value | str:
     return next(iter(masks.values()))
 
 
-class _Builder:
+class GraphBuilder:
     """Inserts nodes and constants into the graph with traceable names."""
 
     def __init__(self, graph: ir.Graph):
@@ -169,6 +170,25 @@ class _Builder:
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
 
+class HalfTables:
+    """RotaryEmbedding takes cos/sin [B, S, D/2]; the captured tables are [B, S, D] = [t, t]:
+    one Slice per table, shared by every layer that uses it."""
+
+    def __init__(self, builder: GraphBuilder, before: ir.Node):
+        self.builder, self.before = builder, before
+        self.halves: dict[int, ir.Value] = {}
+
+    def half(self, table: ir.Value, head_dim: int) -> ir.Value:
+        if id(table) not in self.halves:
+            b = self.builder
+            self.halves[id(table)] = b.node(
+                self.before, "Slice", [table, b.const(f"attn/{table.name}_start", np.array([0], np.int64)),
+                                       b.const(f"attn/{table.name}_end", np.array([head_dim // 2], np.int64)),
+                                       b.const(f"attn/{table.name}_axis", np.array([-1], np.int64))],
+                f"attn/{table.name}_half")
+        return self.halves[id(table)]
+
+
 class FuseAttentionOrt(AllOrNothingFusion):
     """Rewrite every layer's attention into RotaryEmbedding x2 + Attention (opset 23)."""
 
@@ -185,7 +205,7 @@ class FuseAttentionOrt(AllOrNothingFusion):
     def rewrite(self, model: ir.Model, matches: list[AttentionMatch]) -> None:
         graph = model.graph
         mask = find_mask(graph, self.num_layers)
-        b = _Builder(graph)
+        b = GraphBuilder(graph)
         # Shared by all layers: the mask with no fully masked row, the zero-query flag, half tables.
         at = matches[0].o_proj  # layers are in graph order
         dtype = matches[0].q.dtype
@@ -196,21 +216,11 @@ class FuseAttentionOrt(AllOrNothingFusion):
                       "attn/query_keep")  # [B, S, 1]
         blind = b.node(at, "Equal", [seen, b.const("attn/zero", np.zeros((), dtype.numpy()))], "attn/row_blind")
         full_mask = b.node(at, "Or", [mask, blind], "attn/mask")  # [B, 1, S, T]
-        halves: dict[int, ir.Value] = {}
-
-        def half(table: ir.Value, head_dim: int) -> ir.Value:
-            # RotaryEmbedding takes cos/sin [B, S, D/2]; the captured tables are [B, S, D] = [t, t].
-            if id(table) not in halves:
-                halves[id(table)] = b.node(
-                    matches[0].o_proj, "Slice", [table, b.const(f"attn/{table.name}_start", np.array([0], np.int64)),
-                                     b.const(f"attn/{table.name}_end", np.array([head_dim // 2], np.int64)),
-                                     b.const(f"attn/{table.name}_axis", np.array([-1], np.int64))],
-                    f"attn/{table.name}_half")
-            return halves[id(table)]
+        tables = HalfTables(b, at)
 
         for m in matches:
             at = m.o_proj
-            cos, sin = half(m.cos, m.head_dim), half(m.sin, m.head_dim)
+            cos, sin = tables.half(m.cos, m.head_dim), tables.half(m.sin, m.head_dim)
             q = b.node(at, "Mul", [m.q, keep], m.name("query_keep"))
             q = b.node(at, "RotaryEmbedding", [q, cos, sin], m.name("rope_q"), num_heads=m.q_heads)
             k = b.node(at, "RotaryEmbedding", [m.k, cos, sin], m.name("rope_k"), num_heads=m.kv_heads)

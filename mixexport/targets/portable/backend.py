@@ -3,6 +3,7 @@ TensorRT baseline)."""
 
 from __future__ import annotations
 
+from mixexport import graph_io
 from mixexport.passes.pipeline import Step
 from mixexport.quant import QuantScheme
 from mixexport.targets.runtime_files import RuntimeFilesBackend
@@ -14,5 +15,5 @@ class PortableBackend(RuntimeFilesBackend):
     dtypes = ("float32", "float16", "bfloat16")
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
         return [("lower_moe_portable", LowerMoEToPortable(quant))]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from mixexport import graph_io
 from mixexport.dtypes import dtype_info
 from mixexport.errors import InternalError, MixexportError
 from mixexport.kernels.configs import kernel_shape_refusal
@@ -50,7 +51,7 @@ class TrtBackend(Backend):
         return kernel_shape_refusal(config.hidden_size, config.intermediate_size, config.num_local_experts, scheme)
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
         return [("lower_moe_trt", LowerMoEToTrtPlugin(quant))]
 
     def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
@@ -71,6 +72,14 @@ class TrtBackend(Backend):
         if options.trt_kernels:
             extra["kernels"] = _write_kernels(root, manifest.dtype, options.experts_quant, record, progress)
         _try_engine(root, out, manifest, options, record, progress)
+        stages = manifest.targets["trt"].stages
+        if stages:
+            reason = ("mixexport builds one engine, of the whole graph; each stage's engine is built from its graph "
+                      "(trt/stage-{i}/model.onnx, the MixtralMoE plugin node inside) with trtexec --onnx=... "
+                      "--plugins=... on the GPU that serves the stage")
+            extra["stage_engines"] = {"status": "not built", "reason": reason}
+            progress(f"trt: {len(stages)} TensorRT-ready stage graphs written ({', '.join(s['onnx'] for s in stages)}); "
+                     f"no per-stage engines: {reason}")
 
     def entry_paths(self, extra: dict[str, Any]) -> list[tuple[str, str, str]]:
         return fields.entry_paths(extra)

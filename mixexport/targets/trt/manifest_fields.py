@@ -37,7 +37,10 @@ ENGINE = either(
             # timing_cache: where the build kept TensorRT's timing cache (outside OUT; never opened here)
             {"status": exactly("built"), "timing_cache": nullable(text())})),
 )
-FIELDS = {"kernels": KERNELS, "engine": ENGINE}
+# A staged trt target (`build --stages N`): what was built per stage. mixexport builds the one
+# whole-graph engine (`engine`); a stage's engine is built from its graph where it is deployed.
+STAGE_ENGINES = record({"status": exactly("not built"), "reason": text()})
+FIELDS = {"kernels": KERNELS, "engine": ENGINE, "stage_engines": STAGE_ENGINES}
 
 
 def engine_built(extra: dict[str, Any]) -> bool:
