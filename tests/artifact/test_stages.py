@@ -165,8 +165,8 @@ def test_inspect_shows_the_chain(tmp_path_factory):
             or "stage 0 embedding+layers.0-0: ort/stage-0/model.onnx" in result.output)
     assert "feeds the next stage hidden_states." in result.output
     info = json.loads(run_cli("inspect", out, "--json").output)
-    assert [s["moe_nodes"] for s in info["targets"]["ort"]["stages"]] == [
-        s["layers"][1] - s["layers"][0] for s in info["targets"]["ort"]["stages"]]
+    # the ort graph for CPU (the default) has no fused MoE node: one If per expert instead
+    assert [s["moe_nodes"] for s in info["targets"]["ort"]["stages"]] == [0, 0]
 
 
 def _first_two(m):
