@@ -2,6 +2,7 @@
 
     python benchmarks/decode_speed.py [--configs small mid] [--batches 1 8] [--steps 16]
                                       [--prompt 32] [--workdir DIR] [--skip-hf-onnx] [--quant int8 int4]
+                                      [--dtypes float16]
 
 For each config (the `small` preset, and `mid`: hidden 512, intermediate 1792, 8 layers, 8 heads,
 2 KV heads, 8 experts, top-2, vocab 32000, fp32) it writes a random checkpoint, builds the
@@ -12,7 +13,12 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
 - hf eager:       transformers `MixtralForCausalLM.from_pretrained` (attn eager, default experts)
 - hf onnx (ort):  a plain `torch.onnx.export(..., dynamo=True)` of transformers' Mixtral with
                   `experts_implementation="batched_mm"`, run in onnxruntime
-- ours portable / ours ort: the mixexport artifacts in onnxruntime (CPU EP)
+- ours portable / ours ort: the mixexport artifacts in onnxruntime (CPU EP); `ours ort` is built
+                  for the CPU provider (the default, one If per expert); `ours ort fused` is the
+                  same graph built with `--ort-provider cuda` (one com.microsoft.MoE per layer),
+                  timed on CPU beside it
+- ours portable fp16 / ours ort fp16: the same in float16 (--dtypes), which onnxruntime's x86 CPU
+                  provider runs through float32 copies
 - ours portable int8 / ours ort int4-g32 ...: the same, built with `--experts-quant` (--quant;
   int4 with group 32), each with its export time and artifact size, and its top-1 agreement with
   the reference over --steps teacher-forced decode steps at batch 1 (every step's input token is
@@ -22,7 +28,8 @@ torch uses 2 threads, onnxruntime intra_op_num_threads=2. Decode ms is the media
 steps (after 3 warmup steps), one new token per sequence per step. "x limit" compares with the
 bandwidth limit of one step: active weight bytes / DRAM read bandwidth (torch sum over a 2 GiB
 buffer with 1 and 2 threads, best of 5). At batch B the active expert bytes assume uniform
-routing: each layer reads E * (1 - (1 - k/E)^B) distinct experts.
+routing: each layer reads E * (1 - (1 - k/E)^B) distinct experts. The fp16 rows' limit is the float32
+one: onnxruntime's x86 CPU provider reads float32 copies of their weights.
 """
 
 from __future__ import annotations
@@ -152,6 +159,8 @@ class OrtRunner:
         self.sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         self.out_names = [o.name for o in self.sess.get_outputs()]
         self.in_names = {i.name for i in self.sess.get_inputs()}
+        past = next(i for i in self.sess.get_inputs() if i.name.startswith("past_key_values."))
+        self.past_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
         self.L, self.kvh, self.d = num_layers, kv_heads, head_dim
 
     def _run(self, ids, mask, pos, past):
@@ -163,7 +172,7 @@ class OrtRunner:
 
     def prefill(self, ids, mask, pos):
         b = ids.shape[0]
-        empty = np.zeros((b, self.kvh, 0, self.d), np.float32)
+        empty = np.zeros((b, self.kvh, 0, self.d), self.past_dtype)
         return self._run(ids, mask, pos, {f"past_key_values.{i}.{kv}": empty for i in range(self.L) for kv in ("key", "value")})
 
     def step(self, ids, mask, pos, state):
@@ -266,22 +275,28 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
     from mixexport.checkpoint import write_checkpoint
     c = make_config(name)
     cdir = work / name
-    ckpt, out = cdir / "ckpt", cdir / "out"
+    ckpt = cdir / "ckpt"
     cdir.mkdir(parents=True, exist_ok=True)
     write_checkpoint(ckpt, c, seed=0)
     from mixexport.quant import parse_scheme
     exe = Path(sys.executable).with_name("mixexport")
-    outs = {None: out, **{parse_scheme(q): cdir / f"out-{q}" for q in args.quant}}
+    # (label suffix, experts' scheme, build options, targets) of each artifact built
+    variants = [("", None, [], ("portable", "ort"))]
+    variants += [(f" {parse_scheme(q).name}", parse_scheme(q), ["--experts-quant", q], ("portable", "ort"))
+                 for q in args.quant]
+    variants += [(" fp16", None, ["--dtype", "float16"], ("portable", "ort")) for d in args.dtypes if d == "float16"]
+    variants.append((" fused", None, ["--ort-provider", "cuda"], ("ort",)))
+    outs = {suffix: cdir / f"out{suffix.replace(' ', '-')}" for suffix, *_ in variants}
     print(f"\n[{name}] H {c.hidden_size} I {c.intermediate_size} L {c.num_hidden_layers} E {c.num_local_experts} "
           f"k {c.num_experts_per_tok} V {c.vocab_size} {c.dtype}", flush=True)
-    for quant, folder in outs.items():
+    for suffix, quant, extra, targets in variants:
+        folder = outs[suffix]
         t = time.perf_counter()
-        extra = [] if quant is None else ["--experts-quant", f"int{quant.bits}"]
-        subprocess.run([str(exe), "build", str(ckpt), "-o", str(folder), "--target", "portable,ort", "--no-validate",
+        subprocess.run([str(exe), "build", str(ckpt), "-o", str(folder), "--target", ",".join(targets), "--no-validate",
                         *extra], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         entries = json.loads((folder / "manifest.json").read_text())["targets"]
         sizes = ", ".join(f"{target} {sum(f['bytes'] for f in e['files']) / 1e6:.1f} MB" for target, e in entries.items())
-        print(f"[{name}] mixexport build ({'full precision' if quant is None else quant.name} experts): "
+        print(f"[{name}] mixexport build{suffix or ' (fp32, full precision experts)'} {' '.join(extra)}: "
               f"{time.perf_counter() - t:.0f} s; {sizes}", flush=True)
     kv = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
@@ -311,13 +326,13 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
         add("hf onnx (ort)", hf_onnx)
     labels = ["reference", "hf eager", "hf onnx (ort)"]
     schemes = {}
-    for quant, folder in outs.items():
-        for target in ("portable", "ort"):
-            label = f"ours {target}" + ("" if quant is None else f" {quant.name}")
+    for suffix, quant, _, targets in variants:
+        for target in targets:
+            label = f"ours {target}{suffix}"
             labels.append(label)
             schemes[label] = quant
-            add(label, lambda target=target, folder=folder: OrtRunner(folder / target / "model.onnx", *kv))
-    if "reference" in runners and args.quant:
+            add(label, lambda target=target, folder=outs[suffix]: OrtRunner(folder / target / "model.onnx", *kv))
+    if "reference" in runners:
         forced = greedy_tokens(runners["reference"], args.prompt, args.steps, c.vocab_size)
         print(f"[{name}] top-1 agreement with the reference over {args.steps} teacher-forced decode steps, batch 1:")
         for label, runner in runners.items():
@@ -373,6 +388,8 @@ def main() -> int:
     ap.add_argument("--skip-hf-onnx", action="store_true", help="skip the plain transformers export row")
     ap.add_argument("--quant", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
                     help="also build and time artifacts with these --experts-quant schemes (int4: group 32)")
+    ap.add_argument("--dtypes", nargs="*", default=["float16"], choices=["float16"],
+                    help="also build and time float16 artifacts (the float32 ones are always built)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     args = ap.parse_args()
 

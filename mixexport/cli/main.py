@@ -196,6 +196,9 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
               help="Weight-only quantized experts: int8 per output row, int4 per row and group of --group-size "
                    "columns (symmetric; attention, router, embeddings stay in the graph dtype).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="int4 columns per scale (default 32).")
+@click.option("--ort-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider the ort graph is for: cpu runs each chosen expert's MatMuls on "
+                   "all threads (standard ops, one If per expert), cuda keeps one fused MoE/QMoE node per layer.")
 @click.option("--stages", type=click.IntRange(min=1, max=2**31 - 1),
               help="Also write each target as a chain of N stage graphs over contiguous layer ranges balanced by "
                    "bytes (pipeline parallel: one per GPU); 1 or unset: the whole graph only.")
@@ -206,7 +209,7 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
                    "past_present_share_buffer and CUDA graphs; rows packed at the front, no left padding).")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
           allow_not_validated, allow_non_finite, validation_mode, force, plugin, experts_quant, group_size,
-          stages, quant_min_top1, quant_min_router, quant_max_logits_error, kv_layout) -> None:
+          ort_provider, stages, quant_min_top1, quant_min_router, quant_max_logits_error, kv_layout) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -218,6 +221,7 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
                            force=force, validate=not no_validate, allow_not_validated=allow_not_validated,
                            validation_mode=validation_mode, plugin=plugin,
                            experts_quant=parse_scheme(experts_quant, group_size and int(group_size)),
+                           ort_provider=ort_provider,
                            quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
                                                              quant_max_logits_error),
                            stages=stages, kv_layout=kv_layout)

@@ -60,6 +60,7 @@ class BuildOptions:
     trt_kernels: bool = True  # AOT-compile the plugin's Triton kernels into OUT/trt/kernels
     experts_quant: QuantScheme | None = None  # weight-only quantized experts (mixexport.quant)
     quant_thresholds: QuantThresholds | None = None  # gates of validation's quantization error; None: defaults
+    ort_provider: str = "cpu"  # the onnxruntime provider the ort graph's MoE is lowered for (or "cuda")
     stages: int | None = None  # per target, a chain of this many stage graphs (artifact.stages); None, 1: whole
     kv_layout: str = "concat"  # or "shared": static KV buffers updated in place (ort; graph_io.KV_LAYOUTS)
 
@@ -309,7 +310,8 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, layouts: 
     if quant is not None:
         progress(f"experts quantized {quant.name} while they are written (attention, router, embeddings stay {dtype})")
     stages = options.stages if options.stages and options.stages > 1 else None
-    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant, kv, stages)
+    entries = {target: _build_target(captured, target, config, dtype, root, progress, quant, kv, stages,
+                                     options.ort_provider)
                for target, kv in layouts.items()}
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
@@ -325,10 +327,11 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, layouts: 
 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
                   progress: Progress, quant: QuantScheme | None = None,
-                  kv: graph_io.KvLayout = graph_io.CONCAT, stages: int | None = None) -> TargetRecord:
+                  kv: graph_io.KvLayout = graph_io.CONCAT, stages: int | None = None,
+                  provider: str | None = None) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
-    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant, kv)
+    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant, kv, provider)
     folder = root / target
     folder.mkdir()
     chain = None
@@ -343,7 +346,7 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
                         inputs=[b.as_dict() for b in graph_io.inputs(config, dtype, kv.name)],
                         outputs=[b.as_dict() for b in graph_io.outputs(config, dtype, kv.name)],
-                        moe_op=BACKENDS[target].moe_op_for(quant), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites,
+                        moe_op=BACKENDS[target].moe_op_for(quant, provider), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites,
                         stages=chain,
                         # recorded by the targets that have more than one layout
                         extra={graph_io.KV_LAYOUT_FIELD: kv.name} if len(BACKENDS[target].kv_layouts) > 1 else {})

@@ -53,6 +53,9 @@ class Backend:
     manifest_fields: ClassVar[dict[str, Check]] = {}
     # The KV layouts its graphs can have (`graph_io.KV_LAYOUTS`), the first the default.
     kv_layouts: ClassVar[tuple[str, ...]] = ("concat",)
+    # onnxruntime execution providers it lowers a different graph for (ort: `cpu`, `cuda`), the
+    # first the default; empty: one graph for every runtime, and `provider` arguments are ignored.
+    providers: ClassVar[tuple[str, ...]] = ()
 
     def refusal(self, config: "MixtralConfig", dtype: str) -> str | None:
         """Why this target cannot serve `config` in `dtype`, or None when it can."""
@@ -64,8 +67,9 @@ class Backend:
         """Why this target cannot serve `config`'s experts quantized with `scheme`, or None when it can."""
         return None
 
-    def moe_op_for(self, quant: "QuantScheme | None") -> str | None:
-        """The fused MoE node's "domain.op_type" for experts quantized with `quant` (or not)."""
+    def moe_op_for(self, quant: "QuantScheme | None", provider: str | None = None) -> str | None:
+        """The fused MoE node's "domain.op_type" for experts quantized with `quant` (or not), in
+        the graph lowered for `provider`."""
         return self.quant_moe_op if quant is not None and self.quant_moe_op else self.moe_op
 
     def kv_layout_refusal(self, layout: str) -> str | None:
@@ -76,20 +80,21 @@ class Backend:
         return None
 
     def lowering(self, num_layers: int, quant: "QuantScheme | None" = None,
-                 kv: graph_io.KvLayout = graph_io.CONCAT) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
         """(report name, pass) that lower a captured graph of `num_layers` decoder layers, the MoE
-        lowering (`lower_moe_<name>`, its experts quantized with `quant` when given) first, its
-        attention for the KV layout `kv` (one of `kv_layouts`); the pipeline adds the common
-        passes around them."""
+        lowering (`lower_moe_<name>`, its experts quantized with `quant` when given, in the form
+        for `provider`, one of `providers`) first, its attention for the KV layout `kv` (one of
+        `kv_layouts`); the pipeline adds the common passes around them."""
         raise NotImplementedError
 
     def lower(self, model: ir.Model, num_layers: int, quant: "QuantScheme | None" = None,
-              kv: graph_io.KvLayout = graph_io.CONCAT) -> dict[str, int]:
+              kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> dict[str, int]:
         """Lower a clone of the captured graph in place (experts quantized with `quant` when
-        given, the KV cache in layout `kv`); returns the rewrites per pass."""
+        given, the KV cache in layout `kv`, for onnxruntime's `provider` where the target has
+        `providers`); returns the rewrites per pass."""
         if self.kv_layout_refusal(kv.name):
             raise InternalError(f"{self.name} lowering asked for KV layout {kv.name}: {self.kv_layout_refusal(kv.name)}")
-        return run_pipeline(model, self.name, self.lowering(num_layers, quant, kv), num_layers)
+        return run_pipeline(model, self.name, self.lowering(num_layers, quant, kv, provider), num_layers)
 
     # -- validation on this machine (onnxruntime, CPU) --------------------------------------------
 

@@ -68,13 +68,13 @@ def test_inspect_artifact(name, tmp_path_factory):
     for target in targets_of(name):
         header = [line for line in text.splitlines() if line.startswith(f"[{target}]")]
         assert len(header) == 1
-        expected = 0 if target == "portable" else 2  # portable has no MoE op, only standard ops
+        expected = 2 if target == "trt" else 0  # portable and ort for CPU: no MoE op, only standard ops
         assert f", {expected} MoE nodes," in header[0]
     as_json = json.loads(run_cli("inspect", out, "--json").stdout)
     targets = as_json["targets"]
-    moe_nodes = {"portable": 0, "ort": 2, "trt": 2}
+    moe_nodes = {"portable": 0, "ort": 0, "trt": 2}
     assert {t: v["moe_nodes"] for t, v in targets.items()} == {t: moe_nodes[t] for t in targets_of(name)}
-    assert targets["ort"]["ops"]["com.microsoft.MoE"] == 2
+    assert "com.microsoft.MoE" not in targets["ort"]["ops"]
     assert "mixexport" not in targets["ort"]["opsets"]
     for target in targets_of(name):
         assert [b["name"] for b in targets[target]["inputs"][:3]] == ["input_ids", "attention_mask", "position_ids"]
@@ -114,7 +114,8 @@ def test_parity_failure_keeps_failed_dir_and_old_out(tmp_path_factory, tmp_path,
     monkeypatch.setattr("mixexport.targets.ort.lowering.interleave_gate_up", lambda w: w)
     with reference_source(None, "tiny", SEED, overrides("e4-k2-float32"), lambda _: None) as (ckpt, source):
         with pytest.raises(MixexportError) as err:
-            build(ckpt, source, out, BuildOptions(targets=("ort",), force=True, **RANGES), lambda _: None)
+            build(ckpt, source, out, BuildOptions(targets=("ort",), force=True, ort_provider="cuda", **RANGES),
+                  lambda _: None)
     failed = tmp_path / "out.failed"
     assert str(err.value) == (f"parity validation failed (['ort']); the artifact was kept for inspection in "
                               f"{failed}, {out} was not touched")

@@ -7,10 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from artifact.shared import CONFIGS, built, targets_of
+from artifact.shared import CONFIGS, RANGES, SEED, built, overrides, targets_of
 from mixexport import graph_io
 from mixexport.capture.moe_op import MOE_DOMAIN
 from mixexport.checkpoint.config import preset
+from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.targets.trt.contract import attribute_names, input_names, plugin_contract
 
 ONNX_TYPES = {"int64": onnx.TensorProto.INT64, "float32": onnx.TensorProto.FLOAT,
@@ -51,8 +52,39 @@ def test_portable_graph_is_standard_onnx(name, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_ort_graph_has_one_contrib_moe_per_layer(name, tmp_path_factory):
+def test_ort_graph_for_cpu_runs_one_if_per_expert(name, tmp_path_factory):
+    """The default ort graph (`--ort-provider cpu`): routing, then per layer one If per expert on
+    that expert's own pre-transposed weights; no fused MoE node."""
     _, model, config, _ = _load(name, "ort", tmp_path_factory)
+    manifest = built(name, tmp_path_factory)[1]
+    assert manifest.targets["ort"].extra["provider"] == "cpu" and manifest.targets["ort"].moe_op is None
+    _no_mixexport_domain(model)
+    assert not [n for n in model.graph.node if n.op_type in ("MoE", "QMoE")]
+    layers, e = config.num_hidden_layers, config.num_local_experts
+    assert [n.name for n in model.graph.node if n.op_type == "If"] == [
+        f"layers.{i}.moe.ort/experts.{x}/If" for i in range(layers) for x in range(e)]
+    assert len([n for n in model.graph.node if n.op_type == "TopK"]) == layers
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    i, h = config.intermediate_size, config.hidden_size
+    for layer in range(layers):
+        for x in range(e):
+            assert inits[f"layers.{layer}.moe.experts.{x}.w_gate_up_t"] == (h, 2 * i)
+            assert inits[f"layers.{layer}.moe.experts.{x}.w_down_t"] == (i, h)
+
+
+def test_ort_graph_for_cuda_has_one_contrib_moe_per_layer(tmp_path_factory):
+    """`--ort-provider cuda` keeps one fused com.microsoft.MoE per layer; it validates on CPU too."""
+    name = "e4-k2-float32"
+    out = tmp_path_factory.mktemp("build-cuda") / "out"
+    with reference_source(None, "tiny", SEED, overrides(name), lambda _: None) as (ckpt, source):
+        manifest = build(ckpt, source, out, BuildOptions(targets=("ort",), ort_provider="cuda", **RANGES),
+                         lambda _: None)
+    assert manifest.validation["passed"] is True
+    assert manifest.targets["ort"].extra["provider"] == "cuda"
+    assert manifest.targets["ort"].moe_op == "com.microsoft.MoE"
+    experts, top_k, dtype = CONFIGS[name]
+    config = preset("tiny").replace(num_local_experts=experts, num_experts_per_tok=top_k, dtype=dtype)
+    model = onnx.load(str(out / "ort" / "model.onnx"), load_external_data=False)
     _no_mixexport_domain(model)
     moe = [n for n in model.graph.node if n.op_type == "MoE"]
     assert len(moe) == config.num_hidden_layers
@@ -131,3 +163,14 @@ def test_runs_in_plain_onnxruntime(name, target, tmp_path_factory):
     key = outputs["present.0.key"]
     assert key.shape == (b, config.num_key_value_heads, p + s, config.head_dim) and key.dtype == NP_TYPES[dtype]
     np.testing.assert_array_equal(key[:, :, :p], feed["past_key_values.0.key"])  # past is kept as given
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_float16_for_cpu_says_it_runs_as_float32(name, tmp_path_factory):
+    """onnxruntime's x86 CPU provider has no float16 MatMul: a float16 portable or ort graph for CPU
+    says so once per target while building; a float32 build says nothing."""
+    lines = built(name, tmp_path_factory)[2]
+    notes = [line for line in lines if "no x86 float16 kernels" in line]
+    expected = [t for t in ("portable", "ort") if t in targets_of(name)] if CONFIGS[name][2] == "float16" else []
+    assert [line.split(":")[0] for line in notes] == expected
+    assert all("build --dtype float32" in line for line in notes)

@@ -13,17 +13,22 @@ from mixexport.artifact.manifest import file_entry
 from mixexport.validate.parity import REPORT_FILE
 
 
-def _corrupt_moe_weight(out, initializer="layers.0.moe.fc1_interleaved"):
-    """Scale one expert weight region of OUT/ort/model.onnx.data by -3, found via its external-data entry."""
+def corrupt_moe_weights(out, layer=0):
+    """Scale layer `layer`'s gate/up weights of every expert (the ort graph for CPU holds one
+    initializer per expert) in OUT/ort/model.onnx.data by -3, found via their external-data entries."""
     model = onnx.load(str(out / "ort" / "model.onnx"), load_external_data=False)
-    (tensor,) = [t for t in model.graph.initializer if t.name == initializer]
-    info = {e.key: e.value for e in tensor.external_data}
-    offset, length = int(info["offset"]), int(info["length"])
-    assert tensor.data_type == onnx.TensorProto.FLOAT and length == 4 * int(np.prod(tensor.dims))
-    path = out / "ort" / info["location"]
+    tensors = [t for t in model.graph.initializer
+               if t.name.startswith(f"layers.{layer}.moe.experts.") and t.name.endswith(".w_gate_up_t")]
+    assert tensors
+    path = out / "ort" / "model.onnx.data"
     data = bytearray(path.read_bytes())
-    region = np.frombuffer(bytes(data[offset:offset + length]), np.float32) * -3.0
-    data[offset:offset + length] = region.astype(np.float32).tobytes()
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(info["offset"]), int(info["length"])
+        assert tensor.data_type == onnx.TensorProto.FLOAT and length == 4 * int(np.prod(tensor.dims))
+        assert info["location"] == path.name
+        region = np.frombuffer(bytes(data[offset:offset + length]), np.float32) * -3.0
+        data[offset:offset + length] = region.astype(np.float32).tobytes()
     path.write_bytes(bytes(data))
 
 
@@ -31,7 +36,7 @@ def test_validate_refuses_changed_files(tmp_path_factory, tmp_path):
     out, _ = forced_unvalidated_ort_build(tmp_path_factory)
     copy = shutil.copytree(out, tmp_path / "out")
     assert run_cli("validate", copy).exit_code == 0  # intact copy passes
-    _corrupt_moe_weight(copy)
+    corrupt_moe_weights(copy)
     line = error_line(run_cli("validate", copy))
     assert line == (f"error: target ort: {copy / 'ort' / 'model.onnx.data'} has changed since the build "
                     f"(size or sha256 differ)")
@@ -40,7 +45,7 @@ def test_validate_refuses_changed_files(tmp_path_factory, tmp_path):
 def test_corrupted_weight_fails_parity(tmp_path_factory, tmp_path):
     out, _ = forced_unvalidated_ort_build(tmp_path_factory)
     copy = shutil.copytree(out, tmp_path / "out")
-    _corrupt_moe_weight(copy)
+    corrupt_moe_weights(copy)
     # Re-record the hashes so validation gets past the file check to the numerics.
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["targets"]["ort"]["files"] = [file_entry(copy / f["path"], copy)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from artifact.shared import RANGES, error_line, rewrite_initializer, run_cli, targets_of, unvalidated_build
+from artifact.shared import RANGES, error_line, run_cli, targets_of, unvalidated_build
 from mixexport import graph_io
+from mixexport.artifact.manifest import file_entry
 from mixexport.checkpoint import Checkpoint
 from mixexport.driver.build import BuildOptions, build, reference_source
 from mixexport.validate.parity import REPORT_FILE, validate_out
@@ -19,6 +19,7 @@ from mixexport.model.decoder import load_reference
 from mixexport.passes.stages import layer_stages
 from mixexport.validate.streamed import _ReferencePart, _scenario, choose_mode
 from validate.test_hf_checkpoint import write_hf_checkpoint
+from validate.test_parity_failure import corrupt_moe_weights
 
 
 def _agree(out, checkpoint=None):
@@ -65,9 +66,11 @@ def test_streamed_agrees_with_whole_on_a_transformers_checkpoint(tmp_path_factor
 
 
 def _corrupt_layer(out, layer: int) -> None:
-    """Negate and scale layer `layer`'s ort expert weights in OUT (float32)."""
-    rewrite_initializer(out, "ort", f"layers.{layer}.moe.fc1_interleaved",
-                        lambda data: (np.frombuffer(data, np.float32) * -3.0).astype(np.float32).tobytes())
+    """Negate layer `layer`'s ort expert weights in OUT (hashes re-recorded, so the numerics are reached)."""
+    corrupt_moe_weights(out, layer)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["targets"]["ort"]["files"] = [file_entry(out / f["path"], out) for f in manifest["targets"]["ort"]["files"]]
+    (out / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("layer", [0, 1])

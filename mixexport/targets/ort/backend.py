@@ -1,17 +1,22 @@
-"""The `ort` target: onnxruntime's fused contrib ops (`com.microsoft.MoE`, opset-23 Attention,
-RotaryEmbedding and RMSNormalization), for onnxruntime on CPU and CUDA (>= 1.24)."""
+"""The `ort` target: onnxruntime's fused contrib ops (opset-23 Attention, RotaryEmbedding and
+RMSNormalization) and, per execution provider, the MoE form it runs fastest (`ort/lowering.py`:
+the sparse standard-ONNX form on CPU, `com.microsoft.MoE`/`QMoE` on CUDA), for onnxruntime >= 1.24."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
 
 from mixexport import graph_io
 from mixexport.passes.pipeline import Step
 from mixexport.quant import QuantScheme
 from mixexport.schema import text
+from mixexport.targets.base import Progress
 from mixexport.targets.runtime_files import RuntimeFilesBackend
 from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
 from mixexport.targets.ort.fuse_gqa import FuseGroupQueryAttentionOrt
 from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
-from mixexport.targets.ort.lowering import ORT_DOMAIN, LowerMoEToOrt
+from mixexport.targets.ort.lowering import ORT_DOMAIN, PROVIDERS, LowerMoEToOrt, uses_sparse_form
 
 
 class OrtBackend(RuntimeFilesBackend):
@@ -21,18 +26,34 @@ class OrtBackend(RuntimeFilesBackend):
     dtype_reason = "onnxruntime's MoE kernels have no bfloat16"
     moe_op = f"{ORT_DOMAIN}.MoE"
     quant_moe_op = f"{ORT_DOMAIN}.QMoE"
+    providers = PROVIDERS
     # concat: opset-23 Attention; shared: com.microsoft.GroupQueryAttention over static buffers.
     kv_layouts = graph_io.KV_LAYOUTS
-    manifest_fields = {graph_io.KV_LAYOUT_FIELD: text(graph_io.KV_LAYOUTS)}
+    # The provider the graph was lowered for (`--ort-provider`); absent in artifacts of earlier
+    # versions, whose graphs were the fused (`cuda`) form.
+    manifest_fields = {graph_io.KV_LAYOUT_FIELD: text(graph_io.KV_LAYOUTS), "provider": text(PROVIDERS)}
+
+    def moe_op_for(self, quant: QuantScheme | None, provider: str | None = None) -> str | None:
+        if uses_sparse_form(quant, provider or PROVIDERS[0]):
+            return None
+        return super().moe_op_for(quant, provider)
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 kv: graph_io.KvLayout = graph_io.CONCAT) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
         attention = (("fuse_attention_ort", FuseAttentionOrt(num_layers)) if kv.name == "concat" else
                      ("fuse_gqa_ort", FuseGroupQueryAttentionOrt(num_layers, kv.sliding_window)))
         return [
-            ("lower_moe_ort", LowerMoEToOrt(quant)),  # com.microsoft.MoE (QMoE), fc1 gate/up interleaved
+            # the sparse form (CPU) or com.microsoft.MoE (QMoE) with fc1 gate/up interleaved
+            ("lower_moe_ort", LowerMoEToOrt(quant, provider or PROVIDERS[0])),
             # onnxruntime's fused ops; opset 23 is not for portable/trt (TensorRT 10)
             attention,  # RotaryEmbedding + Attention, or + GroupQueryAttention (shared KV buffers)
             ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
         ]
 
+    def for_cpu(self, options: Any) -> bool:
+        return options.ort_provider == "cpu"
+
+    def finish(self, root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
+               progress: Progress, checkpoint: Path) -> None:
+        manifest.targets[self.name].extra["provider"] = options.ort_provider
+        super().finish(root, out, manifest, options, record, progress, checkpoint)

@@ -1,6 +1,27 @@
-"""Lower `mixexport.MoE` to onnxruntime's fused `com.microsoft.MoE` (CPU and CUDA kernels).
+"""Lower `mixexport.MoE` for onnxruntime: per provider, the form it runs fastest.
 
-Layout (verified on onnxruntime 1.32 CPU): `activation_type="swiglu"` with `swiglu_fusion=1`
+Which form (measured on onnxruntime 1.32, one MoE layer of the 214M `mid` model, H 512, I 1792,
+E 8, top-2, fp32, 2 threads, median of 200 interleaved runs, shared 2-core VM):
+- CPU, full-precision experts: the sparse standard-ONNX form of `passes/sparse_moe.py` (one `If`
+  per expert, MatMul on pre-transposed weights): 1.9-2.1 ms against 10.5 ms for the fused
+  `com.microsoft.MoE` at 1 token, 15-18 against 27 ms at 8 tokens, 27-63 against 52 ms at 64
+  (prefill: within noise of each other). The CPU MoE kernel gives each thread a fixed share of the
+  experts and runs each expert on one thread; MatMul in an `If` branch runs on all threads.
+  A whole `mid` decode step (batch 1, both graphs interleaved in one process, median of 55 steps)
+  gained less on the same machine under a load average of 6-14: 1.0-1.45x in four runs (e.g.
+  67.6 against 97.8 ms); an idle-machine number is still to be taken.
+- CPU, quantized experts: `com.microsoft.QMoE` (below): int4 0.67-0.89 ms, faster than
+  `MatMulNBits` in `If` branches (0.94-1.02 ms, accuracy_level 0). int8 has no exact fast kernel on
+  onnxruntime 1.32 CPU: QMoE without `block_size` takes 9.8-15.6 ms, MatMulNBits bits=8 at
+  accuracy_level 0 64-131 ms, DequantizeLinear + Gemm 31 ms; the fast int8 kernels (QMoE with
+  `block_size`, MatMulNBits accuracy_level 4: 0.5-0.9 ms) quantize the activations to int8 per
+  block (max error 6e-2 on unit-scale outputs), which is not the weight-only scheme every other
+  target and the parity reference compute. So exact int8 experts on CPU save memory, not time:
+  they run slower than the fp32 sparse form.
+- CUDA: one fused `com.microsoft.MoE` / `QMoE` node per layer (onnxruntime's CUDA kernels); an
+  `If` per expert there would copy each condition to the host, eight times a layer.
+
+The fused layout (verified on onnxruntime 1.32 CPU): `activation_type="swiglu"` with `swiglu_fusion=1`
 wants fc1 [E, 2I, H] with gate and up rows INTERLEAVED (g0, u0, g1, u1, ...); fc2 is [E, H, I]
 as captured; the router logits go in as `router_probs` (the op applies the softmax). Its SwiGLU
 defaults (alpha 1, beta 0, no clamp) make it exactly silu(gate) * up.
@@ -25,12 +46,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from mixexport.errors import InternalError
 from mixexport.passes.base import derived_initializer
 from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 from mixexport.passes.quant_weights import quantized_stack
+from mixexport.passes.sparse_moe import lower_sparse, transposed_matmul
 from mixexport.quant import QuantScheme
 
 ORT_DOMAIN = "com.microsoft"
+# onnxruntime execution providers a build lowers for (`--ort-provider`), the first the default.
+PROVIDERS = ("cpu", "cuda")
 
 
 def interleave_gate_up(w):
@@ -52,7 +77,13 @@ def _qmoe(graph: ir.Graph, m: MoEMatch, quant: QuantScheme, attributes: dict) ->
                    attributes=attributes, name=m.name("ort/QMoE"))
 
 
-def lower_one(graph: ir.Graph, m: MoEMatch, quant: QuantScheme | None) -> None:
+def uses_sparse_form(quant: QuantScheme | None, provider: str) -> bool:
+    """Whether the MoE lowers to the sparse standard-ONNX form (else one fused contrib node)."""
+    return quant is None and provider == "cpu"
+
+
+def lower_fused(graph: ir.Graph, m: MoEMatch, quant: QuantScheme | None) -> None:
+    """One `com.microsoft.MoE` (quantized: `QMoE`) node for the MoE, plus the non-finite rule."""
     attributes = {"k": m.top_k, "activation_type": "swiglu", "swiglu_fusion": 1,
                   "normalize_routing_weights": int(m.normalize)}
     if quant is not None:
@@ -76,7 +107,24 @@ def lower_one(graph: ir.Graph, m: MoEMatch, quant: QuantScheme | None) -> None:
 
 
 class LowerMoEToOrt(MoELowering):
-    """Replace every `mixexport.MoE` node with one `com.microsoft.MoE` (quantized: `QMoE`) node."""
+    """Replace every `mixexport.MoE` node with the form `provider` runs fastest (module docstring):
+    the sparse form for full-precision experts on CPU, else one `com.microsoft.MoE` (quantized:
+    `QMoE`) node.
 
-    domain = ORT_DOMAIN
-    lower_one = staticmethod(lower_one)
+    Args:
+        quant: the experts' quantization scheme (None: experts in the model dtype).
+        provider: the onnxruntime execution provider the graph is for, one of `PROVIDERS`.
+    """
+
+    def __init__(self, quant: QuantScheme | None = None, provider: str = PROVIDERS[0]):
+        if provider not in PROVIDERS:
+            raise InternalError(f"unknown onnxruntime provider {provider!r} (one of {PROVIDERS})")
+        super().__init__(quant)
+        self.provider = provider
+        self.domain = None if uses_sparse_form(quant, provider) else ORT_DOMAIN
+
+    def lower_one(self, graph: ir.Graph, m: MoEMatch, quant: QuantScheme | None) -> None:
+        if uses_sparse_form(quant, self.provider):
+            lower_sparse(graph, m, transposed_matmul, "ort")
+        else:
+            lower_fused(graph, m, quant)

@@ -15,5 +15,5 @@ class PortableBackend(RuntimeFilesBackend):
     dtypes = ("float32", "float16", "bfloat16")
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 kv: graph_io.KvLayout = graph_io.CONCAT) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
         return [("lower_moe_portable", LowerMoEToPortable(quant))]

@@ -55,7 +55,7 @@ def test_graph_has_one_group_query_attention_per_layer_over_shared_buffers(share
             ["batch", 2, graph_io.KV_BUFFER, 16]
     manifest = read_manifest(out)
     entry = manifest.targets["ort"]
-    assert entry.extra == {graph_io.KV_LAYOUT_FIELD: "shared"}
+    assert entry.extra == {graph_io.KV_LAYOUT_FIELD: "shared", "provider": "cpu"}
     assert manifest.dynamic_dims[graph_io.KV_BUFFER] == [1, 32]
     assert entry.inputs[3]["shape"] == ["batch", 2, graph_io.KV_BUFFER, 16]
     assert manifest.validation["passed"] and manifest.validation["targets"] == {"ort": "pass"}

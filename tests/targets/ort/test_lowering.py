@@ -1,4 +1,5 @@
-"""lower_moe_ort: the interleaved fc1 layout, the node it emits, and its numerics in onnxruntime."""
+"""lower_moe_ort: per provider, the graph it emits (CPU: the sparse form; CUDA: one contrib node with
+the interleaved fc1 layout), and its numerics in onnxruntime."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mixexport.targets.ort.lowering import LowerMoEToOrt, interleave_gate_up
+from mixexport.errors import InternalError
+from mixexport.targets.ort.lowering import PROVIDERS, LowerMoEToOrt, interleave_gate_up
 from passes.single_moe import check_non_finite_rule, moe_weights, reference, run, single_moe_model, tied_logits
 
 
@@ -23,10 +25,10 @@ def test_interleave_layout():
     np.testing.assert_array_equal(np.sort(out.reshape(-1)), np.sort(w.reshape(-1)))
 
 
-def test_rewrite_emits_one_contrib_node():
+def test_cuda_rewrite_emits_one_contrib_node():
     w_gate_up, w_down = moe_weights(4, 8, 6)
     model = single_moe_model(w_gate_up, w_down, top_k=2, normalize=True, layer=3)
-    result = LowerMoEToOrt()(model)
+    result = LowerMoEToOrt(provider="cuda")(model)
     assert result.modified and result.rewrites == 1
     nodes = list(model.graph)
     # the MoE node, then the non-finite-logits rule (a NaN row where the logits have no softmax)
@@ -46,46 +48,87 @@ def test_rewrite_emits_one_contrib_node():
     assert model.opset_imports["com.microsoft"] == 1
 
 
-def test_no_moe_node_no_rewrite():
+def test_cpu_rewrite_emits_one_if_per_expert_on_its_own_weights():
+    """On CPU each expert's MatMuls run in its own If branch on its own pre-transposed weights,
+    lazily derived (nothing is read while lowering), and no contrib op is left."""
+    w_gate_up, w_down = moe_weights(4, 8, 6)
+    model = single_moe_model(w_gate_up, w_down, top_k=2, normalize=True, layer=3)
+    result = LowerMoEToOrt(provider="cpu")(model)
+    assert result.modified and result.rewrites == 1
+    ifs = [n for n in model.graph if n.op_type == "If"]
+    assert [n.name for n in ifs] == [f"layers.3.moe.ort/experts.{e}/If" for e in range(4)]
+    assert not [n for n in model.graph if n.domain] and "com.microsoft" not in model.opset_imports
+    assert set(model.graph.initializers) == {f"layers.3.moe.experts.{e}.{w}_t" for e in range(4)
+                                             for w in ("w_gate_up", "w_down")}
+    for e, node in enumerate(ifs):
+        matmuls = [n for n in node.attributes["then_branch"].value if n.op_type == "MatMul"]
+        assert [m.inputs[1].name for m in matmuls] == [f"layers.3.moe.experts.{e}.w_gate_up_t",
+                                                       f"layers.3.moe.experts.{e}.w_down_t"]
+        assert isinstance(matmuls[0].inputs[1].const_value, ir.LazyTensor)
+        np.testing.assert_array_equal(matmuls[0].inputs[1].const_value.numpy(), w_gate_up[e].T)
+        np.testing.assert_array_equal(matmuls[1].inputs[1].const_value.numpy(), w_down[e].T)
+
+
+def test_unknown_provider_is_a_bug():
+    with pytest.raises(InternalError, match="unknown onnxruntime provider 'rocm'"):
+        LowerMoEToOrt(provider="rocm")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_no_moe_node_no_rewrite(provider):
     model = single_moe_model(*moe_weights(4, 8, 6), top_k=2, normalize=True)
-    LowerMoEToOrt()(model)
-    again = LowerMoEToOrt()(model)
+    LowerMoEToOrt(provider=provider)(model)
+    again = LowerMoEToOrt(provider=provider)(model)
     assert not again.modified and again.rewrites == 0
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("experts,top_k", [(4, 1), (4, 2), (8, 2), (8, 3)])
-def test_numerics_match_reference(experts, top_k):
+def test_numerics_match_reference(experts, top_k, provider):
     h, i, n = 16, 12, 9
     w_gate_up, w_down = moe_weights(experts, h, i, seed=experts + top_k)
     x = np.random.default_rng(2).standard_normal((n, h)).astype(np.float32)
     logits = np.random.default_rng(3).standard_normal((n, experts)).astype(np.float32)
     model = single_moe_model(w_gate_up, w_down, top_k=top_k, normalize=True)
-    LowerMoEToOrt()(model)
+    LowerMoEToOrt(provider=provider)(model)
     got = run(model, x, logits)
     want = reference(x, logits, w_gate_up, w_down, top_k, True)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_cpu_exact_ties_go_to_lower_expert_index(top_k):
+    """The sparse form routes with TopK, which the ONNX spec makes pick the lower index on ties."""
+    w_gate_up, w_down = moe_weights(4, 16, 12)
+    x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+    logits = tied_logits(3, 4)
+    model = single_moe_model(w_gate_up, w_down, top_k=top_k, normalize=True)
+    LowerMoEToOrt(provider="cpu")(model)
+    np.testing.assert_allclose(run(model, x, logits), reference(x, logits, w_gate_up, w_down, top_k, True),
+                               atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.xfail(strict=True, reason="onnxruntime 1.32 CPU com.microsoft.MoE breaks exact ties toward the HIGHER "
                    "expert index (std::partial_sort of (p, index) pairs with std::greater); the MoE contract says "
                    "lower index. Not fixable in the lowering without breaking the CUDA kernel's order.")
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_exact_ties_go_to_lower_expert_index(top_k):
+def test_cuda_exact_ties_go_to_lower_expert_index(top_k):
     w_gate_up, w_down = moe_weights(4, 16, 12)
     x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
     logits = tied_logits(3, 4)
     model = single_moe_model(w_gate_up, w_down, top_k=top_k, normalize=True)
-    LowerMoEToOrt()(model)
+    LowerMoEToOrt(provider="cuda")(model)
     np.testing.assert_allclose(run(model, x, logits), reference(x, logits, w_gate_up, w_down, top_k, True),
                                atol=1e-5, rtol=1e-4)
 
 
-def test_numerics_fp16():
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_numerics_fp16(provider):
     w_gate_up, w_down = moe_weights(8, 16, 12, dtype=np.float16)
     x = np.random.default_rng(3).standard_normal((6, 16)).astype(np.float16)
     logits = np.random.default_rng(4).standard_normal((6, 8)).astype(np.float16)
     model = single_moe_model(w_gate_up, w_down, top_k=2, normalize=True)
-    LowerMoEToOrt()(model)
+    LowerMoEToOrt(provider=provider)(model)
     got = run(model, x, logits)
     assert got.dtype == np.float16
     want = reference(x, logits, w_gate_up, w_down, 2, True)
@@ -98,7 +141,7 @@ def test_not_interleaved_would_be_caught():
     x = np.random.default_rng(5).standard_normal((5, 16)).astype(np.float32)
     logits = np.random.default_rng(6).standard_normal((5, 4)).astype(np.float32)
     model = single_moe_model(w_gate_up, w_down, top_k=2, normalize=True)
-    LowerMoEToOrt()(model)
+    LowerMoEToOrt(provider="cuda")(model)
     fc1 = model.graph.initializers["layers.0.moe.fc1_interleaved"]
     fc1.const_value = ir.tensor(w_gate_up, name=fc1.name)
     got = run(model, x, logits)
@@ -106,8 +149,9 @@ def test_not_interleaved_would_be_caught():
 
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_non_finite_router_logits_follow_the_moe_rule(dtype):
+def test_non_finite_router_logits_follow_the_moe_rule(dtype, provider):
     """com.microsoft.MoE alone returns zeros for a token without a softmax; the lowering makes it
-    the NaN row the MoE rule says."""
-    check_non_finite_rule(LowerMoEToOrt(), dtype, tol=1e-5 if dtype == np.float32 else 1e-2)
+    the NaN row the MoE rule says (the sparse form by counting a NaN weight as chosen)."""
+    check_non_finite_rule(LowerMoEToOrt(provider=provider), dtype, tol=1e-5 if dtype == np.float32 else 1e-2)

@@ -28,10 +28,22 @@ def test_qmoe_matches_dequantized_reference(name, dtype):
     np.testing.assert_allclose(y.astype(np.float32), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
-def test_full_precision_experts_keep_moe():
+def test_full_precision_experts_keep_moe_on_cuda_only():
     model, x, logits, _ = quant_case("int8", np.float32)
-    LowerMoEToOrt()(model)
+    LowerMoEToOrt(provider="cuda")(model)
     assert [n.op_type for n in model.graph].count("MoE") == 1
+    model, x, logits, _ = quant_case("int8", np.float32)
+    LowerMoEToOrt(provider="cpu")(model)
+    assert [n.op_type for n in model.graph].count("MoE") == 0
+
+
+@pytest.mark.parametrize("provider", ["cpu", "cuda"])
+def test_quantized_experts_are_qmoe_on_every_provider(provider):
+    """No exact int8/int4 kernel beats QMoE on CPU (lowering.py), so both providers get it."""
+    model, x, logits, expected = quant_case("int4-g32", np.float32)
+    LowerMoEToOrt(SCHEMES["int4-g32"], provider)(model)
+    assert [n.op_type for n in model.graph].count("QMoE") == 1
+    np.testing.assert_allclose(run(model, x, logits), expected, atol=TOLERANCE[np.float32], rtol=0)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-g32"])
