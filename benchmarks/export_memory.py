@@ -46,6 +46,14 @@ def mixexport_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mixexport.cli.main"]
 
 
+def scratch_dir(prefix: str, parent: Path | None) -> Path:
+    """A new folder for one benchmark run's checkpoints and outputs (under `parent`, default the
+    system temp folder), printed with the free disk there."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    print(f"workdir: {work}  (free disk {shutil.disk_usage(work).free / GiB:.0f} GiB)\n", flush=True)
+    return work
+
+
 def machine_info() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     versions = []
@@ -109,8 +117,7 @@ def main() -> int:
     args = ap.parse_args()
 
     print(machine_info())
-    work = Path(tempfile.mkdtemp(prefix="mixexport-export-mem-", dir=args.workdir))
-    print(f"workdir: {work}  (free disk {shutil.disk_usage(work).free / GiB:.0f} GiB)\n", flush=True)
+    work = scratch_dir("mixexport-export-mem-", args.workdir)
     rows = []
     try:
         for n in args.layers:

@@ -24,12 +24,11 @@ import argparse
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 # The sibling benchmark's measuring helpers (this directory is on sys.path when run as a script).
-from export_memory import machine_info, mixexport_cmd, run_measured
+from export_memory import machine_info, mixexport_cmd, run_measured, scratch_dir
 
 GiB = 1024**3
 
@@ -44,8 +43,7 @@ def main() -> int:
     args = ap.parse_args()
 
     print(machine_info())
-    work = Path(tempfile.mkdtemp(prefix="mixexport-validate-mem-", dir=args.workdir))
-    print(f"workdir: {work}  (free disk {shutil.disk_usage(work).free / GiB:.0f} GiB)\n", flush=True)
+    work = scratch_dir("mixexport-validate-mem-", args.workdir)
     rows = []
     try:
         for n in args.layers:
