@@ -15,6 +15,7 @@ from mixexport.targets.base import Progress
 from mixexport.targets.runtime_files import RuntimeFilesBackend
 from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
 from mixexport.targets.ort.fuse_gqa import FuseGroupQueryAttentionOrt
+from mixexport.targets.ort.fuse_qkv import FuseQkvOrt
 from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
 from mixexport.targets.ort.lowering import ORT_DOMAIN, PROVIDERS, LowerMoEToOrt, uses_sparse_form
 
@@ -47,6 +48,7 @@ class OrtBackend(RuntimeFilesBackend):
             ("lower_moe_ort", LowerMoEToOrt(quant, provider or PROVIDERS[0])),
             # onnxruntime's fused ops; opset 23 is not for portable/trt (TensorRT 10)
             attention,  # RotaryEmbedding + Attention, or + GroupQueryAttention (shared KV buffers)
+            ("fuse_qkv_ort", FuseQkvOrt(num_layers)),  # one q|k|v MatMul + Split (after: attention finds q, k, v)
             ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
         ]
 
