@@ -10,6 +10,11 @@ weights are a plain initializer, a runtime pre-packs them for its GEMM and runs 
 its threads (onnxruntime's CPU `com.microsoft.MoE` runs each expert on one thread, and measured 5x
 slower at batch 1 on a 214M model: see `targets/ort/lowering.py`).
 
+Per layer the main graph runs only the routing (a handful of ops), one If per expert and one Sum:
+which experts were chosen is computed once per layer and split into the Ifs' conditions, and each
+branch reads its own column of the routing. (One Gather, compare, reduce and Add per expert in the
+main graph made a `mid` decode step run about 1000 kernels; this form, about 580, onnxruntime 1.32.)
+
 Non-finite router logits: a NaN weight (a token without a softmax, `mixexport.model.moe`) counts as
 chosen, so that token's row comes out NaN, as the MoE op's rule says.
 """
