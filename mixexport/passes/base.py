@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from mixexport.capture import StackedLazyTensor, materialize
+from mixexport.errors import InternalError
 
 
 @dataclasses.dataclass
@@ -79,6 +80,30 @@ def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
         tensor = ir.LazyTensor(lambda: ir.tensor(materialize(transform(src.numpy()), src.dtype, shape)),
                                dtype=src.dtype, shape=ir.Shape(shape), name=name)
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def concatenated_initializer(graph: ir.Graph, sources: list[ir.Value], name: str, axis: int) -> ir.Value:
+    """Register an initializer that is `sources` concatenated along `axis`, computed when the
+    model is saved (as `derived_initializer`: the sources are read, and each laid out, only then).
+
+    Args:
+        graph: graph to register the new initializer in.
+        sources: initializers of one dtype whose `const_value`s hold (possibly lazy) data, with
+            equal shapes but for `axis`.
+        name: the new initializer's name.
+        axis: the axis to concatenate along (non-negative).
+    """
+    tensors = [s.const_value for s in sources]
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        raise InternalError(f"{name}: cannot concatenate {[t.dtype for t in tensors]}")
+    shape = list(sources[0].shape)
+    shape[axis] = sum(s.shape[axis] for s in sources)
+    tensor = ir.LazyTensor(lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),
+                           dtype=dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 

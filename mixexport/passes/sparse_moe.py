@@ -10,6 +10,11 @@ weights are a plain initializer, a runtime pre-packs them for its GEMM and runs 
 its threads (onnxruntime's CPU `com.microsoft.MoE` runs each expert on one thread, and measured 5x
 slower at batch 1 on a 214M model: see `targets/ort/lowering.py`).
 
+Per layer the main graph runs only the routing (a handful of ops), one If per expert and one Sum:
+which experts were chosen is computed once per layer and split into the Ifs' conditions, and each
+branch reads its own column of the routing. (One Gather, compare, reduce and Add per expert in the
+main graph made a `mid` decode step run about 1000 kernels; this form, about 580, onnxruntime 1.32.)
+
 Non-finite router logits: a NaN weight (a token without a softmax, `mixexport.model.moe`) counts as
 chosen, so that token's row comes out NaN, as the MoE op's rule says.
 """
@@ -53,22 +58,29 @@ def transposed_matmul(tape: ir.tape.Tape, graph: ir.Graph, m: MoEMatch, e: int, 
     return tape.op("MatMul", [x, w_t])
 
 
-def _expert_branch(graph: ir.Graph, m: MoEMatch, e: int, weight_e: ir.Value, chosen: ir.Value, zeros: ir.Value,
+def _expert_branch(graph: ir.Graph, m: MoEMatch, e: int, dense: ir.Value, chosen: ir.Value, zeros: ir.Value,
                    matmul: ExpertMatMul, target: str) -> ir.Graph:
-    """The `then` branch of expert e: [N, H] fp32 with the weighted expert output on its tokens."""
+    """The `then` branch of expert e: [N, H] fp32 with the weighted expert output on its tokens.
+
+    It reads expert e's columns of the layer's routing (`dense` weights, `chosen` flags, [N, E])
+    itself: the main graph then runs nothing per expert but the If, whichever experts were chosen.
+    """
     tape = ir.tape.Tape()
     prefix = f"experts.{e}"
-    rows = tape.op("Squeeze", [tape.op("NonZero", [chosen]),
+    index = const(tape, np.array(e, np.int64), m.name(f"{prefix}.index"))
+    rows = tape.op("Squeeze", [tape.op("NonZero", [tape.op("Gather", [chosen, index], {"axis": 1})]),
                                const(tape, np.array([0], np.int64), m.name(f"{prefix}.axes0"))])  # [n_e]
     xe = tape.op("Gather", [m.x, rows], {"axis": 0})  # [n_e, H]
     gate_up = matmul(tape, graph, m, e, xe, m.w_gate_up, "w_gate_up")
     gate, up = tape.op_multi_out("Split", [gate_up], {"axis": 1, "num_outputs": 2}, num_outputs=2)  # [n_e, I] each
     act = tape.op("Mul", [tape.op("Mul", [gate, tape.op("Sigmoid", [gate])]), up])
-    down = matmul(tape, graph, m, e, act, m.w_down, "w_down")
-    ye = tape.op("Cast", [down], {"to": FLOAT})  # [n_e, H] fp32
-    we = tape.op("Unsqueeze", [tape.op("Gather", [weight_e, rows], {"axis": 0}),
-                               const(tape, np.array([1], np.int64), m.name(f"{prefix}.axes1"))])  # [n_e, 1]
-    indices = tape.op("Unsqueeze", [rows, const(tape, np.array([1], np.int64), m.name(f"{prefix}.axes1b"))])
+    ye = matmul(tape, graph, m, e, act, m.w_down, "w_down")
+    if m.dtype != FLOAT:
+        ye = tape.op("Cast", [ye], {"to": FLOAT})  # [n_e, H] fp32
+    # [n_e, 1]: Gather with a 1-D index keeps expert e's column as a dimension
+    column = tape.op("Gather", [dense, const(tape, np.array([e], np.int64), m.name(f"{prefix}.column"))], {"axis": 1})
+    we = tape.op("Gather", [column, rows], {"axis": 0})
+    indices = tape.op("Unsqueeze", [rows, const(tape, np.array([1], np.int64), m.name(f"{prefix}.axes1"))])
     out = tape.op("ScatterND", [zeros, indices, tape.op("Mul", [ye, we])])  # [N, H]
     name_nodes(tape.nodes, m.name(f"{target}/{prefix}"))
     return ir.Graph([], [out], nodes=tape.nodes, name=m.name(f"{prefix}.then"))
@@ -90,7 +102,8 @@ def lower_sparse(graph: ir.Graph, m: MoEMatch, matmul: ExpertMatMul, target: str
         target: the target's name, the first part of every new node's name after the layer's.
     """
     tape = ir.tape.Tape()
-    probs = tape.op("Softmax", [tape.op("Cast", [m.router_logits], {"to": FLOAT})], {"axis": -1})  # [N, E]
+    logits = m.router_logits if m.router_logits.dtype == FLOAT else tape.op("Cast", [m.router_logits], {"to": FLOAT})
+    probs = tape.op("Softmax", [logits], {"axis": -1})  # [N, E]
     top_w, top_e = tape.op_multi_out(
         "TopK", [probs, const(tape, np.array([m.top_k], np.int64), m.name("k"))],
         {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)  # [N, K]
@@ -100,21 +113,25 @@ def lower_sparse(graph: ir.Graph, m: MoEMatch, matmul: ExpertMatMul, target: str
     zero_e = tape.op("ConstantOfShape", [tape.op("Shape", [probs])], {"value": ir.tensor(np.zeros(1, np.float32))})
     dense = tape.op("ScatterElements", [zero_e, top_e, top_w], {"axis": 1})  # [N, E], 0 where unselected
     # Only tokens that chose expert e have a weight > 0 in column e; ScatterElements wrote exactly those.
+    # Chosen: weight not 0; a NaN weight counts as chosen (the non-finite rule, module docstring).
+    chosen = tape.op("Not", [tape.op("Equal", [dense, const(tape, np.array(0, np.float32), m.name("zero_w"))])])
+    # [E] whether any token chose each expert, split into one [1] condition per If: per layer,
+    # not per expert, so a decode step runs a handful of small ops here rather than E times as many.
+    used = tape.op("ReduceMax", [tape.op("Cast", [chosen], {"to": ir.DataType.INT32}),
+                                 const(tape, np.array([0], np.int64), m.name("axes_tokens"))], {"keepdims": 0})
+    used = tape.op("Cast", [used], {"to": ir.DataType.BOOL})
+    conditions = (tape.op_multi_out("Split", [used], {"axis": 0, "num_outputs": m.num_experts},
+                                    num_outputs=m.num_experts) if m.num_experts > 1 else [used])
     zeros = tape.op("ConstantOfShape", [tape.op("Shape", [m.x])], {"value": ir.tensor(np.zeros(1, np.float32))})
-    total = None
+    branches = []
     for e in range(m.num_experts):
-        weight_e = tape.op("Gather", [dense, const(tape, np.array(e, np.int64), m.name(f"experts.{e}.index"))],
-                           {"axis": 1})  # [N]
-        # Chosen: weight not 0; a NaN weight counts as chosen (the non-finite rule, module docstring).
-        chosen = tape.op("Not", [tape.op("Equal", [weight_e, const(tape, np.array(0, np.float32),
-                                                                     m.name(f"experts.{e}.zero_w"))])])  # [N]
-        used = tape.op("ReduceMax", [tape.op("Cast", [chosen], {"to": ir.DataType.INT32})], {"keepdims": 0})
-        branch = tape.op("If", [tape.op("Cast", [used], {"to": ir.DataType.BOOL})], {
+        branches.append(tape.op("If", [conditions[e]], {
             "then_branch": ir.Attr("then_branch", ir.AttributeType.GRAPH,
-                                   _expert_branch(graph, m, e, weight_e, chosen, zeros, matmul, target)),
+                                   _expert_branch(graph, m, e, dense, chosen, zeros, matmul, target)),
             "else_branch": ir.Attr("else_branch", ir.AttributeType.GRAPH, _zeros_branch(m, e, zeros, target)),
-        }, name=m.name(f"{target}/experts.{e}/If"))
-        total = branch if total is None else tape.op("Add", [total, branch])
-    out = tape.op("Cast", [total], {"to": m.dtype})  # [N, H]
+        }, name=m.name(f"{target}/experts.{e}/If")))
+    # One Sum, not an Add per expert: the unchosen experts add exact zeros, so it is the same sum.
+    total = tape.op("Sum", branches) if len(branches) > 1 else branches[0]
+    out = total if m.dtype == FLOAT else tape.op("Cast", [total], {"to": m.dtype})  # [N, H]
     name_nodes(tape.nodes, m.name(target))
     replace_moe(graph, m, list(tape.nodes), out)

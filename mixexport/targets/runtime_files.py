@@ -6,7 +6,9 @@ folder that onnxruntime-genai and Optimum open as it is.
   length, the graph's I/O names from `graph_io`, greedy search defaults, and
   `past_present_share_buffer`: false for the concat KV layout (the graph's attention concatenates
   past and new keys, so present grows each step), true for the ort target's shared layout
-  (static buffers updated in place, `targets.ort.fuse_gqa`).
+  (static buffers updated in place, `targets.ort.fuse_gqa`), and the execution provider in the
+  decoder's session options: `cuda` for an ort graph built with `--ort-provider cuda` (genai runs
+  on the CPU unless its config names a provider), none for a CPU graph.
 - `config.json` + `generation_config.json` for Optimum's `ORTModelForCausalLM`, also with
   `model_type: "mistral"`: Optimum reads `num_key_value_heads` only for a fixed list of model types
   (Mistral's among them, Mixtral's not), and with the wrong head count its `generate` builds past
@@ -69,9 +71,12 @@ def special_token_ids(checkpoint: Path, vocab_size: int) -> dict[str, Any]:
     return ids
 
 
-def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any], kv_layout: str = "concat") -> dict[str, Any]:
+def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any], kv_layout: str = "concat",
+                 provider: str | None = None) -> dict[str, Any]:
     """`genai_config.json` for onnxruntime-genai 0.18 (`model.decoder` names the graph's I/O);
-    `past_present_share_buffer` is true for a graph with the shared KV layout (`graph_io.KV_LAYOUTS`)."""
+    `past_present_share_buffer` is true for a graph with the shared KV layout (`graph_io.KV_LAYOUTS`);
+    `provider` is the onnxruntime execution provider the graph was lowered for (the ort target's
+    `--ort-provider`; None: a graph for any provider), which genai names the same way."""
     past_key, past_value = graph_io.past_names("%d")  # genai's per-layer name patterns
     present_key, present_value = graph_io.present_names("%d")
     inputs = [b.name for b in graph_io.inputs(model, model.dtype)][:3]
@@ -80,7 +85,7 @@ def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any], kv_lay
             **ids,
             "context_length": context,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": genai_providers(provider)},
                 "filename": "model.onnx",
                 "head_size": model.head_dim,
                 "hidden_size": model.hidden_size,
@@ -102,6 +107,12 @@ def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any], kv_lay
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+
+
+def genai_providers(provider: str | None) -> list[dict[str, Any]]:
+    """genai's `provider_options` for a graph lowered for `provider`: empty (genai's CPU) unless a
+    device provider, e.g. `[{"cuda": {}}]`."""
+    return [] if provider in (None, "cpu") else [{provider: {}}]
 
 
 def optimum_config(model: MixtralConfig, dtype: str, context: int, ids: dict[str, Any]) -> dict[str, Any]:
@@ -133,8 +144,9 @@ def write_runtime_files(root: Path, target: str, manifest: Any, checkpoint: Path
     context = manifest.dynamic_dims[graph_io.TOTAL][1]
     ids = special_token_ids(checkpoint, model.vocab_size)
     folder = root / target
+    extra = manifest.targets[target].extra
     documents = {
-        GENAI_CONFIG: genai_config(model, context, ids, graph_io.kv_layout_of(manifest.targets[target].extra)),
+        GENAI_CONFIG: genai_config(model, context, ids, graph_io.kv_layout_of(extra), extra.get("provider")),
         CONFIG_FILE: optimum_config(model, manifest.dtype, context, ids),
         GENERATION_CONFIG: {**ids, "do_sample": False, "max_length": context},
     }

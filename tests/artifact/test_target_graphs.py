@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -82,6 +84,8 @@ def test_ort_graph_for_cuda_has_one_contrib_moe_per_layer(tmp_path_factory):
     assert manifest.validation["passed"] is True
     assert manifest.targets["ort"].extra["provider"] == "cuda"
     assert manifest.targets["ort"].moe_op == "com.microsoft.MoE"
+    genai = json.loads((out / "ort" / "genai_config.json").read_text())  # genai runs it on CUDA
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
     experts, top_k, dtype = CONFIGS[name]
     config = preset("tiny").replace(num_local_experts=experts, num_experts_per_tok=top_k, dtype=dtype)
     model = onnx.load(str(out / "ort" / "model.onnx"), load_external_data=False)

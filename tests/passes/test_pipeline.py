@@ -24,7 +24,7 @@ def test_report_counts(captured, target):
     layers = config.num_hidden_layers
     lowered = model.clone()
     report = backend(target).lower(lowered, layers)
-    fusions = ["fuse_attention_ort", "fuse_rms_norm_ort"] if target == "ort" else []
+    fusions = ["fuse_attention_ort", "fuse_qkv_ort", "fuse_rms_norm_ort", "fold_ort"] if target == "ort" else []
     assert list(report) == ["name_graph", "fold_weight_transpose", f"lower_moe_{target}", *fusions,
                             "check_attention_mask", "remove_unused", "remove_unused_opsets"]
     assert report["check_attention_mask"] == 1

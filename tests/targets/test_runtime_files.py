@@ -67,3 +67,16 @@ def test_every_file_written_is_recorded(tmp_path):
     assert [f["path"] for f in manifest.targets["ort"].files] == [f"ort/{name}" for name in written]
     assert sorted(p.name for p in (root / "ort").iterdir()) == sorted(written)
     assert (root / "ort" / "tokenizer.model").read_bytes() == b"sentencepiece"
+
+
+@pytest.mark.parametrize("extra, providers", [({}, []), ({"provider": "cpu"}, []),
+                                              ({"provider": "cuda"}, [{"cuda": {}}])])
+def test_genai_config_names_the_provider_the_graph_was_lowered_for(tmp_path, extra, providers):
+    """genai runs on its CPU provider unless the config names one: a CUDA build says cuda."""
+    root = tmp_path / "out"
+    (root / "ort").mkdir(parents=True)
+    manifest = _manifest()
+    manifest.targets["ort"].extra = extra
+    write_runtime_files(root, "ort", manifest, _checkpoint(tmp_path), lambda p: {"path": str(p)})
+    genai = json.loads((root / "ort" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == providers

@@ -13,8 +13,10 @@ from mixexport.quant import QuantScheme
 from mixexport.schema import text
 from mixexport.targets.base import Progress
 from mixexport.targets.runtime_files import RuntimeFilesBackend
+from mixexport.targets.ort.fold import FoldForOrt
 from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
 from mixexport.targets.ort.fuse_gqa import FuseGroupQueryAttentionOrt
+from mixexport.targets.ort.fuse_qkv import FuseQkvOrt
 from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
 from mixexport.targets.ort.lowering import ORT_DOMAIN, PROVIDERS, LowerMoEToOrt, uses_sparse_form
 
@@ -47,7 +49,9 @@ class OrtBackend(RuntimeFilesBackend):
             ("lower_moe_ort", LowerMoEToOrt(quant, provider or PROVIDERS[0])),
             # onnxruntime's fused ops; opset 23 is not for portable/trt (TensorRT 10)
             attention,  # RotaryEmbedding + Attention, or + GroupQueryAttention (shared KV buffers)
+            ("fuse_qkv_ort", FuseQkvOrt(num_layers)),  # one q|k|v MatMul + Split (after: attention finds q, k, v)
             ("fuse_rms_norm_ort", FuseRMSNormOrt(num_layers)),  # RMSNormalization
+            ("fold_ort", FoldForOrt()),  # what onnxruntime would fold and fuse at load, done here
         ]
 
     def for_cpu(self, options: Any) -> bool:

@@ -61,7 +61,7 @@ class AttentionMatch:
         return f"layers.{self.layer}.self_attn.ort/{what}"
 
 
-def _projection(graph: ir.Graph, layer: int, proj: str) -> ir.Node | str:
+def projection(graph: ir.Graph, layer: int, proj: str) -> ir.Node | str:
     name = f"layers.{layer}.self_attn.{proj}_proj.weight_t"
     weight = graph.initializers.get(name)
     if weight is None:
@@ -106,7 +106,7 @@ def match_attention(graph: ir.Graph, layer: int) -> AttentionMatch | str:
     """Find layer `layer`'s attention anchors; a string says why it cannot be fused."""
     nodes = {}
     for proj in "qkvo":
-        node = _projection(graph, layer, proj)
+        node = projection(graph, layer, proj)
         if isinstance(node, str):
             return node
         nodes[proj] = node

@@ -63,7 +63,7 @@ def test_rewrite_leaves_fused_ops(captured, provider):
         "scale": pytest.approx(CONFIG.head_dim ** -0.5)}
     assert [v.name for v in attention.outputs[1:]] == ["present.0.key", "present.0.value"]
     # weights were re-wired, not read: still the lazy tensors capture attached
-    assert isinstance(model.graph.initializers["layers.0.self_attn.q_proj.weight_t"].const_value, ir.LazyTensor)
+    assert isinstance(model.graph.initializers["layers.0.self_attn.o_proj.weight_t"].const_value, ir.LazyTensor)
 
 
 def test_portable_and_trt_are_not_fused(captured):
