@@ -165,3 +165,22 @@ def test_no_session_is_created_while_a_reference_stage_is_held(tmp_path_factory,
     report, _ = validate_out(out, mode="streamed")
     assert report["passed"] and len(sessions) == len(parts) == 4  # embedding, 2 layers, head
     assert sessions == [[]] * 4, "a reference stage was alive while a session loaded"
+
+
+def test_streamed_validate_reads_each_checkpoint_tensor_once(tmp_path_factory, monkeypatch):
+    """`validate` checks the checkpoint against the manifest from the digests of the reference's
+    own reads, after comparing: the checkpoint is read once, not once to hash and once to run."""
+    from mixexport.checkpoint import reader
+
+    path = tmp_path_factory.mktemp("hf") / "checkpoint"
+    write_hf_checkpoint(path, hidden=64, intermediate=96)
+    with reference_source(path, None, 0, {}, lambda _: None) as (ckpt, source):
+        out = tmp_path_factory.mktemp("once") / "out"
+        build(ckpt, source, out, BuildOptions(targets=("ort",), validate=False, **RANGES), lambda _: None)
+    reads = []
+    read_tensor = reader.read_tensor
+    monkeypatch.setattr(reader, "read_tensor", lambda info, out=None: reads.append(info) or read_tensor(info, out))
+    report, _ = validate_out(out, mode="streamed")
+    assert report["passed"]
+    tensors = Checkpoint(path).tensors
+    assert len(reads) == len(set(reads)) == len(tensors), "a checkpoint tensor was read twice (or not at all)"
