@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -36,6 +37,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # An index maps each tensor name to a shard: about 100 bytes an entry, so 64 MiB admits over
 # half a million tensors (Mixtral 8x22B has 1,739).
 MAX_INDEX_BYTES = 64 * 1024**2
+STACK_READERS = 2  # threads reading an expert stack (`Checkpoint.stack_experts`)
 _FINITE_CHUNK = 2**20  # elements per step when locating a non-finite value
 CONVERT_HINT = (
     "mixexport never unpickles weights (a pickle can run arbitrary code). Convert once on a trusted "
@@ -175,13 +177,15 @@ class Checkpoint:
         """[E, ...] from `part(e, out)`, which reads expert e into `out` (its slot of the stack;
         None: a new tensor), one allocation filled expert by expert."""
         # Each expert read straight into its slot: peak memory is the stack (plus the first expert,
-        # read before the stack's shape is known), and no expert is copied twice.
+        # read before the stack's shape is known), and no expert is copied twice. Two readers: a
+        # read's sha256 and finiteness check (the first time) and the read itself release the GIL,
+        # so one reader hashes while the other reads.
         first = part(0, None)
         out = torch.empty((self.config.num_local_experts, *first.shape), dtype=first.dtype)
         out[0] = first
         del first
-        for e in range(1, self.config.num_local_experts):
-            part(e, out[e])
+        with ThreadPoolExecutor(STACK_READERS) as readers:
+            list(readers.map(lambda e: part(e, out[e]), range(1, self.config.num_local_experts)))
         return out
 
     def nbytes(self) -> int:

@@ -20,6 +20,7 @@ import os
 from collections import Counter
 import posixpath
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -62,39 +63,58 @@ class StageGraph:
 
 class FileHashes:
     """The sha256 checks of an artifact's files, each file hashed in one sequential pass that
-    validation may advance while it reads the file's weights (`read_ahead`), and completes with
-    `finish` before it gives a verdict.
+    validation may start ahead of time (`read_ahead`, in a background thread) while it reads the
+    file's weights, and completes with `finish` before it gives a verdict.
 
     Why not hash every file before validating: that reads the weights from disk twice (an
     8-layer 8x7B-shaped artifact holds 23 GB; the page cache has long dropped a file's first
-    pages when onnxruntime reads them). Layer-streamed validation has a weight file hashed up to
-    the end of the weights a stage's session is about to load, so that onnxruntime finds those
-    bytes in the page cache: the disk is read once. A mismatch fails as the up-front check did.
+    pages when onnxruntime reads them), and hashing is one thread's work that nothing else
+    overlaps. Layer-streamed validation has a weight file hashed up to the end of the weights of
+    the stage it is about to compare while it runs that stage's reference, so onnxruntime finds
+    those bytes in the page cache (the disk is read once) and the hashing runs beside the
+    reference's work. A mismatch fails as the up-front check did.
     """
 
     def __init__(self) -> None:
         self._pending: dict[Path, _PendingHash] = {}
+        self._worker: ThreadPoolExecutor | None = None
+        self._queued: list[Future] = []
 
     def add(self, file: Path, sha256: str, target: str) -> None:
         """Check `file` (of `target`) against `sha256` by `finish` at the latest."""
         self._pending[file.resolve()] = _PendingHash(file, sha256, target, hashlib.sha256())
 
     def read_ahead(self, file: Path, end: int) -> None:
-        """Hash `file` up to byte `end`, if it is a file still to check (else nothing)."""
+        """Start hashing `file` up to byte `end` in the background, if it is a file still to check
+        (else nothing). Hashing releases the GIL: it overlaps what the caller does next."""
         pending = self._pending.get(file.resolve())
         if pending is not None:
-            pending.advance(end)
+            self._worker = self._worker or ThreadPoolExecutor(1, thread_name_prefix="mixexport-sha256")
+            self._queued.append(self._worker.submit(pending.advance, end))
 
     def finish(self, files: Iterable[Path] | None = None) -> None:
         """Hash the rest of every file still to check (or of those of `files`) and compare.
 
         Raises:
-            MixexportError: naming the first file whose sha256 is not the manifest's.
+            MixexportError: naming the first file whose sha256 is not the manifest's (or that
+                could not be read).
         """
+        self._wait()
         for key in list(self._pending) if files is None else [f.resolve() for f in files]:
             pending = self._pending.pop(key, None)
             if pending is not None:
                 pending.check()
+
+    def _wait(self) -> None:
+        """Let the background hashing end (re-raising its error)."""
+        queued, self._queued = self._queued, []
+        try:
+            for future in queued:
+                future.result()
+        finally:
+            if self._worker is not None and not self._queued:
+                self._worker.shutdown()
+                self._worker = None
 
 
 @dataclasses.dataclass

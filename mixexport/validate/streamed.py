@@ -260,8 +260,9 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
             one pass over the checkpoint.
         quant: the experts' quantization scheme (None: full precision; not with `chained`).
         quant_thresholds: `QuantThresholds.resolve`'s gates (with `quant`).
-        hashes: the artifact's pending sha256 checks: each weight file is hashed up to the end of
-            what a stage's session reads, just before it loads (`FileHashes.read_ahead`).
+        hashes: the artifact's pending sha256 checks: each weight file is hashed, in the background
+            while the stage's reference reads and runs, up to the end of what the stage's session
+            reads (`FileHashes.read_ahead`).
 
     Returns:
         per target: status, max_abs_diff per group, router_agreement (all layers) and per layer,
@@ -289,6 +290,8 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     phases = PhaseTimes()
     start = time.perf_counter()
     for done, stage in enumerate(stages, 1):
+        with phases("stage graphs"):  # first: their weights are hashed in the background beside the reference
+            models = [_stage_graph(stage_model(graph, stage, config), graph.folder, hashes) for _, graph in to_run]
         with phases("reference read"):
             part = _ReferencePart(ckpt, stage, torch_type)
         layers = range(stage.first, stage.end)
@@ -320,10 +323,9 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
         # The stage's reference weights go before an onnxruntime session loads the stage's own:
         # the two are never held at once.
         del part, full
-        for (name, graph), (ref_iters, feeds, on_outputs, inputs) in zip(to_run, compare):
-            def make_runner(graph=graph, stage=stage):
-                model = _read_ahead(stage_model(graph, stage, config), graph.folder, hashes, phases)
-                return OnnxrtRunner(_timed(session_loader(graph, config.num_hidden_layers, model), phases),
+        for (name, graph), (ref_iters, feeds, on_outputs, inputs), model in zip(to_run, compare, models):
+            def make_runner(graph=graph, model=model):
+                return OnnxrtRunner(_timed(session_loader(graph, config.num_hidden_layers, lambda: model), phases),
                                     name=graph.name)
             if name in chained:
                 report = _compare_chained(make_runner, stage, ref_iters, feeds, own[name], tolerances,
@@ -348,19 +350,16 @@ def _timed(load: Callable[[], Any], phases: PhaseTimes) -> Callable[[], Any]:
     return timed
 
 
-def _read_ahead(model: Callable[[], bytes], folder: Path, hashes: FileHashes | None,
-                phases: PhaseTimes) -> Callable[[], bytes]:
-    """`model` (a stage's graph as validation runs it), having first hashed each of its weight
-    files (in the target's `folder`) up to the end of what the stage reads there, so that the
-    session finds those bytes in the page cache (`FileHashes`)."""
-    def build() -> bytes:
-        data = model()
-        if hashes is not None:
-            with phases("checksums"):
-                for location, end in external_extents(onnx.ModelProto.FromString(data)).items():
-                    hashes.read_ahead(folder / location, end)
-        return data
-    return build
+def _stage_graph(model: Callable[[], bytes], folder: Path, hashes: FileHashes | None) -> bytes:
+    """`model()` (a stage's graph as validation runs it), its weight files (in the target's
+    `folder`) being hashed in the background up to the end of what the stage reads there
+    (`FileHashes.read_ahead`): by the time its session loads them, those bytes are in the page
+    cache, and the hashing ran beside the reference's work."""
+    data = model()
+    if hashes is not None:
+        for location, end in external_extents(onnx.ModelProto.FromString(data)).items():
+            hashes.read_ahead(folder / location, end)
+    return data
 
 
 def _stage_steps(steps, stage: graph_io.Stage, hidden) -> list[dict[str, torch.Tensor]]:
