@@ -325,7 +325,7 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
         del part, full
         for (name, graph), (ref_iters, feeds, on_outputs, inputs), model in zip(to_run, compare, models):
             def make_runner(graph=graph, model=model):
-                return OnnxrtRunner(_timed(session_loader(graph, config.num_hidden_layers, lambda: model), phases),
+                return OnnxrtRunner(_timed(session_loader(graph, config.num_hidden_layers, model), phases),
                                     name=graph.name)
             if name in chained:
                 report = _compare_chained(make_runner, stage, ref_iters, feeds, own[name], tolerances,
@@ -350,16 +350,24 @@ def _timed(load: Callable[[], Any], phases: PhaseTimes) -> Callable[[], Any]:
     return timed
 
 
-def _stage_graph(model: Callable[[], bytes], folder: Path, hashes: FileHashes | None) -> bytes:
-    """`model()` (a stage's graph as validation runs it), its weight files (in the target's
-    `folder`) being hashed in the background up to the end of what the stage reads there
+def _stage_graph(model: Callable[[], bytes], folder: Path, hashes: FileHashes | None) -> Callable[[], bytes]:
+    """`model` (a stage's graph as validation runs it) built now, its weight files (in the
+    target's `folder`) being hashed in the background up to the end of what the stage reads there
     (`FileHashes.read_ahead`): by the time its session loads them, those bytes are in the page
-    cache, and the hashing ran beside the reference's work."""
-    data = model()
+    cache, and the hashing ran beside the reference's work. A graph that cannot be built raises
+    when its session loads, so the target fails as one onnxruntime cannot load."""
+    try:
+        data = model()
+    except Exception as exc:  # noqa: BLE001 - re-raised where the session loads (`_compare_target`)
+        error = exc  # `exc` itself is unbound once the except clause ends
+
+        def failed() -> bytes:
+            raise error
+        return failed
     if hashes is not None:
         for location, end in external_extents(onnx.ModelProto.FromString(data)).items():
             hashes.read_ahead(folder / location, end)
-    return data
+    return lambda: data
 
 
 def _stage_steps(steps, stage: graph_io.Stage, hidden) -> list[dict[str, torch.Tensor]]:

@@ -184,3 +184,25 @@ def test_streamed_validate_reads_each_checkpoint_tensor_once(tmp_path_factory, m
     assert report["passed"]
     tensors = Checkpoint(path).tensors
     assert len(reads) == len(set(reads)) == len(tensors), "a checkpoint tensor was read twice (or not at all)"
+
+
+def test_a_stage_graph_that_cannot_be_built_fails_its_target_not_validation(tmp_path_factory, monkeypatch):
+    """Stage graphs are built before their reference runs (their weights are hashed meanwhile);
+    one that cannot be built fails as a session that cannot load: that stage fails, the rest
+    are compared."""
+    from mixexport.validate import streamed
+
+    out, _, _ = unvalidated_build("e4-k2-float32", ("ort",), tmp_path_factory)
+    build_stage = streamed._stage_model_bytes
+
+    def broken(graph, stage, config):
+        if stage.first == 0 and stage.end == 1:
+            def fail() -> bytes:
+                raise ValueError("no such stage")
+            return fail
+        return build_stage(graph, stage, config)
+    monkeypatch.setattr(streamed, "_stage_model_bytes", broken)
+    report, _ = validate_out(out, mode="streamed")
+    ort = report["targets"]["ort"]
+    assert ort["status"] == "fail" and ort["failed_stages"] == ["layers.0-0"]
+    assert ort["reason"] == "layers.0-0: could not run: ValueError: no such stage"
