@@ -21,6 +21,7 @@ unless --keep.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -31,6 +32,11 @@ from pathlib import Path
 from export_memory import machine_info, mixexport_cmd, run_measured, scratch_dir
 
 GiB = 1024**3
+
+
+def _load() -> str:
+    """The 1/5/15-minute load average: times on a shared machine mean little without it."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> int:
@@ -70,10 +76,11 @@ def main() -> int:
                 measured[phase] = (wall, peak)
                 passed = re.search(r"validation: (passed|FAILED)|parity", output)
                 print(f"[layers {n}] {phase}: {wall:.1f} s, peak RSS {peak / GiB:.2f} GiB"
-                      + (f" ({passed.group(0)})" if passed and phase != "export" else ""), flush=True)
-                if phase == "streamed":
+                      + (f" ({passed.group(0)})" if passed and phase != "export" else "")
+                      + f"; load average {_load()}", flush=True)
+                if phase == "streamed":  # where its time went: the per-phase timers of its progress lines
                     print("\n".join(line for line in output.splitlines() if "streamed validation:" in line
-                                    or "validation mode" in line), flush=True)
+                                    or "validation mode" in line or "checksums:" in line), flush=True)
             rows.append((n, ckpt_bytes, measured))
             if not args.keep:
                 shutil.rmtree(ckpt)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -36,6 +37,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # An index maps each tensor name to a shard: about 100 bytes an entry, so 64 MiB admits over
 # half a million tensors (Mixtral 8x22B has 1,739).
 MAX_INDEX_BYTES = 64 * 1024**2
+STACK_READERS = 2  # threads reading an expert stack (`Checkpoint.stack_experts`)
 _FINITE_CHUNK = 2**20  # elements per step when locating a non-finite value
 CONVERT_HINT = (
     "mixexport never unpickles weights (a pickle can run arbitrary code). Convert once on a trusted "
@@ -135,42 +137,55 @@ class Checkpoint:
             self._digests[name] = hashlib.sha256(tensor.view(-1).view(torch.uint8).numpy()).hexdigest()
         return tensor
 
-    def gate_up_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """[2I, H]: one expert's gate rows (w1) then up rows (w3), the MoE op's layout."""
+    def gate_up_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """[2I, H]: one expert's gate rows (w1) then up rows (w3), the MoE op's layout; into `out`
+        (e.g. its slot of a stack, `stack_experts`) when given."""
         gate_name, up_name = (names.expert_name(layer, expert, w) for w in ("w1", "w3"))
         (i, h), stored = self.tensors[gate_name].shape, ST_DTYPES[self.tensors[gate_name].dtype]
-        if dtype is None or torch_dtype(dtype) == stored:
-            out = torch.empty((2 * i, h), dtype=stored)  # both halves read straight into place
+        target = stored if dtype is None else torch_dtype(dtype)
+        out = torch.empty((2 * i, h), dtype=target) if out is None else out
+        if target == stored:  # both halves read straight into place
             self._read(gate_name, out[:i])
             self._read(up_name, out[i:])
-            return out
-        # One pass: each half is converted while it is copied into place (no cat, then convert).
-        out = torch.empty((2 * i, h), dtype=torch_dtype(dtype))
-        out[:i].copy_(self._read(gate_name))
-        out[i:].copy_(self._read(up_name))
+        else:  # one pass: each half is converted while it is copied into place (no cat, then convert)
+            out[:i].copy_(self._read(gate_name))
+            out[i:].copy_(self._read(up_name))
         return out
 
-    def down_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """[H, I]: one expert's down projection (w2)."""
-        return self.tensor(names.expert_name(layer, expert, "w2"), dtype)
+    def down_expert(self, layer: int, expert: int, dtype: str | torch.dtype | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """[H, I]: one expert's down projection (w2); into `out` when given."""
+        name = names.expert_name(layer, expert, "w2")
+        if out is None:
+            return self.tensor(name, dtype)
+        if dtype is None or torch_dtype(dtype) == ST_DTYPES[self.tensors[name].dtype]:
+            self._read(name, out)
+        else:
+            out.copy_(self._read(name))
+        return out
 
     def gate_up(self, layer: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """[E, 2I, H]: every expert's gate rows then up rows."""
-        return self.stack_experts(lambda e: self.gate_up_expert(layer, e, dtype))
+        return self.stack_experts(lambda e, out: self.gate_up_expert(layer, e, dtype, out))
 
     def down(self, layer: int, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """[E, H, I]: every expert's down projection."""
-        return self.stack_experts(lambda e: self.down_expert(layer, e, dtype))
+        return self.stack_experts(lambda e, out: self.down_expert(layer, e, dtype, out))
 
-    def stack_experts(self, part: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """[E, ...] from `part(e)`, one allocation filled expert by expert."""
-        # Filled expert by expert into one allocation: peak memory is the stack plus one expert,
-        # not the stack twice as torch.stack over a list would need.
-        first = part(0)
+    def stack_experts(self, part: Callable[[int, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """[E, ...] from `part(e, out)`, which reads expert e into `out` (its slot of the stack;
+        None: a new tensor), one allocation filled expert by expert."""
+        # Each expert read straight into its slot: peak memory is the stack (plus the first expert,
+        # read before the stack's shape is known), and no expert is copied twice. Two readers: a
+        # read's sha256 and finiteness check (the first time) and the read itself release the GIL,
+        # so one reader hashes while the other reads.
+        first = part(0, None)
         out = torch.empty((self.config.num_local_experts, *first.shape), dtype=first.dtype)
         out[0] = first
-        for e in range(1, self.config.num_local_experts):
-            out[e] = part(e)
+        del first
+        with ThreadPoolExecutor(STACK_READERS) as readers:
+            list(readers.map(lambda e: part(e, out[e]), range(1, self.config.num_local_experts)))
         return out
 
     def nbytes(self) -> int:

@@ -240,21 +240,23 @@ def parameter_sources(config: MixtralConfig) -> dict[str, Callable]:
         for param, ckpt_name in layer_map.items():
             sources[f"layers.{i}.{param}"] = plain(names.PREFIX.format(i=i) + ckpt_name)
     for name, (_, part) in expert_sources(config).items():
-        sources[name] = lambda ckpt, dtype, part=part: ckpt.stack_experts(lambda e: part(ckpt, dtype, e))
+        sources[name] = lambda ckpt, dtype, part=part: ckpt.stack_experts(
+            lambda e, out: part(ckpt, dtype, e, out))
     return sources
 
 
 def expert_sources(config: MixtralConfig) -> dict[str, tuple[int, Callable]]:
-    """Stacked expert parameter name -> (E, function (checkpoint, dtype, expert) -> one expert's slice).
+    """Stacked expert parameter name -> (E, function (checkpoint, dtype, expert[, out]) -> one expert's
+    slice, read into `out` when given: `Checkpoint.stack_experts` reads each expert into its slot).
 
     Later stages stream these one expert at a time instead of materialising [E, ...] stacks.
     """
     sources = {}
     for i in range(config.num_hidden_layers):
         sources[f"layers.{i}.moe.w_gate_up"] = (
-            config.num_local_experts, lambda ckpt, dtype, e, i=i: ckpt.gate_up_expert(i, e, dtype))
+            config.num_local_experts, lambda ckpt, dtype, e, out=None, i=i: ckpt.gate_up_expert(i, e, dtype, out))
         sources[f"layers.{i}.moe.w_down"] = (
-            config.num_local_experts, lambda ckpt, dtype, e, i=i: ckpt.down_expert(i, e, dtype))
+            config.num_local_experts, lambda ckpt, dtype, e, out=None, i=i: ckpt.down_expert(i, e, dtype, out))
     return sources
 
 

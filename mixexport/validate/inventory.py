@@ -15,22 +15,25 @@ in a file's place is refused from `lstat`, before anything could block on it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections import Counter
 import posixpath
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import onnx
 
 from mixexport import graph_io
 from mixexport.artifact.inspect import MOE_KINDS, binding, dtype_name, load_graph
-from mixexport.artifact.manifest import MANIFEST, Manifest, TargetRecord, artifact_path, path_problem, sha256_file
+from mixexport.artifact.manifest import MANIFEST, Manifest, TargetRecord, artifact_path, path_problem
 from mixexport.artifact.save import ONNX_FILE
 from mixexport.artifact.stage_chain import as_stage
 from mixexport.dtypes import BY_ONNX
 from mixexport.errors import MixexportError
+from mixexport.safe_io import open_regular, os_error
 from mixexport.targets import BACKENDS, TARGETS
 
 REPORT_FILE = "validation.json"
@@ -58,13 +61,113 @@ class StageGraph:
     weight_bytes: int  # of its data files
 
 
-def artifact_targets(root: Path, manifest: Manifest, verify_hashes: bool) -> dict[str, TargetGraph]:
+class FileHashes:
+    """The sha256 checks of an artifact's files, each file hashed in one sequential pass that
+    validation may start ahead of time (`read_ahead`, in a background thread) while it reads the
+    file's weights, and completes with `finish` before it gives a verdict.
+
+    Why not hash every file before validating: that reads the weights from disk twice (an
+    8-layer 8x7B-shaped artifact holds 23 GB; the page cache has long dropped a file's first
+    pages when onnxruntime reads them), and hashing is one thread's work that nothing else
+    overlaps. Layer-streamed validation has a weight file hashed up to the end of the weights of
+    the stage it is about to compare while it runs that stage's reference, so onnxruntime finds
+    those bytes in the page cache (the disk is read once) and the hashing runs beside the
+    reference's work. A mismatch fails as the up-front check did.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, _PendingHash] = {}
+        self._worker: ThreadPoolExecutor | None = None
+        self._queued: list[Future] = []
+
+    def add(self, file: Path, sha256: str, target: str) -> None:
+        """Check `file` (of `target`) against `sha256` by `finish` at the latest."""
+        self._pending[file.resolve()] = _PendingHash(file, sha256, target, hashlib.sha256())
+
+    def read_ahead(self, file: Path, end: int) -> None:
+        """Start hashing `file` up to byte `end` in the background, if it is a file still to check
+        (else nothing). Hashing releases the GIL: it overlaps what the caller does next."""
+        pending = self._pending.get(file.resolve())
+        if pending is not None:
+            self._worker = self._worker or ThreadPoolExecutor(1, thread_name_prefix="mixexport-sha256")
+            self._queued.append(self._worker.submit(pending.advance, end))
+
+    def finish(self, files: Iterable[Path] | None = None) -> None:
+        """Hash the rest of every file still to check (or of those of `files`) and compare.
+
+        Raises:
+            MixexportError: naming the first file whose sha256 is not the manifest's (or that
+                could not be read).
+        """
+        self._wait()
+        for key in list(self._pending) if files is None else [f.resolve() for f in files]:
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                pending.check()
+
+    def _wait(self) -> None:
+        """Let the background hashing end (re-raising its error)."""
+        queued, self._queued = self._queued, []
+        try:
+            for future in queued:
+                future.result()
+        finally:
+            if self._worker is not None and not self._queued:
+                self._worker.shutdown()
+                self._worker = None
+
+
+@dataclasses.dataclass
+class _PendingHash:
+    file: Path
+    expected: str
+    target: str
+    digest: "hashlib._Hash"
+    done: int = 0  # bytes hashed so far, from the start
+
+    def advance(self, end: int | None) -> None:
+        """Hash from where it stopped up to byte `end` (None: the end of the file)."""
+        chunk = 16 * 1024 * 1024
+        f, _ = open_regular(self.file)
+        try:
+            with f:
+                f.seek(self.done)
+                while end is None or self.done < end:
+                    data = f.read(chunk if end is None else min(chunk, end - self.done))
+                    if not data:
+                        break
+                    self.digest.update(data)
+                    self.done += len(data)
+        except OSError as exc:
+            raise os_error(exc, self.file) from None
+
+    def check(self) -> None:
+        self.advance(None)
+        if self.digest.hexdigest() != self.expected:
+            raise MixexportError(f"target {self.target}: {self.file} has changed since the build (size or sha256 "
+                                 f"differ)")
+
+
+def external_extents(model: onnx.ModelProto) -> dict[str, int]:
+    """External data location -> the end of the last byte the graph's tensors read there."""
+    ends: dict[str, int] = {}
+    for tensor in graph_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
+            ends[entry.get("location", "")] = max(ends.get(entry.get("location", ""), 0), end)
+    return ends
+
+
+def artifact_targets(root: Path, manifest: Manifest, hashes: FileHashes | None) -> dict[str, TargetGraph]:
     """Every target the artifact holds, from its directories, after checking them against the manifest.
 
     Args:
         root: OUT.
         manifest: its schema-checked manifest (`check_manifest`).
-        verify_hashes: also compare every file's sha256 with the manifest's (sizes always are).
+        hashes: also compare every file's sha256 with the manifest's (sizes always are): a target's
+            weight files (its graphs' external data) are added to `hashes`, for the caller to check
+            while it reads them (`FileHashes`); its other files are checked here. None: sizes only.
 
     Returns:
         target name -> `TargetGraph`, in the manifest's order.
@@ -81,14 +184,14 @@ def artifact_targets(root: Path, manifest: Manifest, verify_hashes: bool) -> dic
     for name in recorded:
         if name not in present:
             raise MixexportError(f"{where}: targets.{name} has no directory {root / name}")
-    return {name: _target_graph(root, name, entry, manifest.dtype, verify_hashes)
+    return {name: _target_graph(root, name, entry, manifest.dtype, hashes)
             for name, entry in recorded.items()}
 
 
-def _target_graph(root: Path, name: str, entry: TargetRecord, dtype: str, verify_hashes: bool) -> TargetGraph:
+def _target_graph(root: Path, name: str, entry: TargetRecord, dtype: str, hashes: FileHashes | None) -> TargetGraph:
     """One target directory checked against its manifest entry (`artifact_targets`)."""
     where = root / MANIFEST
-    listed = _listed_files(root, name, entry, verify_hashes)
+    listed = _listed_files(root, name, entry, hashes)
     try:
         on_disk = set(_walk_files(root, name))
     except RecursionError:
@@ -105,7 +208,7 @@ def _target_graph(root: Path, name: str, entry: TargetRecord, dtype: str, verify
         raise MixexportError(f"{root / onnx_name} is missing (targets.{name}.files does not list it)")
     graph_path = artifact_path(root, onnx_name, f"{where}: targets.{name}.onnx")
     model = load_graph(graph_path)
-    _check_external_data(model, graph_path, name, listed, where)
+    weights = _check_external_data(model, graph_path, name, listed, where)
     graph = graph_dtype(model, graph_path)
     for field, value in (("dtype", dtype), (f"targets.{name}.dtype", entry.dtype)):
         if value != graph:
@@ -113,6 +216,9 @@ def _target_graph(root: Path, name: str, entry: TargetRecord, dtype: str, verify
     _check_description(model, entry.inputs, entry.outputs, entry.moe_op, entry.moe_nodes, graph_path,
                        f"{where}: targets.{name}")
     stages = [_stage_graph(root, name, i, record, entry, graph, listed) for i, record in enumerate(entry.stages or [])]
+    if hashes is not None:  # all but the weight files (which the caller checks as it reads them) now
+        weights |= {path for record in entry.stages or [] for path in record["data"]}
+        hashes.finish(root / path for path in listed if path not in weights)
     return TargetGraph(name, (root / name).resolve(), model, graph, bool(BACKENDS[name].extra_targets(entry.extra)),
                        stages)
 
@@ -197,9 +303,9 @@ def _raise_walk_error(exc: OSError) -> None:
     raise MixexportError(f"{exc.filename}: cannot be listed ({exc.strerror})")
 
 
-def _listed_files(root: Path, target: str, entry: TargetRecord, verify_hashes: bool) -> dict[str, str]:
+def _listed_files(root: Path, target: str, entry: TargetRecord, hashes: FileHashes | None) -> dict[str, str]:
     """Relative path -> manifest field, for every file the target's entry lists (its `files` and
-    those of its backend's own fields); each is checked."""
+    those of its backend's own fields); each is checked (its size now, its sha256 by `hashes`)."""
     where = root / MANIFEST
     listed: dict[str, str] = {}
     groups = [("files", entry.files, target),
@@ -218,8 +324,8 @@ def _listed_files(root: Path, target: str, entry: TargetRecord, verify_hashes: b
             size = file.stat().st_size
             if size != f["bytes"]:
                 raise MixexportError(f"target {target}: {file} has changed since the build (size or sha256 differ)")
-            if verify_hashes and sha256_file(file) != f["sha256"]:
-                raise MixexportError(f"target {target}: {file} has changed since the build (size or sha256 differ)")
+            if hashes is not None:
+                hashes.add(file, f["sha256"], target)
     return listed
 
 
@@ -244,9 +350,10 @@ def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 graphs.extend(attr.graphs)
 
 
-def _check_external_data(model: onnx.ModelProto, path: Path, folder: str, listed: dict[str, str], where) -> None:
+def _check_external_data(model: onnx.ModelProto, path: Path, folder: str, listed: dict[str, str], where) -> set[str]:
     """Every external tensor of the graph (in OUT's `folder`) must live in one of the `listed`
-    files: its own target's (a stage graph: its own stage's)."""
+    files: its own target's (a stage graph: its own stage's). Returns those files (relative to OUT)."""
+    used = set()
     for tensor in graph_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -255,6 +362,8 @@ def _check_external_data(model: onnx.ModelProto, path: Path, folder: str, listed
         if rel is None or rel not in listed:
             raise MixexportError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which is not one of "
                                  f"the {folder} files {where} lists")
+        used.add(rel)
+    return used
 
 
 def graph_dtype(model: onnx.ModelProto, path: Path) -> str:

@@ -13,9 +13,11 @@ regenerates it), never from the artifact's own weights, which would hide export 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +44,7 @@ from mixexport.targets import backend
 from mixexport.targets.trt.engine import gpu_name, require_tensorrt
 from mixexport.targets.trt.manifest_fields import ENGINE_TARGET
 from mixexport.targets.trt.runner import engine_runner
-from mixexport.validate.inventory import REPORT_FILE, TargetGraph, artifact_targets, graph_tensors
+from mixexport.validate.inventory import REPORT_FILE, FileHashes, TargetGraph, artifact_targets, graph_tensors
 from mixexport.validate.quant_parity import QuantThresholds, quantization_error, scheme_of
 from mixexport.validate.reference_runner import RecordingMoE, TorchReferenceRunner
 from mixexport.validate.staged import compare_stages, with_stages
@@ -146,6 +148,14 @@ def session_loader(graph: TargetGraph, num_layers: int, model_bytes: Callable[[]
     def load():
         import onnxruntime as ort
 
+        # onnxruntime's default options, float16 too. Measured on one 8x7B-shaped layer stage of the
+        # ort CPU form (fp16, 2.9 GB of weights, prefill + 4 decode steps): the session maps its
+        # external data (0.55 GiB resident once created, no float32 copies: the Casts onnxruntime
+        # inserts before the experts' MatMuls sit in the If branches and run per chosen expert),
+        # peak 4.65 GiB (2.47 file-backed weights + the CPU arena keeping the run-time casts).
+        # disabled_optimizers=["ConstantFolding"] changed nothing; enable_cpu_mem_arena=False
+        # peaked at 3.49 GiB but took 5-6 s more system time (3.8M page faults instead of 0.5M),
+        # and the default is already under streamed validation's 6 GiB target.
         options = ort.SessionOptions()
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.folder))
         backend(graph.name).configure_session(options)
@@ -217,7 +227,10 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
         progress: one line per step.
         decode_steps: greedy steps after the prefill.
         verify_hashes: compare every file's sha256 with the manifest (sizes are always compared):
-            `build` passes the manifest of files it has just hashed while writing them.
+            `build` passes the manifest of files it has just hashed while writing them. Whole-model
+            validation hashes them before comparing; streamed validation hashes each weight file as
+            its stages are about to load it, once (`inventory.FileHashes`), and the rest after the
+            comparison: a changed file fails validation either way.
         write_report: write the report to `root/validation.json` (atomically).
         mode: "whole", "streamed" (one stage at a time, `validate.streamed`) or "auto" (streamed
             when the whole model does not fit in the memory available); the report records it.
@@ -233,7 +246,8 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
         MixexportError: when the artifact disagrees with its manifest, or the report cannot be written.
     """
     check_manifest(manifest.to_json(), str(root / MANIFEST))
-    graphs = artifact_targets(root, manifest, verify_hashes)
+    hashes = FileHashes() if verify_hashes else None
+    graphs = artifact_targets(root, manifest, hashes)
     dtype = manifest.dtype  # every graph's own dtype, which artifact_targets checked
     tolerances = TOLERANCES[dtype]
     report: dict[str, Any] = {"dtype": dtype, "scenario": {"batch": 2, "prompt": 7, "left_pad": 3,
@@ -262,6 +276,8 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                 to_run.append((ENGINE_TARGET, None))
     if to_run:
         report["mode"] = choose_mode(mode, ckpt.config, dtype, progress)
+    if hashes is not None and report.get("mode") != "streamed":
+        _finish_hashes(hashes, progress)  # whole-model sessions load every weight at once: hash them first
     if to_run and report["mode"] == "streamed":
         for name, graph in list(to_run):
             if graph is not None and graph_kv_layout(graph.model) == "shared":
@@ -281,7 +297,8 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
                  f"decode steps, batch 2, left padding)")
         report["scenario"]["decode_tokens"] = "seeded random"  # greedy ones need every layer per step
         report["targets"].update(streamed_compare(to_run, ckpt, dtype, tolerances, decode_steps, progress, quant=quant,
-                                                  quant_thresholds=report.get("experts_quant", {}).get("thresholds")))
+                                                  quant_thresholds=report.get("experts_quant", {}).get("thresholds"),
+                                                  hashes=hashes))
     elif to_run:
         num_layers, top_k = ckpt.config.num_hidden_layers, ckpt.config.num_experts_per_tok
         progress(f"validating against the PyTorch reference ({dtype}, prefill + {decode_steps} decode steps, "
@@ -324,8 +341,10 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
     staged = [(name, graph) for name, graph in to_run if graph is not None and graph.stages
               and report["targets"][name]["status"] != NOT_VALIDATED]
     if staged:  # each stage graph and the chain too (`validate.staged`), whatever the mode
-        for name, result in compare_stages(staged, ckpt, dtype, tolerances, decode_steps, progress).items():
+        for name, result in compare_stages(staged, ckpt, dtype, tolerances, decode_steps, progress, hashes).items():
             report["targets"][name] = with_stages(report["targets"][name], result)
+    if hashes is not None:  # streamed: what the stages did not read; a changed file fails before any verdict
+        _finish_hashes(hashes, progress)
     report["targets"] = {t: report["targets"][t] for t in [*graphs, ENGINE_TARGET] if t in report["targets"]}
     statuses = {t: r["status"] for t, r in report["targets"].items()}
     failed = [t for t, s in statuses.items() if s == "fail"]
@@ -345,13 +364,20 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
     return report
 
 
+def _finish_hashes(hashes: FileHashes, progress: Progress) -> None:
+    """Complete the sha256 checks of the artifact's files (`FileHashes.finish`), saying how long it took."""
+    start = time.perf_counter()
+    hashes.finish()
+    progress(f"checksums: the artifact's files match the manifest's sha256 ({time.perf_counter() - start:.1f}s)")
+
+
 def _shared_runner(make_runner: Callable, num_layers: int) -> Callable:
     """`make_runner` of a shared-KV-layout graph, fed and read back in the scenario's layout."""
     return lambda: SharedBufferRunner(make_runner(), num_layers)
 
 
 def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers: range, top_k,
-                    check_quant=None, on_outputs=None) -> dict[str, Any]:
+                    check_quant=None, on_outputs=None, phases=None) -> dict[str, Any]:
     """Run one target (or one stage of it: `layers` are those whose router logits it outputs) on
     the scenario and compare it with the reference's outputs (those of the target's that the
     reference does not have are not compared).
@@ -361,14 +387,23 @@ def _compare_target(make_runner, ref_name, ref_iters, feeds, tolerances, layers:
     (`quant_parity.quantization_error`), which fails the target when a gate is missed.
     `on_outputs`: receives the target's outputs per step, once it has run (a stage chain passes
     them on to the next stage).
+    `phases` (streamed validation's `PhaseTimes`): times the run ("session run") and the comparison.
     """
+    phases = phases or (lambda _: contextlib.nullcontext())
     try:
-        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        with G_LOGGER.verbosity(G_LOGGER.ERROR), phases("session run"):
             runner = make_runner()
             results = Comparator.run([runner], data_loader=feeds)
     except Exception as exc:  # any runtime error from a broken graph: the target did not compute
         first = (str(exc).strip().splitlines() or [""])[0][:400]
         return {"status": "fail", "reason": f"could not run: {type(exc).__name__}: {first}"}
+    with phases("compare"):
+        return _compared(ref_name, ref_iters, results, feeds, tolerances, layers, top_k, check_quant, on_outputs)
+
+
+def _compared(ref_name, ref_iters, results, feeds, tolerances, layers: range, top_k, check_quant,
+              on_outputs) -> dict[str, Any]:
+    """`_compare_target`'s verdict on the target's run `results`."""
     name, target_iters = next(iter(results.items()))
     if on_outputs is not None:
         on_outputs(target_iters)
@@ -471,9 +506,14 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
                                  f"pass --checkpoint DIR with the same files")
         ckpt = Checkpoint(path, allow_non_finite=allow_non_finite)
         _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
-        verify_checkpoint(ckpt, source["files"], f"reference checkpoint {path}")
         report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
                                    mode=mode, quant_thresholds=quant_thresholds)
+        # After the comparison, not before: the reference has read (and so hashed) every weight, so
+        # this reads nothing more; before it, it would read the whole checkpoint (93 GB for Mixtral
+        # 8x7B) a second time. A changed checkpoint still fails here, before any report is written.
+        start = time.perf_counter()
+        verify_checkpoint(ckpt, source["files"], f"reference checkpoint {path}")
+        progress(f"checksums: the reference checkpoint's weights are the build's ({time.perf_counter() - start:.1f}s)")
     else:
         if checkpoint is not None:
             raise MixexportError(f"{out} was built from preset {source['preset']!r} (seed {source['seed']}); "

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from mixexport import graph_io
 from mixexport.checkpoint.config import MixtralConfig
 from mixexport.safe_io import format_bytes
-from mixexport.validate.inventory import TargetGraph
+from mixexport.validate.inventory import FileHashes, TargetGraph
 from mixexport.validate.streamed import Progress, held_while_comparing, memory_available, streamed_compare
 
 
@@ -41,12 +41,12 @@ def stage_validation_model(graph: TargetGraph, stage: graph_io.Stage, config: Mi
 
 
 def compare_stages(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tolerances: dict, decode_steps: int,
-                   progress: Progress) -> dict[str, dict[str, Any]]:
+                   progress: Progress, hashes: FileHashes | None = None) -> dict[str, dict[str, Any]]:
     """Compare each staged target's stages and chain with the layer-streamed reference.
 
     Args:
         to_run: (target name, its graph) of the staged targets to compare (`TargetGraph.stages`).
-        ckpt, dtype, tolerances, decode_steps, progress: as `streamed_compare`'s.
+        ckpt, dtype, tolerances, decode_steps, progress, hashes: as `streamed_compare`'s.
 
     Returns:
         per target: `stages` (the per-stage report, `failed_stages` naming any broken stage) and
@@ -71,7 +71,7 @@ def compare_stages(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tole
         chains = {f"{name} chain": (name, graph) for name, graph in members}
         compared = streamed_compare([*members, *((key, graph) for key, (_, graph) in chains.items())], ckpt, dtype,
                                     tolerances, decode_steps, progress, stages=list(stages),
-                                    stage_model=stage_validation_model, chained=frozenset(chains))
+                                    stage_model=stage_validation_model, chained=frozenset(chains), hashes=hashes)
         for key, (name, _) in chains.items():
             results[name] = {"stages": compared[name], "chain": _fail_closed(compared[key]),
                              "stage_decode_tokens": "seeded random"}  # streamed validation's scenario

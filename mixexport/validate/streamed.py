@@ -18,10 +18,12 @@ which would read the checkpoint once per step instead of once.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from polygraphy.comparator.struct import IterationResult
@@ -35,7 +37,7 @@ from mixexport.model.decoder import (DecoderLayer, RMSNorm, attention_bias_mask,
                                      rotary_cos_sin)
 from mixexport.passes.stages import cut_stage, layer_stages
 from mixexport.quant import QuantScheme
-from mixexport.validate.inventory import TargetGraph
+from mixexport.validate.inventory import FileHashes, TargetGraph, external_extents
 from mixexport.validate.quant_parity import quantization_error
 from mixexport.validate.reference_runner import RecordingMoE, _numpy
 
@@ -105,6 +107,32 @@ def _scenario(config: MixtralConfig, batch: int = 2, prompt: int = 7, pad: int =
         positions = positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], dim=1)
     return steps
+
+
+class PhaseTimes:
+    """Wall seconds per phase of streamed validation, summed over its stages, for its progress
+    lines: where its time goes (reading the reference's weights, running it, creating and running
+    the onnxruntime sessions, comparing). Exclusive: the seconds of a phase timed inside another
+    count for the inner phase only."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open phase: seconds of the phases timed inside it
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + spent - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += spent
+
+    def summary(self) -> str:
+        return ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.seconds.items())
 
 
 def _load_part(module: torch.nn.Module, ckpt, prefix: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -201,8 +229,8 @@ def _as_feed(tensors: dict[str, torch.Tensor], np_dtype) -> dict[str, np.ndarray
 def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, tolerances: dict, decode_steps: int,
                      progress: Progress, layers_per_stage: int = 1, stages: list[graph_io.Stage] | None = None,
                      stage_model: StageModel | None = None, chained: frozenset[str] = frozenset(),
-                     quant: QuantScheme | None = None, quant_thresholds: dict[str, float] | None = None
-                     ) -> dict[str, dict[str, Any]]:
+                     quant: QuantScheme | None = None, quant_thresholds: dict[str, float] | None = None,
+                     hashes: FileHashes | None = None) -> dict[str, dict[str, Any]]:
     """Compare each target graph in `to_run` with the reference, stage by stage.
 
     Full-precision experts: every stage is fed the reference's boundary (teacher forcing across
@@ -232,6 +260,9 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
             one pass over the checkpoint.
         quant: the experts' quantization scheme (None: full precision; not with `chained`).
         quant_thresholds: `QuantThresholds.resolve`'s gates (with `quant`).
+        hashes: the artifact's pending sha256 checks: each weight file is hashed, in the background
+            while the stage's reference reads and runs, up to the end of what the stage's session
+            reads (`FileHashes.read_ahead`).
 
     Returns:
         per target: status, max_abs_diff per group, router_agreement (all layers) and per layer,
@@ -256,11 +287,16 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
     stages = stages or layer_stages(config.num_hidden_layers, layers_per_stage)
     stage_model = stage_model or _stage_model_bytes
     own = {name: [None] * len(steps) for name, _ in to_run}  # chained: each target's own boundary, per step
+    phases = PhaseTimes()
     start = time.perf_counter()
     for done, stage in enumerate(stages, 1):
-        part = _ReferencePart(ckpt, stage, torch_type)
+        with phases("stage graphs"):  # first: their weights are hashed in the background beside the reference
+            models = [_stage_graph(stage_model(graph, stage, config), graph.folder, hashes) for _, graph in to_run]
+        with phases("reference read"):
+            part = _ReferencePart(ckpt, stage, torch_type)
         layers = range(stage.first, stage.end)
-        full = part.run(_stage_steps(steps, stage, hidden))
+        with phases("reference run"):
+            full = part.run(_stage_steps(steps, stage, hidden))
         # Each layer's past at each step: the reference's own present of the step before.
         pasts = [_empty_pasts(layers, kv, torch_type) if s == 0 else
                  {past: full[s - 1][present] for i in layers
@@ -273,7 +309,8 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
             ref_iters, on_outputs = full_iters, None
             if quant is not None:
                 part.recorder.quant = quant  # the exactness reference: the experts the artifact stores
-                ref_iters = _iterations(part.run(_stage_steps(steps, stage, inputs), pasts))
+                with phases("reference run"):
+                    ref_iters = _iterations(part.run(_stage_steps(steps, stage, inputs), pasts))
                 part.recorder.quant = None
                 on_outputs = _quant_check(name, stage, full_iters, steps, chains, agreements, quantization,
                                            quant_thresholds, router_agreement, layers, config.num_experts_per_tok,
@@ -286,23 +323,51 @@ def streamed_compare(to_run: list[tuple[str, TargetGraph]], ckpt, dtype: str, to
         # The stage's reference weights go before an onnxruntime session loads the stage's own:
         # the two are never held at once.
         del part, full
-        for (name, graph), (ref_iters, feeds, on_outputs, inputs) in zip(to_run, compare):
-            def make_runner(graph=graph, stage=stage):
-                return OnnxrtRunner(session_loader(graph, config.num_hidden_layers,
-                                                   stage_model(graph, stage, config)), name=graph.name)
+        for (name, graph), (ref_iters, feeds, on_outputs, inputs), model in zip(to_run, compare, models):
+            def make_runner(graph=graph, model=model):
+                return OnnxrtRunner(_timed(session_loader(graph, config.num_hidden_layers, model), phases),
+                                    name=graph.name)
             if name in chained:
                 report = _compare_chained(make_runner, stage, ref_iters, feeds, own[name], tolerances,
-                                          config.num_experts_per_tok)
+                                          config.num_experts_per_tok, phases)
             else:
                 report = _compare_target(make_runner, REFERENCE, ref_iters, feeds, tolerances, layers,
-                                         config.num_experts_per_tok, on_outputs=on_outputs)
+                                         config.num_experts_per_tok, on_outputs=on_outputs, phases=phases)
             results[name].append((stage, report))
             if quant is not None and chains[name] is inputs:  # it did not run: go on from the reference's
                 chains[name] = hidden
         elapsed = time.perf_counter() - start
-        progress(f"streamed validation: stage {done}/{len(stages)} ({stage.name}) compared, {elapsed:.1f}s elapsed, "
-                 f"about {elapsed / done * (len(stages) - done):.0f}s left")
+        progress(f"streamed validation: stage {done}/{len(stages)} ({stage.name}) compared, {elapsed:.1f}s elapsed "
+                 f"({phases.summary()}), about {elapsed / done * (len(stages) - done):.0f}s left")
     return {name: _summarise(per_stage, quantization.get(name)) for name, per_stage in results.items()}
+
+
+def _timed(load: Callable[[], Any], phases: PhaseTimes) -> Callable[[], Any]:
+    """`load` (a session loader), timed as "session create"."""
+    def timed():
+        with phases("session create"):
+            return load()
+    return timed
+
+
+def _stage_graph(model: Callable[[], bytes], folder: Path, hashes: FileHashes | None) -> Callable[[], bytes]:
+    """`model` (a stage's graph as validation runs it) built now, its weight files (in the
+    target's `folder`) being hashed in the background up to the end of what the stage reads there
+    (`FileHashes.read_ahead`): by the time its session loads them, those bytes are in the page
+    cache, and the hashing ran beside the reference's work. A graph that cannot be built raises
+    when its session loads, so the target fails as one onnxruntime cannot load."""
+    try:
+        data = model()
+    except Exception as exc:  # noqa: BLE001 - re-raised where the session loads (`_compare_target`)
+        error = exc  # `exc` itself is unbound once the except clause ends
+
+        def failed() -> bytes:
+            raise error
+        return failed
+    if hashes is not None:
+        for location, end in external_extents(onnx.ModelProto.FromString(data)).items():
+            hashes.read_ahead(folder / location, end)
+    return lambda: data
 
 
 def _stage_steps(steps, stage: graph_io.Stage, hidden) -> list[dict[str, torch.Tensor]]:
@@ -341,7 +406,7 @@ def _quant_check(name: str, stage: graph_io.Stage, full_iters, steps, chains, ag
 
 
 def _compare_chained(make_runner, stage: graph_io.Stage, ref_iters: list[IterationResult], feeds: list[dict],
-                     own: list, tolerances: dict, top_k: int) -> dict[str, Any]:
+                     own: list, tolerances: dict, top_k: int, phases: PhaseTimes) -> dict[str, Any]:
     """One stage of a target's chain: fed, at each step, the boundary the target's own previous
     stage output (`own`, which this stage's output then replaces), and the reference's past (as
     whole-model validation feeds it); compared on its present, router logits and logits, not on
@@ -363,7 +428,7 @@ def _compare_chained(make_runner, stage: graph_io.Stage, ref_iters: list[Iterati
     def pass_on(target_iters) -> None:
         own[:] = [it[leaving] if leaving in it else None for it in target_iters]
     return _compare_target(make_runner, REFERENCE, compared, feeds, tolerances, range(stage.first, stage.end), top_k,
-                           on_outputs=None if stage.head else pass_on)
+                           on_outputs=None if stage.head else pass_on, phases=phases)
 
 
 def _summarise(per_stage: list[tuple[graph_io.Stage, dict]], quantization: dict[str, Any] | None = None

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import onnx
+import pytest
 
 from artifact.shared import error_line, forced_unvalidated_ort_build, run_cli
 from mixexport.artifact.manifest import file_entry
@@ -32,14 +33,19 @@ def corrupt_moe_weights(out, layer=0):
     path.write_bytes(bytes(data))
 
 
-def test_validate_refuses_changed_files(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("mode", ["whole", "streamed"])
+def test_validate_refuses_changed_files(mode, tmp_path_factory, tmp_path):
+    """Whole-model validation hashes the files before it compares, streamed validation each weight
+    file as its stages load it: either way a changed file fails, and no report is written."""
     out, _ = forced_unvalidated_ort_build(tmp_path_factory)
     copy = shutil.copytree(out, tmp_path / "out")
-    assert run_cli("validate", copy).exit_code == 0  # intact copy passes
+    assert run_cli("validate", copy, "--validation-mode", mode).exit_code == 0  # intact copy passes
+    (copy / REPORT_FILE).unlink()
     corrupt_moe_weights(copy)
-    line = error_line(run_cli("validate", copy))
+    line = error_line(run_cli("validate", copy, "--validation-mode", mode))
     assert line == (f"error: target ort: {copy / 'ort' / 'model.onnx.data'} has changed since the build "
                     f"(size or sha256 differ)")
+    assert not (copy / REPORT_FILE).exists()
 
 
 def test_corrupted_weight_fails_parity(tmp_path_factory, tmp_path):

@@ -165,3 +165,44 @@ def test_no_session_is_created_while_a_reference_stage_is_held(tmp_path_factory,
     report, _ = validate_out(out, mode="streamed")
     assert report["passed"] and len(sessions) == len(parts) == 4  # embedding, 2 layers, head
     assert sessions == [[]] * 4, "a reference stage was alive while a session loaded"
+
+
+def test_streamed_validate_reads_each_checkpoint_tensor_once(tmp_path_factory, monkeypatch):
+    """`validate` checks the checkpoint against the manifest from the digests of the reference's
+    own reads, after comparing: the checkpoint is read once, not once to hash and once to run."""
+    from mixexport.checkpoint import reader
+
+    path = tmp_path_factory.mktemp("hf") / "checkpoint"
+    write_hf_checkpoint(path, hidden=64, intermediate=96)
+    with reference_source(path, None, 0, {}, lambda _: None) as (ckpt, source):
+        out = tmp_path_factory.mktemp("once") / "out"
+        build(ckpt, source, out, BuildOptions(targets=("ort",), validate=False, **RANGES), lambda _: None)
+    reads = []
+    read_tensor = reader.read_tensor
+    monkeypatch.setattr(reader, "read_tensor", lambda info, out=None: reads.append(info) or read_tensor(info, out))
+    report, _ = validate_out(out, mode="streamed")
+    assert report["passed"]
+    tensors = Checkpoint(path).tensors
+    assert len(reads) == len(set(reads)) == len(tensors), "a checkpoint tensor was read twice (or not at all)"
+
+
+def test_a_stage_graph_that_cannot_be_built_fails_its_target_not_validation(tmp_path_factory, monkeypatch):
+    """Stage graphs are built before their reference runs (their weights are hashed meanwhile);
+    one that cannot be built fails as a session that cannot load: that stage fails, the rest
+    are compared."""
+    from mixexport.validate import streamed
+
+    out, _, _ = unvalidated_build("e4-k2-float32", ("ort",), tmp_path_factory)
+    build_stage = streamed._stage_model_bytes
+
+    def broken(graph, stage, config):
+        if stage.first == 0 and stage.end == 1:
+            def fail() -> bytes:
+                raise ValueError("no such stage")
+            return fail
+        return build_stage(graph, stage, config)
+    monkeypatch.setattr(streamed, "_stage_model_bytes", broken)
+    report, _ = validate_out(out, mode="streamed")
+    ort = report["targets"]["ort"]
+    assert ort["status"] == "fail" and ort["failed_stages"] == ["layers.0-0"]
+    assert ort["reason"] == "layers.0-0: could not run: ValueError: no such stage"
