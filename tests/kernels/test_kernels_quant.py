@@ -16,7 +16,7 @@ from mixexport.kernels.configs import GemmTile
 from mixexport.kernels.grouped_gemm import down_reference, gate_up_reference, launch_down, launch_gate_up
 from mixexport.kernels.routing import launch_routing
 from mixexport.model.moe import moe_reference
-from mixexport.quant import QuantScheme, dequantize, quantize
+from mixexport.quant import QuantScheme, dequantize, quantize, unpack
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 INT8 = QuantScheme(8)
@@ -49,6 +49,9 @@ def _quantized(moe_inputs, scheme, n, h, i, e, dtype):
     x, logits, w_gate_up, w_down = moe_inputs(n, h, i, e, torch.float32)
     q_gate_up, s_gate_up = quantize(w_gate_up, scheme, dtype)
     q_down, s_down = quantize(w_down, scheme, dtype)
+    # negative scales and q = qmin (stored 0) are in what the kernels decode
+    assert all((s < 0).any() and (unpack(q, scheme) == scheme.qmin).any()
+               for q, s in ((q_gate_up, s_gate_up), (q_down, s_down)))
     dequantized = (dequantize(q_gate_up, s_gate_up, scheme).to(dtype), dequantize(q_down, s_down, scheme).to(dtype))
     return x.to(dtype), logits.to(dtype), (q_gate_up, q_down), (s_gate_up, s_down), dequantized
 

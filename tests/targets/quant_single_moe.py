@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixexport.quant import QuantScheme
+from mixexport.quant import QuantScheme, quantize, unpack
 from mixexport.validate.quant_parity import dequantized_moe
 from passes.single_moe import moe_weights, run, single_moe_model
 
@@ -26,8 +26,16 @@ def quant_case(name: str, dtype, top_k: int = 2, tokens: int = 9, seed: int = 0)
     x = rng.standard_normal((tokens, hidden)).astype(dtype)
     logits = rng.standard_normal((tokens, experts)).astype(dtype)
     t = [torch.from_numpy(a) for a in (x, logits, w_gate_up, w_down)]
+    assert uses_full_range(t[2], SCHEMES[name]) and uses_full_range(t[3], SCHEMES[name])
     expected = dequantized_moe(t[0].float(), t[1].float(), t[2], t[3], top_k, True, SCHEMES[name]).numpy()
     return single_moe_model(w_gate_up, w_down, top_k=top_k, normalize=True), x, logits, expected
+
+
+def uses_full_range(weight: torch.Tensor, scheme: QuantScheme) -> bool:
+    """Whether `weight` quantizes to some negative scales and some q = qmin (stored 0): the cases
+    a consumer of the scheme could get wrong, so every lowering test must run through them."""
+    stored, scale = quantize(weight, scheme, weight.dtype)
+    return bool((scale < 0).any()) and bool((unpack(stored, scheme) == scheme.qmin).any())
 
 
 # max |diff| against the dequantized reference: fp32 round-off; fp16 activations and output.
