@@ -2,7 +2,7 @@
 
     python benchmarks/decode_speed.py [--configs small mid] [--batches 1 8] [--steps 16]
                                       [--prompt 32] [--workdir DIR] [--skip-hf-onnx] [--quant int8 int4]
-                                      [--dtypes float16]
+                                      [--dtypes float16] [--llama-cpp DIR] [--rounds N]
 
 For each config (the `small` preset, and `mid`: hidden 512, intermediate 1792, 8 layers, 8 heads,
 2 KV heads, 8 experts, top-2, vocab 32000, fp32) it writes a random checkpoint, builds the
@@ -23,9 +23,27 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
   int4 with group 32), each with its export time and artifact size, and its top-1 agreement with
   the reference over --steps teacher-forced decode steps at batch 1 (every step's input token is
   the reference's greedy token; a step agrees when both pick the same next token)
+- peers of the same weights (issue 14's targets), each skipped with the reason when its package or
+  tool is missing, with its top-1 agreement like ours; batch 1 only but for the builder-style graph:
+  - ours ort (genai): onnxruntime-genai over the `ort` folder with the genai_config.json the build
+                  wrote; decode ms is its own greedy loop (generate_next_token, one model run each)
+  - genai-builder-style: the graph onnxruntime-genai's model builder writes for MoE models (fused QKV
+                  MatMul, SkipSimplifiedLayerNormalization, GroupQueryAttention with do_rotary, one
+                  com.microsoft.MoE per layer), written here with onnx.helper from the checkpoint and
+                  checked against the reference's logits (prefill + 3 steps, 1e-4 of their range)
+                  before it is timed; its builder has no Mixtral
+  - llama.cpp f32 / q8_0 / q4_0: llama-cpp-python's low-level API (n_threads 2, KV cache float32,
+                  one llama_decode per new token) over a GGUF that llama.cpp's own converter makes
+                  from the same checkpoint (--llama-cpp: a llama.cpp tree, e.g. vendor/llama.cpp of
+                  the llama-cpp-python sdist; the converter needs sentencepiece), and over
+                  llama_model_quantize's q8_0 / q4_0 of it beside --quant int8 / int4 (llama.cpp's
+                  default mixture: every matrix quantized, not only the experts as ours; "x limit"
+                  counts the GGUF's own tensor bytes; loaded without llama.cpp's extra CPU buffer
+                  types, since its AMX kernel crashes on this VM: no repacked kernels either)
 
 torch uses 2 threads, onnxruntime intra_op_num_threads=2. Decode ms is the median over --steps
-steps (after 3 warmup steps), one new token per sequence per step. "x limit" compares with the
+steps (after 3 warmup steps), one new token per sequence per step; with --rounds N every row is
+timed N times, row after row, and keeps its lowest prefill and decode medians. "x limit" compares with the
 bandwidth limit of one step: active weight bytes / DRAM read bandwidth (torch sum over a 2 GiB
 buffer with 1 and 2 threads, best of 5). At batch B the active expert bytes assume uniform
 routing: each layer reads E * (1 - (1 - k/E)^B) distinct experts. The fp16 rows' limit is the float32
@@ -35,6 +53,8 @@ one: onnxruntime's x86 CPU provider reads float32 copies of their weights.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -227,12 +247,366 @@ def export_hf_plain(ckpt_dir: Path, out_path: Path) -> None:
     prog.save(str(out_path), external_data=True)
 
 
+# -- peers: onnxruntime-genai, a genai-builder-style graph, llama.cpp ------------------------------
+
+class Skipped(Exception):
+    """A peer row that cannot run here (its package or tool is missing): printed as skipped, with why."""
+
+
+class GenaiRunner:
+    """onnxruntime-genai over our `ort` folder, reading the genai_config.json the build wrote beside
+    the graph (threads set like every other row, through a config overlay). prefill/step append the
+    given tokens (teacher forcing, for the agreement line); `timed` runs genai's own greedy loop."""
+
+    batch_one_only = True
+
+    def __init__(self, folder: Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise Skipped("onnxruntime-genai is not installed (pip install 'mixexport[genai]')") from None
+        self.og = og
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": THREADS, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+
+    def _generator(self, **search):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(batch_size=1, do_sample=False, **search)
+        return self.og.Generator(self.model, params)
+
+    @staticmethod
+    def _append(generator, ids):
+        generator.append_tokens(ids.numpy().astype(np.int32))
+        return torch.from_numpy(np.array(generator.get_logits())), generator  # [1, 1, V]: the last token's
+
+    def prefill(self, ids, mask, pos):
+        return self._append(self._generator(), ids)
+
+    def step(self, ids, mask, pos, generator):
+        return self._append(generator, ids)
+
+    def timed(self, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+        """(prefill ms median, decode ms/step median) of genai's generator loop: append_tokens(prompt),
+        then generate_next_token. The first call after the prompt only picks from the prompt's logits;
+        each later one runs the model on the token picked before (one decode step) and picks again.
+        min_length = max_length keeps an end-of-sequence pick from ending the loop early."""
+        length = ids.shape[1] + WARMUP + steps + 2
+        prefill_times = []
+        for _ in range(PREFILL_REPEATS + 1):
+            generator = self._generator(max_length=length, min_length=length)
+            t = time.perf_counter()
+            generator.append_tokens(ids.numpy().astype(np.int32))
+            prefill_times.append(time.perf_counter() - t)
+        generator.generate_next_token()
+        step_times = []
+        for _ in range(WARMUP + steps):
+            t = time.perf_counter()
+            generator.generate_next_token()
+            step_times.append(time.perf_counter() - t)
+        return statistics.median(prefill_times[1:]) * 1e3, statistics.median(step_times[WARMUP:]) * 1e3
+
+
+def _external_initializer(name: str, array: np.ndarray, data, location: str):
+    """An initializer whose bytes go to the open external-data file `data` (page aligned): the
+    graph is written one tensor at a time, never holding the weights twice in memory."""
+    from onnx import TensorProto, helper
+    data.write(b"\0" * (-data.tell() % 4096))
+    offset = data.tell()
+    array = np.ascontiguousarray(array)
+    data.write(array.tobytes())
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def write_genai_style_graph(ckpt_dir: Path, out_path: Path) -> None:
+    """The decoder as onnxruntime-genai's model builder writes its MoE models (the builder has no
+    Mixtral, so this is the graph a user would otherwise hand-build): Gather embedding;
+    SimplifiedLayerNormalization, then SkipSimplifiedLayerNormalization carrying the residual; one
+    fused QKV MatMul; GroupQueryAttention with its own rotary (do_rotary, cos/sin caches) and
+    seqlens_k / total_sequence_length from the attention mask; o_proj MatMul; router MatMul and one
+    com.microsoft.MoE per layer (fc1 [E, 2I, H] gate/up rows interleaved for swiglu_fusion=1, fc2
+    [E, H, I]); final SkipSimplifiedLayerNormalization and the lm_head MatMul. Our I/O names, less
+    position_ids (GroupQueryAttention derives positions from seqlens_k), fp32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mixexport.checkpoint import Checkpoint
+    ck = Checkpoint(ckpt_dir)
+    c = ck.config
+    H, D, E = c.hidden_size, c.head_dim, c.num_local_experts
+    ms = "com.microsoft"
+    nodes, inits = [], [helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+                        helper.make_tensor("one_scalar", TensorProto.INT64, [], [1]),
+                        helper.make_tensor("rows_by_hidden", TensorProto.INT64, [2], [-1, H])]
+    location = out_path.name + ".data"
+
+    def node(op, inputs, outputs, domain="", **attrs):
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{outputs[0]}/{op}", domain=domain, **attrs))
+        return outputs
+
+    with open(out_path.with_name(location), "wb") as data:
+        def weight(name, array):
+            inits.append(_external_initializer(name, np.asarray(array, np.float32), data, location))
+            return name
+
+        def param(name):  # a checkpoint tensor as stored ([out, in] for a projection)
+            return weight(name, ck.tensor(name, "float32").numpy())
+
+        def matmul_weight(name):  # [out, in] -> [in, out], what MatMul reads
+            return ck.tensor(name, "float32").numpy().T
+
+        node("ReduceSum", ["attention_mask", "one"], ["tokens_so_far"], keepdims=0)
+        node("Sub", ["tokens_so_far", "one"], ["seqlens_k_i64"])
+        node("Cast", ["seqlens_k_i64"], ["seqlens_k"], to=TensorProto.INT32)
+        node("Shape", ["attention_mask"], ["mask_shape"])
+        node("Gather", ["mask_shape", "one_scalar"], ["total_i64"], axis=0)
+        node("Cast", ["total_i64"], ["total_sequence_length"], to=TensorProto.INT32)
+        inverse = 1.0 / (c.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
+        angles = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inverse)  # [max_pos, D/2]
+        weight("cos_cache", np.cos(angles))
+        weight("sin_cache", np.sin(angles))
+        (x,) = node("Gather", [param("model.embed_tokens.weight"), "input_ids"], ["embeds"], axis=0)
+        residual = None
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}"
+            if residual is None:
+                (h,) = node("SimplifiedLayerNormalization", [x, param(f"{p}.input_layernorm.weight")],
+                            [f"{p}/attn_norm"], axis=-1, epsilon=c.rms_norm_eps, stash_type=1)
+                residual = x
+            else:
+                h, _, _, residual = node("SkipSimplifiedLayerNormalization",
+                                         [x, residual, param(f"{p}.input_layernorm.weight")],
+                                         [f"{p}/attn_norm", "", "", f"{p}/attn_residual"], domain=ms,
+                                         epsilon=c.rms_norm_eps)
+            qkv = np.concatenate([matmul_weight(f"{p}.self_attn.{n}_proj.weight") for n in "qkv"], axis=1)
+            node("MatMul", [h, weight(f"{p}.self_attn.qkv_proj", qkv)], [f"{p}/qkv"])
+            node("GroupQueryAttention", [f"{p}/qkv", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                         "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+                 [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"], domain=ms,
+                 num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads, do_rotary=1,
+                 rotary_interleaved=0, scale=float(D) ** -0.5)
+            (x,) = node("MatMul", [f"{p}/attn", weight(f"{p}.self_attn.o_proj", matmul_weight(
+                f"{p}.self_attn.o_proj.weight"))], [f"{p}/o_proj"])
+            h, _, _, residual = node("SkipSimplifiedLayerNormalization",
+                                     [x, residual, param(f"{p}.post_attention_layernorm.weight")],
+                                     [f"{p}/moe_norm", "", "", f"{p}/moe_residual"], domain=ms, epsilon=c.rms_norm_eps)
+            node("Shape", [h], [f"{p}/moe_shape"])
+            node("Reshape", [h, "rows_by_hidden"], [f"{p}/moe_rows"])  # [N, H]
+            node("MatMul", [f"{p}/moe_rows", weight(f"{p}.router", matmul_weight(f"{p}.block_sparse_moe.gate.weight"))],
+                 [f"{p}/router_logits"])
+            gate_up = ck.gate_up(i, "float32").numpy()  # [E, 2I, H]: gate rows, then up rows
+            inter = gate_up.shape[1] // 2
+            fc1 = gate_up.reshape(E, 2, inter, H).transpose(0, 2, 1, 3).reshape(E, 2 * inter, H)
+            node("MoE", [f"{p}/moe_rows", f"{p}/router_logits", weight(f"{p}.fc1", fc1), "",
+                         weight(f"{p}.fc2", ck.down(i, "float32").numpy())], [f"{p}/moe_out"], domain=ms,
+                 k=c.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)
+            (x,) = node("Reshape", [f"{p}/moe_out", f"{p}/moe_shape"], [f"{p}/moe"])
+        node("SkipSimplifiedLayerNormalization", [x, residual, param("model.norm.weight")], ["final_norm", "", "", ""],
+             domain=ms, epsilon=c.rms_norm_eps)
+        node("MatMul", ["final_norm", weight("lm_head", matmul_weight("lm_head.weight"))], ["logits"])
+
+    def kv(name, length):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", c.num_key_value_heads, length, D])
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", c.vocab_size])]
+    for i in range(c.num_hidden_layers):
+        inputs += [kv(f"past_key_values.{i}.key", "past"), kv(f"past_key_values.{i}.value", "past")]
+        outputs += [kv(f"present.{i}.key", "total"), kv(f"present.{i}.value", "total")]
+    graph = helper.make_graph(nodes, "genai_builder_style_mixtral", inputs, outputs, initializer=inits)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ms, 1)]),
+                    str(out_path))
+
+
+def check_logits(runner, reference, prompt: int, vocab: int, steps: int = 3, tol: float = 1e-4) -> float:
+    """The largest |runner - reference| of the last logits over the prefill and `steps` decode steps
+    (both fed the reference's greedy tokens), relative to max |reference|; raises above `tol`."""
+    ids = prompt_ids(1, prompt, vocab)
+    mask, pos = torch.ones(1, prompt, dtype=torch.int64), torch.arange(prompt)[None]
+    ours, ours_state = runner.prefill(ids, mask, pos)
+    ref, ref_state = reference.prefill(ids, mask, pos)
+    worst = 0.0
+    for s in range(steps + 1):
+        a, b = ours[:, -1].float(), ref[:, -1].float()
+        worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+        if s == steps:
+            break
+        nxt = b.argmax(-1, keepdim=True)
+        mask, pos = torch.cat([mask, torch.ones(1, 1, dtype=torch.int64)], dim=1), pos[:, -1:] + 1
+        ours, ours_state = runner.step(nxt, mask, pos, ours_state)
+        ref, ref_state = reference.step(nxt, mask, pos, ref_state)
+    if worst > tol:
+        raise RuntimeError(f"logits differ from the reference by {worst:.1e} of their range (tolerance {tol:.0e})")
+    return worst
+
+
+# llama.cpp's file types beside our --quant schemes (llama-cpp-python's LLAMA_FTYPE_MOSTLY_* names)
+LLAMA_CPP_QUANTS = {"int8": "q8_0", "int4": "q4_0"}
+GGML_TYPE_F32 = 0
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's low-level API over a GGUF of the same checkpoint:
+    n_threads 2, one sequence, one llama_decode for the prefill and one per new token, the KV cache
+    in float32 like our graphs' (llama.cpp's default is float16).
+
+    `extra_buffers` False loads a quantized GGUF without llama.cpp's extra CPU buffer types: on this
+    VM (Xeon with AMX) its AMX kernel crashes (SIGSEGV in ggml_backend_amx_mul_mat, llama-cpp-python
+    0.3.36 built with GGML_NATIVE, q8_0 and q4_0 alike), and the switch that avoids it also turns
+    off its repacked q4_0 / q8_0 kernels, so those rows are not llama.cpp at its best."""
+
+    batch_one_only = True
+    _log_sink = None  # the ctypes callback that keeps llama.cpp's load logs off stderr (kept alive here)
+
+    def __init__(self, gguf_path: Path, n_ctx: int, extra_buffers: bool = True):
+        import llama_cpp
+        self.ll = llama_cpp
+        if LlamaCppRunner._log_sink is None:
+            LlamaCppRunner._log_sink = llama_cpp.llama_log_callback(lambda level, text, data: None)
+            llama_cpp.llama_log_set(LlamaCppRunner._log_sink, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = extra_buffers
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), model_params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_threads = params.n_threads_batch = THREADS
+        params.type_k = params.type_v = GGML_TYPE_F32
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {gguf_path}")
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.path = gguf_path
+
+    def _decode(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Decode `tokens` at positions start.. of sequence 0; the last one's logits [1, 1, V]."""
+        batch = self.batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(tokens) - 1
+        if self.ll.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab,))
+        return torch.from_numpy(logits.copy()).view(1, 1, -1)
+
+    def prefill(self, ids, mask, pos):
+        if ids.shape[0] != 1:
+            raise ValueError("batch 1 only")
+        self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
+        return self._decode(ids[0].tolist(), 0), None
+
+    def step(self, ids, mask, pos, state):
+        return self._decode(ids[0].tolist(), int(pos[0, 0])), None
+
+
+def gguf_active_bytes(path: Path, c, batch: int) -> float:
+    """The bytes one decode step reads from a GGUF, counted as `active_bytes` counts ours: every
+    tensor but the embedding, the stacked expert tensors (ffn_*_exps) at the share of experts a
+    step reads under uniform routing."""
+    from gguf import GGUFReader
+    share = 1 - (1 - c.num_experts_per_tok / c.num_local_experts) ** batch
+    return sum(int(t.n_bytes) * (share if "_exps" in t.name else 1)
+               for t in GGUFReader(path).tensors if t.name != "token_embd.weight")
+
+
+def convert_to_gguf(llama_cpp_tree: Path, ckpt: Path, out: Path) -> None:
+    """llama.cpp's own converter (its `convert_hf_to_gguf.py`) on our checkpoint, float32: the same
+    weights (it reads the tokenizer `mixexport init` writes; it needs sentencepiece importable)."""
+    script = llama_cpp_tree / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise Skipped(f"{script} not found: --llama-cpp names a llama.cpp source tree")
+    done = subprocess.run([sys.executable, str(script), str(ckpt), "--outtype", "f32", "--outfile", str(out)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"convert_hf_to_gguf.py failed: {tail}")
+
+
+def quantize_gguf(src: Path, out: Path, file_type: str) -> None:
+    """llama.cpp's llama_model_quantize with its default mixture for `file_type` (q8_0, q4_0)."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type.upper()}")
+    params.nthread = THREADS
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize to {file_type} failed")
+
+
+def add_peer_rows(add, name: str, c, ckpt: Path, cdir: Path, ort_folder: Path, args, runners: dict) -> list[str]:
+    """Create the peer rows through `add` (which records a failure or skip and goes on): genai over
+    our ort folder, the genai-builder-style graph (checked against the reference before it is
+    timed), llama.cpp f32 and its quantized files beside our --quant schemes. Returns their labels."""
+    add("ours ort (genai)", lambda: GenaiRunner(ort_folder))
+
+    def builder_style():
+        path = cdir / "genai_style" / "model.onnx"
+        path.parent.mkdir(exist_ok=True)
+        write_genai_style_graph(ckpt, path)
+        runner = OrtRunner(path, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        if "reference" not in runners:
+            raise RuntimeError("no reference row to check its logits against")
+        worst = check_logits(runner, runners["reference"], args.prompt, c.vocab_size)
+        print(f"[{name}] genai-builder-style graph: logits within {worst:.1e} of the reference's range "
+              f"(prefill + 3 decode steps)", flush=True)
+        return runner
+    add("genai-builder-style", builder_style)
+
+    llama_labels = ["llama.cpp f32"] + [f"llama.cpp {LLAMA_CPP_QUANTS[q]}" for q in args.quant]
+    reason = None
+    if importlib.util.find_spec("llama_cpp") is None:
+        reason = ("llama-cpp-python is not installed (CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
+                  "llama-cpp-python==0.3.36 builds it)")
+    elif args.llama_cpp is None:
+        reason = ("no --llama-cpp DIR (a llama.cpp source tree with convert_hf_to_gguf.py, e.g. vendor/llama.cpp of "
+                  "the unpacked `pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36`)")
+    n_ctx = args.prompt + WARMUP + args.steps + 8
+    f32 = cdir / "gguf" / "model-f32.gguf"
+
+    def llama_f32():
+        if reason:
+            raise Skipped(reason)
+        f32.parent.mkdir(exist_ok=True)
+        t = time.perf_counter()
+        convert_to_gguf(args.llama_cpp, ckpt, f32)
+        print(f"[{name}] convert_hf_to_gguf.py --outtype f32: {time.perf_counter() - t:.0f} s, "
+              f"{f32.stat().st_size / 1e6:.1f} MB", flush=True)
+        return LlamaCppRunner(f32, n_ctx)
+    add(llama_labels[0], llama_f32)
+
+    for label, scheme in zip(llama_labels[1:], args.quant):
+        def llama_quant(file_type=LLAMA_CPP_QUANTS[scheme]):
+            if "llama.cpp f32" not in runners:
+                raise Skipped(reason or "no f32 GGUF to quantize (the llama.cpp f32 row failed)")
+            out = f32.with_name(f"model-{file_type}.gguf")
+            t = time.perf_counter()
+            quantize_gguf(f32, out, file_type)
+            print(f"[{name}] llama_model_quantize {file_type}: {time.perf_counter() - t:.0f} s, "
+                  f"{out.stat().st_size / 1e6:.1f} MB", flush=True)
+            return LlamaCppRunner(out, n_ctx, extra_buffers=False)
+        add(label, llama_quant)
+    return ["ours ort (genai)", "genai-builder-style", *llama_labels]
+
+
 # -- timing --------------------------------------------------------------------------------------
+
+def prompt_ids(batch: int, prompt: int, vocab: int) -> torch.Tensor:
+    """The prompt every row is timed and compared on: [batch, prompt] ids, seed 0, past the special ids."""
+    return torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0))
+
 
 def time_runner(runner, batch: int, prompt: int, steps: int, vocab: int) -> tuple[float, float]:
     """(prefill ms median, decode ms/step median)."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (batch, prompt), generator=g)
+    ids = prompt_ids(batch, prompt, vocab)
     mask = torch.ones(batch, prompt, dtype=torch.int64)
     pos = torch.arange(prompt)[None].expand(batch, prompt).contiguous()
     prefill_times = []
@@ -258,8 +632,7 @@ def time_runner(runner, batch: int, prompt: int, steps: int, vocab: int) -> tupl
 def greedy_tokens(runner, prompt: int, steps: int, vocab: int, forced: list[torch.Tensor] | None = None):
     """Batch 1: the argmax token after the prefill and after each of `steps` decode steps; a
     step's input is `forced[s]` when given (teacher forcing), else the runner's own argmax."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (1, prompt), generator=g)
+    ids = prompt_ids(1, prompt, vocab)
     mask = torch.ones(1, prompt, dtype=torch.int64)
     pos = torch.arange(prompt)[None]
     logits, state = runner.prefill(ids, mask, pos)
@@ -270,6 +643,31 @@ def greedy_tokens(runner, prompt: int, steps: int, vocab: int, forced: list[torc
         logits, state = runner.step(forced[s] if forced else picked[-1], mask, pos, state)
         picked.append(logits[:, -1:].argmax(-1))
     return picked
+
+
+def time_rows(runners: dict, batch: int, args, vocab: int) -> dict:
+    """One timing of every row at `batch`, row after row: (prefill ms, decode ms/step), or the line
+    saying why there is none."""
+    results = {}
+    for label, runner in runners.items():
+        if batch > 1 and getattr(runner, "batch_one_only", False):
+            results[label] = "skipped: batch 1 only here"
+            continue
+        try:
+            if hasattr(runner, "timed"):
+                results[label] = runner.timed(prompt_ids(1, args.prompt, vocab), args.steps)
+            else:
+                results[label] = time_runner(runner, batch, args.prompt, args.steps, vocab)
+        except Exception as exc:  # noqa: BLE001
+            results[label] = f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    return results
+
+
+def best_of(a: dict, b: dict) -> dict:
+    """Per row, the lower prefill and the lower decode median of two rounds: on a shared machine
+    another job's burst inflates one row's round, and the rounds interleave the rows."""
+    return {label: (min(r[0], b[label][0]), min(r[1], b[label][1])) if isinstance(r, tuple) and
+            isinstance(b.get(label), tuple) else r for label, r in a.items()}
 
 
 def run_config(name: str, args, work: Path, bandwidth: float) -> None:
@@ -307,9 +705,11 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
     def add(label, factory):
         try:
             runners[label] = factory()
+        except Skipped as exc:
+            failures[label] = f"skipped: {exc}"
         except Exception as exc:  # noqa: BLE001 - report and go on
             line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            failures[label] = line[:300]
+            failures[label] = f"FAILED: {line[:300]}"
             if args.verbose:
                 traceback.print_exc()
 
@@ -333,11 +733,13 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
             labels.append(label)
             schemes[label] = quant
             add(label, lambda target=target, folder=outs[suffix]: OrtRunner(folder / target / "model.onnx", *kv))
+    peers = add_peer_rows(add, name, c, ckpt, cdir, outs[""] / "ort", args, runners)
+    labels += peers
     if "reference" in runners:
         forced = greedy_tokens(runners["reference"], args.prompt, args.steps, c.vocab_size)
         print(f"[{name}] top-1 agreement with the reference over {args.steps} teacher-forced decode steps, batch 1:")
         for label, runner in runners.items():
-            if label.startswith("ours"):
+            if label.startswith("ours") or label in peers:
                 picked = greedy_tokens(runner, args.prompt, args.steps, c.vocab_size, forced[:-1])
                 agree = [int(a == b) for a, b in zip(picked[1:], forced[1:])]
                 first = f" (first {TARGET_STEPS}: {sum(agree[:TARGET_STEPS])}/{TARGET_STEPS})" if args.steps > TARGET_STEPS else ""
@@ -346,14 +748,14 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
     for batch in args.batches:
         limit_ms = active_bytes(c, batch) / bandwidth * 1e3
         limits = {label: active_bytes(c, batch, quant) / bandwidth * 1e3 for label, quant in schemes.items()}
-        results = {}
-        for label, runner in runners.items():
-            try:
-                results[label] = time_runner(runner, batch, args.prompt, args.steps, c.vocab_size)
-            except Exception as exc:  # noqa: BLE001
-                results[label] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        limits.update({label: gguf_active_bytes(runner.path, c, batch) / bandwidth * 1e3
+                       for label, runner in runners.items() if isinstance(runner, LlamaCppRunner)})
+        results = time_rows(runners, batch, args, c.vocab_size)
+        for _ in range(args.rounds - 1):
+            results = best_of(results, time_rows(runners, batch, args, c.vocab_size))
         base = results.get("hf eager")
-        print(f"\n== {name}, batch {batch}, prompt {args.prompt}, {args.steps} decode steps; "
+        rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
+        print(f"\n== {name}, batch {batch}, prompt {args.prompt}, {args.steps} decode steps{rounds}; "
               f"bandwidth limit {limit_ms:.2f} ms/step ({active_bytes(c, batch) / 1e6:.0f} MB active weights) ==")
         print(f"{'implementation':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'prefill x hf':>12} "
               f"{'decode x hf':>11} {'x limit':>8} {'x ours ort':>10}")
@@ -362,10 +764,10 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
             r = results.get(label)
             if r is None:
                 if label in failures:
-                    print(f"{label:<24} FAILED: {failures[label]}")
+                    print(f"{label:<24} {failures[label]}")
                 continue
             if isinstance(r, str):
-                print(f"{label:<24} FAILED: {r}")
+                print(f"{label:<24} {r}")
                 continue
             pre, dec = r
             if isinstance(base, tuple):
@@ -377,7 +779,7 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
                   f"{speedup:>10}")
         sys.stdout.flush()
     for label, line in failures.items():
-        print(f"[{name}] {label} skipped: {line}")
+        print(f"[{name}] {label}: {line}")
 
 
 def main() -> int:
@@ -393,6 +795,10 @@ def main() -> int:
                     help="also build and time artifacts with these --experts-quant schemes (int4: group 32)")
     ap.add_argument("--dtypes", nargs="*", default=["float16"], choices=["float16"],
                     help="also build and time float16 artifacts (the float32 ones are always built)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every row this many times, row after row, and keep each row's best (a loaded machine)")
+    ap.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                    help="a llama.cpp source tree (its convert_hf_to_gguf.py makes the GGUF of the llama.cpp rows)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     args = ap.parse_args()
 
