@@ -52,6 +52,16 @@ class AllOrNothingFusion(ir.passes.InPlacePass):
         return RewriteResult(model, bool(matches), rewrites=len(matches))
 
 
+class PerLayerFusion(AllOrNothingFusion):
+    """An all-or-nothing fusion with one site per decoder layer; holds `num_layers`."""
+
+    sites = "one per layer"
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers)
+        self.num_layers = num_layers
+
+
 def derived_initializer(graph: ir.Graph, source: ir.Value, name: str,
                         transform: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]) -> ir.Value:
     """Register an initializer computed from another one when the model is saved.

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mixexport.passes.base import AllOrNothingFusion, match_from, require_opset
+from mixexport.passes.base import PerLayerFusion, match_from, require_opset
 
 OPSET = 23  # the first standard opset with Attention and RotaryEmbedding
 
@@ -189,14 +189,8 @@ class HalfTables:
         return self.halves[id(table)]
 
 
-class FuseAttentionOrt(AllOrNothingFusion):
+class FuseAttentionOrt(PerLayerFusion):
     """Rewrite every layer's attention into RotaryEmbedding x2 + Attention (opset 23)."""
-
-    sites = "one per layer"
-
-    def __init__(self, num_layers: int):
-        super().__init__(num_layers)
-        self.num_layers = num_layers
 
     def match(self, model: ir.Model) -> list[AttentionMatch | str]:
         mask = find_mask(model.graph, self.num_layers)

@@ -41,7 +41,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mixexport import graph_io
-from mixexport.passes.base import AllOrNothingFusion, require_opset
+from mixexport.passes.base import PerLayerFusion, require_opset
 from mixexport.targets.ort.fuse_attention import (OPSET, AttentionMatch, GraphBuilder, HalfTables, find_mask,
                                                   match_attention)
 from mixexport.targets.ort.lowering import ORT_DOMAIN
@@ -49,11 +49,9 @@ from mixexport.targets.ort.lowering import ORT_DOMAIN
 MASK = "attention_mask"
 
 
-class FuseGroupQueryAttentionOrt(AllOrNothingFusion):
+class FuseGroupQueryAttentionOrt(PerLayerFusion):
     """Rewrite every layer's attention into RotaryEmbedding x2 + com.microsoft.GroupQueryAttention
     over static, shared past/present buffers [B, KVH, kv_buffer_length, D]."""
-
-    sites = "one per layer"
 
     def __init__(self, num_layers: int, sliding_window: int | None = None):
         """
@@ -63,7 +61,6 @@ class FuseGroupQueryAttentionOrt(AllOrNothingFusion):
                 None for full attention.
         """
         super().__init__(num_layers)
-        self.num_layers = num_layers
         # onnxruntime 1.32's local_window_size W has Hugging Face's meaning (i - j < W): the
         # shared-layout parity test with a window shorter than its sequences passes with W and
         # fails with W - 1 and W + 1.

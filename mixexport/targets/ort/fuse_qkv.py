@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.passes.base import AllOrNothingFusion, concatenated_initializer
+from mixexport.passes.base import PerLayerFusion, concatenated_initializer
 from mixexport.targets.ort.fuse_attention import GraphBuilder, projection
 
 
@@ -60,14 +60,8 @@ def match_qkv(graph: ir.Graph, layer: int) -> QkvMatch | str:
     return QkvMatch(layer, x, matmuls)
 
 
-class FuseQkvOrt(AllOrNothingFusion):
+class FuseQkvOrt(PerLayerFusion):
     """Rewrite every layer's q, k, v MatMuls into one MatMul + Split."""
-
-    sites = "one per layer"
-
-    def __init__(self, num_layers: int):
-        super().__init__(num_layers)
-        self.num_layers = num_layers
 
     def match(self, model: ir.Model) -> list[QkvMatch | str]:
         return [match_qkv(model.graph, i) for i in range(self.num_layers)]
