@@ -54,3 +54,15 @@ def run_both(want: ort.InferenceSession, got: ort.InferenceSession, feed: dict) 
         results.append(dict(zip(names, session_.run(None, feed))))
     assert set(results[0]) == set(results[1])
     return results[0], results[1]
+
+
+def assert_fused_matches_unfused(config: MixtralConfig, sessions: tuple, batch: int, seq: int, past: int, pad: int,
+                                 atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """The fused session's outputs equal the unfused one's (same dtype, shape, no NaN) on seeded decoder feeds."""
+    feed = decoder_feeds(config, batch, seq, past, pad, np.random.default_rng(batch * 100 + seq * 10 + past))
+    want, got = run_both(*sessions, feed)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
+        assert not np.isnan(got[name]).any(), name
+        np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=atol, rtol=rtol,
+                                   err_msg=name)

@@ -14,7 +14,7 @@ from mixexport import graph_io
 from mixexport.targets import backend
 from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
 from mixexport.targets.ort.fuse_qkv import FuseQkvOrt
-from passes.ort_graphs import decoder_feeds, ort_graph, run_both, session
+from passes.ort_graphs import assert_fused_matches_unfused, ort_graph, session
 from targets.ort.test_fuse_attention import CONFIG, LAYERS
 
 Q, KV = CONFIG.num_attention_heads * CONFIG.head_dim, CONFIG.num_key_value_heads * CONFIG.head_dim
@@ -84,8 +84,4 @@ def sessions(captured, tmp_path_factory):
     (2, 3, 5, 2),  # chunked prefill with a past
 ])
 def test_numerics_match_unfused(sessions, batch, seq, past, pad):
-    feed = decoder_feeds(CONFIG, batch, seq, past, pad, np.random.default_rng(batch * 100 + seq * 10 + past))
-    want, got = run_both(*sessions, feed)
-    for name in want:
-        assert got[name].shape == want[name].shape and not np.isnan(got[name]).any(), name
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5, err_msg=name)
+    assert_fused_matches_unfused(CONFIG, sessions, batch, seq, past, pad)

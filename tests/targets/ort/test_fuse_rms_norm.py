@@ -16,7 +16,7 @@ from mixexport.errors import InternalError
 from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
 from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
 from mixexport.targets import backend
-from passes.ort_graphs import decoder_feeds, ort_graph, run_both, session
+from passes.ort_graphs import assert_fused_matches_unfused, ort_graph, session
 
 # fused vs unfused: fp32 to round-off; fp16 differs by the one rounding the fused op leaves out
 # (seen: 2.4e-4 at most; validation allows 2e-2 against the reference).
@@ -179,10 +179,4 @@ def sessions(captured, tmp_path_factory):
 ])
 def test_numerics_match_unfused(captured, sessions, batch, seq, past, pad):
     _, config = captured
-    feed = decoder_feeds(config, batch, seq, past, pad, np.random.default_rng(batch * 100 + seq * 10 + past))
-    want, got = run_both(*sessions, feed)
-    atol, rtol = TOLERANCES[config.dtype]
-    for name in want:
-        assert got[name].dtype == want[name].dtype and not np.isnan(got[name]).any(), name
-        np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=atol, rtol=rtol,
-                                   err_msg=name)
+    assert_fused_matches_unfused(config, sessions, batch, seq, past, pad, *TOLERANCES[config.dtype])
