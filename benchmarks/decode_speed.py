@@ -185,11 +185,24 @@ class OrtRunner:
         self.L, self.kvh, self.d = num_layers, kv_heads, head_dim
 
     def _run(self, ids, mask, pos, past):
+        # Through an IOBinding, as a serving loop runs onnxruntime: the presents stay onnxruntime
+        # values and are bound back as the next step's past, and only the logits become numpy
+        # (sess.run converts every input and output); the same for every onnxruntime row.
+        binding = self.sess.io_binding()
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(), **past}
-        feed = {k: v for k, v in feed.items() if k in self.in_names}
-        outs = dict(zip(self.out_names, self.sess.run(None, feed)))
+        for name, value in feed.items():
+            if name not in self.in_names:
+                continue
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.out_names:
+            binding.bind_output(name, "cpu")
+        self.sess.run_with_iobinding(binding)
+        outs = dict(zip(self.out_names, binding.get_outputs()))
         present = {f"past_key_values.{i}.{kv}": outs[f"present.{i}.{kv}"] for i in range(self.L) for kv in ("key", "value")}
-        return torch.from_numpy(outs["logits"]), present
+        return torch.from_numpy(outs["logits"].numpy()), present
 
     def prefill(self, ids, mask, pos):
         b = ids.shape[0]
