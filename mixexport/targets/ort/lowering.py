@@ -9,7 +9,9 @@ E 8, top-2, fp32, 2 threads, median of 200 interleaved runs, shared 2-core VM):
   experts and runs each expert on one thread; MatMul in an `If` branch runs on all threads.
   A whole `mid` decode step (batch 1, both graphs interleaved in one process, median of 55 steps)
   gained less on the same machine under a load average of 6-14: 1.0-1.45x in four runs (e.g.
-  67.6 against 97.8 ms); an idle-machine number is still to be taken.
+  67.6 against 97.8 ms). With nothing else running (AMD EPYC VM, `benchmarks/decode_speed.py`
+  rows "ours ort" and "ours ort fused", best of 4 rounds): 17.99 against 23.22 ms (1.29x), and
+  20.04 against 22.19 ms (1.11x) in an earlier run on the same noisy host.
 - CPU, quantized experts: `com.microsoft.QMoE` (below): int4 0.67-0.89 ms, faster than
   `MatMulNBits` in `If` branches (0.94-1.02 ms, accuracy_level 0). int8 has no exact fast kernel on
   onnxruntime 1.32 CPU: QMoE without `block_size` takes 9.8-15.6 ms, MatMulNBits bits=8 at
