@@ -84,7 +84,7 @@ def test_exact_router_ties(moe_inputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_non_finite_router_logits(moe_inputs, dtype):
     # A token without a softmax (NaN, +inf, all -inf) comes out NaN in every column, as the
-    # reference says; every other token is exactly as without it, and no id leaves [0, E).
+    # reference says; every other token is as without it (to the last bits), and no id leaves [0, E).
     x, logits, w_gate_up, w_down = moe_inputs(40, 44, 52, 8, dtype)
     logits = logits.to(dtype)
     clean = fused_moe(x, logits, w_gate_up, w_down, 2)
@@ -101,7 +101,12 @@ def test_non_finite_router_logits(moe_inputs, dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     assert _relative_error(out[good], ref[good]) <= tolerance
     changed = [n for n in good if n != 35]
-    assert torch.equal(out[changed], clean[changed])
+    # The same values up to the accumulation's last bits: a token whose neighbours' routing changed
+    # can land at another row of its tile, and the interpreter's BLAS matmul may round a row by its
+    # position (1-2 ulp on an AMD EPYC host; bit-equal on the Xeon). A wrong expert or weight is off
+    # by orders of magnitude more.
+    ulps = 4 * torch.finfo(dtype).eps * clean[changed].abs().max()
+    assert (out[changed] - clean[changed]).abs().max() <= ulps
     _, ids = launch_routing(logits, 2, True)
     assert ((ids >= 0) & (ids < 8)).all()
 
