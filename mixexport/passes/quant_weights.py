@@ -126,6 +126,7 @@ def quantized_expert(graph: ir.Graph, source: ir.Value, expert: int, name: str,
 
     s_shape = quantized_shapes((n, k), scheme)[1]
     q = ir.LazyTensor(stored, dtype=storage, shape=ir.Shape((n, k)), name=f"{name}.qweight")
+
     def expert_scales() -> ir.TensorProtocol:
         found = kept.pop() if kept else quantized()[1]
         return ir.tensor(to_numpy(found))
