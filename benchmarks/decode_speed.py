@@ -189,22 +189,11 @@ class OrtRunner:
         self.L, self.kvh, self.d = num_layers, kv_heads, head_dim
 
     def _run(self, ids, mask, pos, past):
-        # Through an IOBinding, as a serving loop runs onnxruntime: the presents stay onnxruntime
-        # values and are bound back as the next step's past, and only the logits become numpy
-        # (sess.run converts every input and output); the same for every onnxruntime row.
-        binding = self.sess.io_binding()
+        # Through an IOBinding, as `mixexport generate` runs onnxruntime: the presents stay
+        # onnxruntime values from step to step; the same for every onnxruntime row.
+        from mixexport.runtime.generate import run_bound
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(), **past}
-        for name, value in feed.items():
-            if name not in self.in_names:
-                continue
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self.out_names:
-            binding.bind_output(name, "cpu")
-        self.sess.run_with_iobinding(binding)
-        outs = dict(zip(self.out_names, binding.get_outputs()))
+        outs = run_bound(self.sess, {k: v for k, v in feed.items() if k in self.in_names}, self.out_names)
         present = {f"past_key_values.{i}.{kv}": outs[f"present.{i}.{kv}"] for i in range(self.L) for kv in ("key", "value")}
         return torch.from_numpy(outs["logits"].numpy()), present
 

@@ -228,18 +228,7 @@ def _onnxruntime_steps(generation: Generation, prompt: list[int], max_new_tokens
         feed = {"input_ids": np.array([chunk], np.int64),
                 "attention_mask": np.ones((1, done + len(chunk)), np.int64),
                 "position_ids": np.arange(done, done + len(chunk), dtype=np.int64)[None], **past}
-        # An IOBinding: the presents stay onnxruntime values, bound back as the next step's past
-        # without a copy through numpy; only the logits are read out.
-        binding = session.io_binding()
-        for name, value in feed.items():
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in output_names:
-            binding.bind_output(name, "cpu")
-        session.run_with_iobinding(binding)
-        results = dict(zip(output_names, binding.get_outputs()))
+        results = run_bound(session, feed, output_names)
         past = {graph_io.past_names(layer)[j]: results[graph_io.present_names(layer)[j]]
                 for layer in range(layers) for j in range(2)}
         done += len(chunk)
@@ -248,6 +237,22 @@ def _onnxruntime_steps(generation: Generation, prompt: list[int], max_new_tokens
         token = _choose(results["logits"].numpy()[0, -1], sampling, rng)
         yield token
         pending = [token]
+
+
+def run_bound(session: Any, feed: dict[str, Any], output_names: list[str]) -> dict[str, Any]:
+    """One run through an IOBinding: numpy arrays or onnxruntime values in, onnxruntime values out
+    (CPU), so a step's presents can be bound back as the next step's past without a copy through
+    numpy; read what you need with `.numpy()`."""
+    binding = session.io_binding()
+    for name, value in feed.items():
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        else:
+            binding.bind_ortvalue_input(name, value)
+    for name in output_names:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    return dict(zip(output_names, binding.get_outputs()))
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
