@@ -16,7 +16,10 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
 - ours portable / ours ort: the mixexport artifacts in onnxruntime (CPU EP); `ours ort` is built
                   for the CPU provider (the default, one If per expert); `ours ort fused` is the
                   same graph built with `--ort-provider cuda` (one com.microsoft.MoE per layer),
-                  timed on CPU beside it
+                  timed on CPU beside it; `ours ort shared` is built with `--kv-layout shared`
+                  (GroupQueryAttention over static KV buffers, bound in place as genai binds them).
+                  Every onnxruntime row runs through `mixexport generate`'s plain loop
+                  (`runtime.generate.KvLoop`)
 - ours portable fp16 / ours ort fp16: the same in float16 (--dtypes), which onnxruntime's x86 CPU
                   provider runs through float32 copies
 - ours portable int8 / ours ort int4-g32 ...: the same, built with `--experts-quant` (--quant;
@@ -168,42 +171,33 @@ class HFRunner:
 
 
 class OrtRunner:
-    """Any graph with mixexport's I/O names (our targets, and the plain HF export, named alike)."""
+    """Any graph with mixexport's I/O names (our targets, and the plain HF export, named alike),
+    run as `mixexport generate`'s plain loop runs it (`runtime.generate.KvLoop`: an IOBinding that
+    keeps the cache in onnxruntime values; a shared-layout graph's static buffers updated in place)."""
 
-    def __init__(self, onnx_path: Path, num_layers: int, kv_heads: int, head_dim: int, profile: str | None = None):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = THREADS
-        so.inter_op_num_threads = 1
-        # The presents grow by a token a step; onnxruntime's CPU arena serves those allocations
-        # slower than plain malloc (mid, batch 1: 18.9 -> 17.3 ms/token without it, where genai's
-        # own loop over the same graph took 17.3), so every onnxruntime row runs without it.
-        so.enable_cpu_mem_arena = False
-        if profile:
-            so.enable_profiling = True
-            so.profile_file_prefix = profile
-        self.sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        self.out_names = [o.name for o in self.sess.get_outputs()]
-        self.in_names = {i.name for i in self.sess.get_inputs()}
+    def __init__(self, onnx_path: Path, num_layers: int, kv_heads: int, head_dim: int, kv_layout: str = "concat",
+                 buffer_length: int = 0):
+        from mixexport.runtime.generate import open_session
+        # Without the CPU arena, as `generate`: the concat presents grow by a token a step and the
+        # arena serves those allocations slower than plain malloc (mid, batch 1: 18.9 -> 17.3
+        # ms/token without it, where genai's own loop over the same graph took 17.3).
+        self.sess = open_session(onnx_path, THREADS)
         past = next(i for i in self.sess.get_inputs() if i.name.startswith("past_key_values."))
         self.past_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
-        self.L, self.kvh, self.d = num_layers, kv_heads, head_dim
+        self.L, self.kv_shape, self.kv_layout, self.buffer_length = num_layers, (kv_heads, head_dim), kv_layout, buffer_length
 
-    def _run(self, ids, mask, pos, past):
-        # Through an IOBinding, as `mixexport generate` runs onnxruntime: the presents stay
-        # onnxruntime values from step to step; the same for every onnxruntime row.
-        from mixexport.runtime.generate import run_bound
-        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(), **past}
-        outs = run_bound(self.sess, {k: v for k, v in feed.items() if k in self.in_names}, self.out_names)
-        present = {f"past_key_values.{i}.{kv}": outs[f"present.{i}.{kv}"] for i in range(self.L) for kv in ("key", "value")}
-        return torch.from_numpy(outs["logits"].numpy()), present
+    @staticmethod
+    def _run(loop, ids, mask, pos):
+        return torch.from_numpy(loop.run(ids.numpy(), mask.numpy(), pos.numpy())), loop
 
     def prefill(self, ids, mask, pos):
-        b = ids.shape[0]
-        empty = np.zeros((b, self.kvh, 0, self.d), self.past_dtype)
-        return self._run(ids, mask, pos, {f"past_key_values.{i}.{kv}": empty for i in range(self.L) for kv in ("key", "value")})
+        from mixexport.runtime.generate import KvLoop
+        loop = KvLoop(self.sess, self.L, self.kv_shape, self.past_dtype, self.kv_layout, self.buffer_length,
+                      batch=ids.shape[0])
+        return self._run(loop, ids, mask, pos)
 
-    def step(self, ids, mask, pos, state):
-        return self._run(ids, mask, pos, state)
+    def step(self, ids, mask, pos, loop):
+        return self._run(loop, ids, mask, pos)
 
 
 # -- the plain transformers export ---------------------------------------------------------------
@@ -690,6 +684,7 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
     variants += [(f" {parse_scheme(q).name}", parse_scheme(q), ["--experts-quant", q], ("portable", "ort"))
                  for q in args.quant]
     variants += [(" fp16", None, ["--dtype", "float16"], ("portable", "ort")) for d in args.dtypes if d == "float16"]
+    variants.append((" shared", None, ["--kv-layout", "shared"], ("ort",)))
     variants.append((" fused", None, ["--ort-provider", "cuda"], ("ort",)))
     outs = {suffix: cdir / f"out{suffix.replace(' ', '-')}" for suffix, *_ in variants}
     print(f"\n[{name}] H {c.hidden_size} I {c.intermediate_size} L {c.num_hidden_layers} E {c.num_local_experts} "
@@ -738,7 +733,9 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
             label = f"ours {target}{suffix}"
             labels.append(label)
             schemes[label] = quant
-            add(label, lambda target=target, folder=outs[suffix]: OrtRunner(folder / target / "model.onnx", *kv))
+            layout = "shared" if suffix == " shared" else "concat"
+            add(label, lambda target=target, folder=outs[suffix], layout=layout: OrtRunner(
+                folder / target / "model.onnx", *kv, kv_layout=layout, buffer_length=args.prompt + WARMUP + args.steps + 1))
     peers = add_peer_rows(add, name, c, ckpt, cdir, outs[""] / "ort", args, runners)
     labels += peers
     if "reference" in runners:

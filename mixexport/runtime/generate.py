@@ -206,53 +206,96 @@ def _genai_steps(generation: Generation, prompt: list[int], max_new_tokens: int,
 
 def _onnxruntime_steps(generation: Generation, prompt: list[int], max_new_tokens: int,
                        sampling: Sampling) -> Iterator[int]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # The presents grow by a token a step: onnxruntime's CPU arena serves those allocations slower
-    # than plain malloc (8% of a decode step on the mid-size benchmark model).
-    options.enable_cpu_mem_arena = False
-    session = ort.InferenceSession(str(generation.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    output_names = [o.name for o in session.get_outputs()]
     config = generation.config
-    layers = config["num_hidden_layers"]
-    # concat: the past starts empty and grows; shared: one static buffer for the whole run, as
-    # genai allocates it (max_length long), which the graph updates and returns as present.
-    length = 0 if generation.kv_layout == "concat" else len(prompt) + max_new_tokens
-    empty = np.zeros((1, config["num_key_value_heads"], length, config["head_dim"]), dtype_info(generation.dtype).numpy)
-    past = {name: empty for layer in range(layers) for name in graph_io.past_names(layer)}
+    loop = KvLoop(open_session(generation.folder / "model.onnx"), config["num_hidden_layers"],
+                  (config["num_key_value_heads"], config["head_dim"]), dtype_info(generation.dtype).numpy,
+                  generation.kv_layout, len(prompt) + max_new_tokens)
     rng = np.random.default_rng(sampling.seed)
     done, pending = 0, list(prompt)
     while True:
         chunk, pending = pending[:generation.max_sequence], pending[generation.max_sequence:]
-        feed = {"input_ids": np.array([chunk], np.int64),
-                "attention_mask": np.ones((1, done + len(chunk)), np.int64),
-                "position_ids": np.arange(done, done + len(chunk), dtype=np.int64)[None], **past}
-        results = run_bound(session, feed, output_names)
-        past = {graph_io.past_names(layer)[j]: results[graph_io.present_names(layer)[j]]
-                for layer in range(layers) for j in range(2)}
+        logits = loop.run(np.array([chunk], np.int64), np.ones((1, done + len(chunk)), np.int64),
+                          np.arange(done, done + len(chunk), dtype=np.int64)[None])
         done += len(chunk)
         if pending:
             continue  # still prefilling
-        token = _choose(results["logits"].numpy()[0, -1], sampling, rng)
+        token = _choose(logits[0, -1], sampling, rng)
         yield token
         pending = [token]
 
 
-def run_bound(session: Any, feed: dict[str, Any], output_names: list[str]) -> dict[str, Any]:
-    """One run through an IOBinding: numpy arrays or onnxruntime values in, onnxruntime values out
-    (CPU), so a step's presents can be bound back as the next step's past without a copy through
-    numpy; read what you need with `.numpy()`."""
-    binding = session.io_binding()
-    for name, value in feed.items():
-        if isinstance(value, np.ndarray):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        else:
-            binding.bind_ortvalue_input(name, value)
-    for name in output_names:
-        binding.bind_output(name, "cpu")
-    session.run_with_iobinding(binding)
-    return dict(zip(output_names, binding.get_outputs()))
+def open_session(path: Path, threads: int = 0) -> Any:
+    """A CPU onnxruntime session for the plain loop (`threads` 0: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    # The concat layout's presents grow by a token a step: onnxruntime's CPU arena serves those
+    # allocations slower than plain malloc (8% of a decode step on the mid-size benchmark model).
+    options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class KvLoop:
+    """One batch of sequences through a session of a mixexport graph, its KV cache kept between runs
+    in onnxruntime values bound to the session (an IOBinding; nothing goes through numpy but the
+    logits).
+
+    - concat layout: each run's presents are bound as the next run's past.
+    - shared layout: one static buffer per past input, `buffer_length` slots long, bound as both
+      the past input and the present output of every run, so the graph writes each step's new keys
+      into it in place, as onnxruntime-genai runs it with past_present_share_buffer. (Bound to
+      freshly allocated outputs instead, GroupQueryAttention would copy the whole buffer every
+      step: 4 GiB a step for Mixtral-8x7B at a 32k context.)
+    """
+
+    def __init__(self, session: Any, layers: int, kv_shape: tuple[int, int], dtype: Any, kv_layout: str,
+                 buffer_length: int, batch: int = 1):
+        """
+        Args:
+            session: an onnxruntime session of the graph.
+            layers: decoder layers (a past and a present pair each).
+            kv_shape: (KV heads, head dim).
+            dtype: the past tensors' numpy dtype.
+            kv_layout: "concat" or "shared" (`graph_io.KV_LAYOUTS`).
+            buffer_length: the shared layout's buffer slots: at least every token the run will hold.
+            batch: sequences per run.
+        """
+        import onnxruntime as ort
+
+        self.session = session
+        self.inputs = {i.name for i in session.get_inputs()}
+        self.shared = kv_layout == "shared"
+        self.binding = session.io_binding()
+        self.past = [name for layer in range(layers) for name in graph_io.past_names(layer)]
+        self.present = [name for layer in range(layers) for name in graph_io.present_names(layer)]
+        shape = (batch, kv_shape[0], buffer_length if self.shared else 0, kv_shape[1])
+        self.binding.bind_output("logits", "cpu")  # first: outputs come back in the order first bound
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for _ in self.past]
+        for past, present, value in zip(self.past, self.present, self.buffers):
+            self.binding.bind_ortvalue_input(past, value)
+            if self.shared:
+                self.binding.bind_ortvalue_output(present, value)
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One graph run over the new tokens `ids` [B, S] (`mask` [B, T] covering the past and
+        them, `positions` [B, S]): the logits [B, S, V] as numpy; the cache holds the new tokens."""
+        for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", positions)):
+            if name in self.inputs:
+                self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # Bound anew every run, so that what onnxruntime allocates takes each run's shape.
+        self.binding.bind_output("logits", "cpu")
+        if not self.shared:
+            for name in self.present:
+                self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+        outputs = self.binding.get_outputs()
+        if not self.shared:  # outputs: logits, then the presents, in the order bound
+            for name, value in zip(self.past, outputs[1:]):
+                self.binding.bind_ortvalue_input(name, value)
+        return outputs[0].numpy()
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

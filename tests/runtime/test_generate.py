@@ -8,11 +8,12 @@ import importlib.util
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from artifact.shared import error_line, run_cli
 from mixexport.errors import MixexportError
-from mixexport.runtime.generate import Sampling, generate, open_target
+from mixexport.runtime.generate import KvLoop, Sampling, generate, open_session, open_target
 from runtime import artifacts
 from validate.hf_model import VOCAB
 
@@ -47,6 +48,25 @@ def test_plain_loop_runs_the_shared_kv_layout(tiny_preset_shared, prompt, n):
     assert open_target(out, "ort").kv_layout == "shared"
     want = artifacts.transformers_greedy(model, [prompt], n, stop_at_eos=True)[0][len(prompt):]
     assert _tokens(out, "ort", prompt, n, "onnxruntime") == want
+
+
+def test_the_shared_layout_loop_writes_its_buffers_in_place(tiny_preset_shared):
+    """The presents come back in the very buffers bound as the past (no copy of the cache a step),
+    holding the prompt's keys in its slots and nothing after them."""
+    _, out = tiny_preset_shared
+    generation = open_target(out, "ort")
+    config = generation.config
+    loop = KvLoop(open_session(generation.folder / "model.onnx"), config["num_hidden_layers"],
+                  (config["num_key_value_heads"], config["head_dim"]), np.float32, "shared", 16)
+    addresses = [value.data_ptr() for value in loop.buffers]
+    for step, ids in enumerate((PROMPT, [9])):
+        done = step * len(PROMPT)
+        loop.run(np.array([ids], np.int64), np.ones((1, done + len(ids)), np.int64),
+                 np.arange(done, done + len(ids))[None])
+    assert [value.data_ptr() for value in loop.binding.get_outputs()[1:]] == addresses
+    for value in loop.buffers:
+        cache = value.numpy()[0]  # [KVH, 16, D]
+        assert np.all(np.any(cache[:, :len(PROMPT) + 1] != 0, axis=-1)) and not np.any(cache[:, len(PROMPT) + 1:])
 
 
 @pytest.mark.skipif(not HAS_GENAI, reason="onnxruntime-genai is not installed (pip install 'mixexport[genai]')")
