@@ -249,6 +249,11 @@ class KvLoop:
       into it in place, as onnxruntime-genai runs it with past_present_share_buffer. (Bound to
       freshly allocated outputs instead, GroupQueryAttention would copy the whole buffer every
       step: 4 GiB a step for Mixtral-8x7B at a 32k context.)
+
+    A decode step (one new token per sequence) writes its ids and positions into arrays bound once
+    and its logits into one bound [B, 1, V] array, so a step binds only the mask (and the concat
+    presents): the weights a step streams evict Python's own working set from the caches, and
+    every call the loop saves is a cold one (about 0.4 ms a step on the mid-size benchmark model).
     """
 
     def __init__(self, session: Any, layers: int, kv_shape: tuple[int, int], dtype: Any, kv_layout: str,
@@ -265,6 +270,7 @@ class KvLoop:
         """
         import onnxruntime as ort
 
+        self.ort = ort
         self.session = session
         self.inputs = {i.name for i in session.get_inputs()}
         self.shared = kv_layout == "shared"
@@ -278,24 +284,49 @@ class KvLoop:
             self.binding.bind_ortvalue_input(past, value)
             if self.shared:
                 self.binding.bind_ortvalue_output(present, value)
+        vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == "logits")
+        # The decode step's arrays, bound by the first step (None: a graph without a static vocab).
+        self.step_ids = np.zeros((batch, 1), np.int64)
+        self.step_positions = np.zeros((batch, 1), np.int64)
+        self.step_logits = np.zeros((batch, 1, vocab), np.float32) if isinstance(vocab, int) else None
+        self.step_bound = False
+
+    def _bind_step(self, stepping: bool) -> None:
+        """Bind the decode step's arrays (`stepping`), or unbind them for a run of other shape."""
+        if stepping and not self.step_bound:
+            for name, array in (("input_ids", self.step_ids), ("position_ids", self.step_positions)):
+                if name in self.inputs:
+                    self.binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(array))
+            self.binding.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(self.step_logits))
+        elif not stepping:
+            self.binding.bind_output("logits", "cpu")
+        self.step_bound = stepping
 
     def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One graph run over the new tokens `ids` [B, S] (`mask` [B, T] covering the past and
-        them, `positions` [B, S]): the logits [B, S, V] as numpy; the cache holds the new tokens."""
-        for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", positions)):
-            if name in self.inputs:
-                self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        # Bound anew every run, so that what onnxruntime allocates takes each run's shape.
-        self.binding.bind_output("logits", "cpu")
+        them, `positions` [B, S]): the logits [B, S, V] (a decode step's: an array the next step
+        overwrites); the cache holds the new tokens."""
+        stepping = ids.shape == self.step_ids.shape and self.step_logits is not None
+        self._bind_step(stepping)
+        if stepping:
+            self.step_ids[...] = ids
+            self.step_positions[...] = positions
+            self.binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        else:
+            for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", positions)):
+                if name in self.inputs:
+                    self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
         if not self.shared:
-            for name in self.present:
+            for name in self.present:  # bound anew: what onnxruntime allocates takes each run's shape
                 self.binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(self.binding)
+        if self.shared and stepping:
+            return self.step_logits
         outputs = self.binding.get_outputs()
         if not self.shared:  # outputs: logits, then the presents, in the order bound
             for name, value in zip(self.past, outputs[1:]):
                 self.binding.bind_ortvalue_input(name, value)
-        return outputs[0].numpy()
+        return self.step_logits if stepping else outputs[0].numpy()
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

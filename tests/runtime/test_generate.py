@@ -69,6 +69,30 @@ def test_the_shared_layout_loop_writes_its_buffers_in_place(tiny_preset_shared):
         assert np.all(np.any(cache[:, :len(PROMPT) + 1] != 0, axis=-1)) and not np.any(cache[:, len(PROMPT) + 1:])
 
 
+@pytest.mark.parametrize("layout", ["concat", "shared"])
+def test_the_loop_decodes_a_batch_through_its_bound_step_arrays(tiny_preset, tiny_preset_shared, layout):
+    """Batch 2: the prefill binds fresh arrays, every decode step then runs through the arrays
+    bound once ([2, 1] ids and positions, [2, 1, V] logits); both rows' greedy tokens are
+    transformers'."""
+    model, out = tiny_preset if layout == "concat" else tiny_preset_shared
+    generation = open_target(out, "ort")
+    config = generation.config
+    prompts, n = [PROMPT, [11, 4, 29, 60, 2, 8]], 12
+    loop = KvLoop(open_session(generation.folder / "model.onnx"), config["num_hidden_layers"],
+                  (config["num_key_value_heads"], config["head_dim"]), np.float32, layout, len(PROMPT) + n, batch=2)
+    ids, done, rows = np.array(prompts, np.int64), 0, [[], []]
+    for _ in range(n):
+        logits = loop.run(ids, np.ones((2, done + ids.shape[1]), np.int64),
+                          np.broadcast_to(np.arange(done, done + ids.shape[1]), ids.shape))
+        done += ids.shape[1]
+        ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        for row, token in zip(rows, ids[:, 0]):
+            row.append(int(token))
+    assert loop.step_bound
+    want = artifacts.transformers_greedy(model, prompts, n)
+    assert [prompt + row for prompt, row in zip(prompts, rows)] == want
+
+
 @pytest.mark.skipif(not HAS_GENAI, reason="onnxruntime-genai is not installed (pip install 'mixexport[genai]')")
 @pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT])
 def test_genai_and_the_plain_loop_agree(tiny_preset, prompt):
