@@ -3,6 +3,7 @@
     python benchmarks/decode_speed.py [--configs small mid] [--batches 1 8] [--steps 16]
                                       [--prompt 32] [--workdir DIR] [--skip-hf-onnx] [--quant int8 int4]
                                       [--dtypes float16] [--llama-cpp DIR] [--rounds N]
+                                      [--processes N]
 
 For each config (the `small` preset, and `mid`: hidden 512, intermediate 1792, 8 layers, 8 heads,
 2 KV heads, 8 experts, top-2, vocab 32000, fp32) it writes a random checkpoint, builds the
@@ -46,7 +47,10 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
 
 torch uses 2 threads, onnxruntime intra_op_num_threads=2. Decode ms is the median over --steps
 steps (after 3 warmup steps), one new token per sequence per step; with --rounds N every row is
-timed N times, row after row, and keeps its lowest prefill and decode medians. "x limit" compares with the
+timed N times, row after row, and keeps its lowest prefill and decode medians; with --processes N
+the whole benchmark runs N times, each in its own process, and a last table gives every row's
+decode ms over them and its ratio to ours ort and to llama.cpp f32 in each (the spread between
+processes on these VMs is larger than within one). "x limit" compares with the
 bandwidth limit of one step: active weight bytes / DRAM read bandwidth (torch sum over a 2 GiB
 buffer with 1 and 2 threads, best of 5). At batch B the active expert bytes assume uniform
 routing: each layer reads E * (1 - (1 - k/E)^B) distinct experts. The fp16 rows' limit is the float32
@@ -756,6 +760,8 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
         results = time_rows(runners, batch, args, c.vocab_size)
         for _ in range(args.rounds - 1):
             results = best_of(results, time_rows(runners, batch, args, c.vocab_size))
+        if args.results_json:
+            record_results(args.results_json, f"{name}, batch {batch}", results, limit_ms)
         base = results.get("hf eager")
         rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
         print(f"\n== {name}, batch {batch}, prompt {args.prompt}, {args.steps} decode steps{rounds}; "
@@ -785,6 +791,47 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
         print(f"[{name}] {label}: {line}")
 
 
+def record_results(path: Path, key: str, results: dict, limit_ms: float) -> None:
+    """Add one table's decode medians (ms; rows that did not time are left out) to the JSON file
+    `path`, under `key`."""
+    done = json.loads(path.read_text()) if path.exists() else {}
+    done[key] = {"limit_ms": limit_ms, "decode_ms": {label: r[1] for label, r in results.items() if isinstance(r, tuple)}}
+    path.write_text(json.dumps(done))
+
+
+def across_processes(argv: list[str], processes: int) -> int:
+    """Run this benchmark `processes` times, each in a process of its own, then print every row's
+    decode ms over them and its ratio to ours ort and to llama.cpp f32 in each. (On these VMs the
+    spread between processes is larger than within one: a process's rows land on different
+    physical memory; one run put ours ort level with llama.cpp f32 between two with a 20% gap.)"""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="mixexport-decode-runs-") as tmp:
+        for i in range(processes):
+            print(f"\n#### process {i + 1} of {processes}", flush=True)
+            out = Path(tmp) / f"run{i}.json"
+            done = subprocess.run([sys.executable, __file__, *argv, "--processes", "1", "--results-json", str(out)])
+            if done.returncode != 0:
+                print(f"process {i + 1} failed (exit {done.returncode})")
+                return done.returncode
+            runs.append(json.loads(out.read_text()) if out.exists() else {})
+    print(f"\n==== decode ms/token over {processes} processes: median [min, max]; x ours ort and x llama.cpp f32 "
+          f"per process (> 1: slower) ====")
+    for key in runs[0]:
+        tables = [run[key] for run in runs if key in run]
+        print(f"\n== {key}; bandwidth limit {statistics.median(t['limit_ms'] for t in tables):.2f} ms/step (median) ==")
+        for label in tables[0]["decode_ms"]:
+            times = [t["decode_ms"].get(label) for t in tables]
+            if None in times:
+                continue
+            line = f"{label:<24} {statistics.median(times):7.2f} [{min(times):.2f}, {max(times):.2f}]"
+            for base in ("ours ort", "llama.cpp f32"):
+                if all(base in t["decode_ms"] for t in tables) and label != base:
+                    ratios = " ".join(f"{x / t['decode_ms'][base]:.2f}" for x, t in zip(times, tables))
+                    line += f"   x {base}: {ratios}"
+            print(line)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["small", "mid"], choices=["small", "mid"])
@@ -802,8 +849,21 @@ def main() -> int:
                     help="time every row this many times, row after row, and keep each row's best (a loaded machine)")
     ap.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
                     help="a llama.cpp source tree (its convert_hf_to_gguf.py makes the GGUF of the llama.cpp rows)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the whole benchmark this many times, each in its own process, and summarize them")
+    ap.add_argument("--results-json", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     args = ap.parse_args()
+    if args.processes < 1:
+        ap.error("--processes must be at least 1")
+    if args.processes > 1:
+        argv, rest = [], iter(sys.argv[1:])
+        for arg in rest:  # the children run one process each
+            if arg == "--processes":
+                next(rest, None)
+            elif not arg.startswith("--processes="):
+                argv.append(arg)
+        return across_processes(argv, args.processes)
 
     torch.set_num_threads(THREADS)
     print(machine_info())
