@@ -69,3 +69,33 @@ def checkpoint_copy(tmp_path):
         return Path(shutil.copytree(path, tmp_path / path.name))
 
     return copy
+
+
+ORT_MOE_SOURCES = Path(__file__).resolve().parent.parent / "plugins" / "ort_moe"
+
+
+@pytest.fixture(scope="session")
+def ort_moe_library(tmp_path_factory) -> Path:
+    """The ort target's CPU MoE op library (plugins/ort_moe): $MIXEXPORT_ORT_MOE_LIB (CI: its CMake
+    build), else compiled here with c++ against onnxruntime's headers in $MIXEXPORT_ORT_INCLUDE.
+    Skipped without either, except in CI (CI=true), which must build it."""
+    import os
+    import subprocess
+
+    built = os.environ.get("MIXEXPORT_ORT_MOE_LIB")
+    if built:
+        return Path(built)
+    include = os.environ.get("MIXEXPORT_ORT_INCLUDE")
+    compiler = shutil.which("c++")
+    if not include or not compiler:
+        why = ("the ort MoE op library is not built: set MIXEXPORT_ORT_MOE_LIB to it, or MIXEXPORT_ORT_INCLUDE to "
+               "onnxruntime's C++ API headers (plugins/ort_moe/CMakeLists.txt says where they come from)"
+               + ("" if compiler else "; and no c++ compiler is on PATH"))
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    out = tmp_path_factory.mktemp("ort_moe") / "libmixexport_ort_moe.so"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra",
+                    "-Werror", "-Wno-psabi", f"-I{include}", str(ORT_MOE_SOURCES / "moe_cpu_op.cpp"),
+                    str(ORT_MOE_SOURCES / "moe_cpu_dot.cpp"), "-o", str(out)], check=True)
+    return out

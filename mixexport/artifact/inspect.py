@@ -23,7 +23,7 @@ from mixexport.targets import BACKENDS
 
 # Node kinds that implement a MoE block: the captured op, and each target's fused one.
 MOE_KINDS = {(MOE_DOMAIN, MOE_OP), *(tuple(op.rsplit(".", 1)) for b in BACKENDS.values()
-                                     for op in (b.moe_op, b.quant_moe_op) if op)}
+                                     for op in (b.moe_op, b.quant_moe_op, b.library_moe_op) if op)}
 # A graph whose weights are external is small; protobuf cannot parse more than 2 GiB anyway.
 MAX_GRAPH_BYTES = 2 * 1024**3 - 1
 

@@ -207,9 +207,14 @@ def init(out, preset_name, layers, experts, top_k, dtype, seed, max_shard_size) 
               help="KV cache of the ort graph: concat (present = past + new keys) or shared (static buffers "
                    "updated in place by com.microsoft.GroupQueryAttention, for onnxruntime-genai's "
                    "past_present_share_buffer and CUDA graphs; rows packed at the front, no left padding).")
+@click.option("--ort-moe-library", type=click.Path(dir_okay=False),
+              help="The CPU MoE op library built from plugins/ort_moe: the ort graph's MoE becomes one "
+                   "mixexport.ort.MoE node per layer that splits every chosen expert over all threads "
+                   "(float32, --ort-provider cpu); copied into OUT/ort and named in genai_config.json.")
 def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_sequence, max_context, no_validate,
           allow_not_validated, allow_non_finite, validation_mode, force, plugin, experts_quant, group_size,
-          ort_provider, stages, quant_min_top1, quant_min_router, quant_max_logits_error, kv_layout) -> None:
+          ort_provider, stages, quant_min_top1, quant_min_router, quant_max_logits_error, kv_layout,
+          ort_moe_library) -> None:
     """Export CHECKPOINT (or --preset) to ONNX for every target, then validate parity."""
     from mixexport.driver.build import BuildOptions, NotValidatedError, build as run_build, reference_source
     from mixexport.artifact.install import check_destination
@@ -224,7 +229,8 @@ def build(checkpoint, out, preset_name, seed, targets, dtype, max_batch, max_seq
                            ort_provider=ort_provider,
                            quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
                                                              quant_max_logits_error),
-                           stages=stages, kv_layout=kv_layout)
+                           stages=stages, kv_layout=kv_layout,
+                           ort_moe_library=Path(ort_moe_library) if ort_moe_library else None)
     # Before any slow step (build checks again, under OUT's lock).
     check_destination(Path(out), force, {"the checkpoint": Path(checkpoint)} if checkpoint else {})
     start = time.perf_counter()
@@ -288,6 +294,12 @@ def engine(out, plugin, timing_cache) -> None:
                f"check it with: mixexport validate {out}")
 
 
+ORT_MOE_LIBRARY = click.option(
+    "--ort-moe-library", type=click.Path(dir_okay=False),
+    help="Load this MoE op library for an ort graph built with --ort-moe-library (e.g. OUT/ort/"
+         "libmixexport_ort_moe.so): native code from an artifact is loaded only when named.")
+
+
 @cli.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--checkpoint", type=click.Path(file_okay=False),
@@ -300,15 +312,17 @@ def engine(out, plugin, timing_cache) -> None:
               help="Read reference weights that hold NaN or Inf (an artifact built with --allow-non-finite).")
 @VALIDATION_MODE
 @quant_threshold_options
+@ORT_MOE_LIBRARY
 def validate(out, checkpoint, report, allow_not_validated, allow_non_finite, validation_mode, quant_min_top1,
-             quant_min_router, quant_max_logits_error) -> None:
+             quant_min_router, quant_max_logits_error, ort_moe_library) -> None:
     """Check every target in OUT against the PyTorch reference; exit 1 unless every one passed."""
     from mixexport.validate.parity import validate_out
 
     result, written = validate_out(out, checkpoint, report, progress, allow_non_finite=allow_non_finite,
                                    mode=validation_mode,
                                    quant_thresholds=quant_thresholds(quant_min_top1, quant_min_router,
-                                                                     quant_max_logits_error))
+                                                                     quant_max_logits_error),
+                                   ort_moe_library=ort_moe_library)
     rows = [("target", "status", "max |diff| logits", "max |diff| present", "router agreement", "why")]
     for target, r in result["targets"].items():
         diffs = r.get("max_abs_diff", {})
@@ -376,12 +390,14 @@ def _why(result: dict) -> str:
               help="Sampling seed.")
 @click.option("--runtime", type=click.Choice(["auto", "genai", "onnxruntime"]), default="auto", show_default=True,
               help="onnxruntime-genai (auto: where installed) or the plain onnxruntime loop.")
-def generate(out, target, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, runtime) -> None:
+@ORT_MOE_LIBRARY
+def generate(out, target, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, runtime,
+             ort_moe_library) -> None:
     """Generate tokens from OUT's ort or portable graph, streamed as they come; prints tokens/s."""
     from mixexport.runtime.generate import Sampling, run
 
     result = run(out, target, prompt, ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), runtime,
-                 lambda text: click.echo(text, nl=False))
+                 lambda text: click.echo(text, nl=False), ort_moe_library)
     click.echo()
     progress(result.summary())
 

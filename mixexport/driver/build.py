@@ -33,6 +33,8 @@ from mixexport.errors import MixexportError
 from mixexport.quant import QuantScheme
 from mixexport.safe_io import format_bytes
 from mixexport.targets import BACKENDS, TARGETS, backend
+from mixexport.targets.ort import moe_library
+from mixexport.targets.ort.moe_library import check_library
 from mixexport.validate.parity import validate_artifact
 from mixexport.validate.quant_parity import QuantThresholds
 from mixexport.validate.streamed import memory_available, whole_validation_bytes
@@ -63,6 +65,7 @@ class BuildOptions:
     ort_provider: str = "cpu"  # the onnxruntime provider the ort graph's MoE is lowered for (or "cuda")
     stages: int | None = None  # per target, a chain of this many stage graphs (artifact.stages); None, 1: whole
     kv_layout: str = "concat"  # or "shared": static KV buffers updated in place (ort; graph_io.KV_LAYOUTS)
+    ort_moe_library: Path | None = None  # the CPU MoE op library (plugins/ort_moe) the ort graph's MoE runs in
 
 
 def resolve_dtype(config: MixtralConfig, requested: str | None, progress: Progress) -> str:
@@ -120,6 +123,28 @@ def resolve_targets(requested: tuple[str, ...] | None, config: MixtralConfig, dt
         if reason:
             raise MixexportError(f"target {target} cannot be built for {what}: {reason}")
     return requested
+
+
+def check_moe_library(options: BuildOptions, targets: tuple[str, ...], dtype: str, progress: Progress) -> None:
+    """Refuse `--ort-moe-library` where it cannot serve (no ort target, a CUDA graph, float16,
+    quantized experts), then load the library and run its op once against the reference."""
+    library = options.ort_moe_library
+    if library is None:
+        return
+    what = "--ort-moe-library"
+    if "ort" not in targets:
+        raise MixexportError(f"{what}: the library is for the ort target, which this build does not write")
+    if options.ort_provider != "cpu":
+        raise MixexportError(f"{what}: the library is a CPU kernel; it does not go with --ort-provider "
+                             f"{options.ort_provider}")
+    if dtype != "float32":
+        raise MixexportError(f"{what}: the library's op is float32; build with --dtype float32 (this build is {dtype})")
+    if options.experts_quant is not None:
+        raise MixexportError(f"{what}: the library's op takes full-precision experts; it does not go with "
+                             f"--experts-quant")
+    check_library(Path(library))
+    progress(f"ort: MoE lowered to {moe_library.DOMAIN}.{moe_library.OP} from {library} (loaded, and its op "
+             f"matches the reference on a probe)")
 
 
 def resolve_kv_layouts(requested: str, targets: tuple[str, ...], named: bool, config: MixtralConfig,
@@ -242,6 +267,7 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
     targets = resolve_targets(options.targets, config, dtype, progress, quant)
     layouts = resolve_kv_layouts(options.kv_layout, targets, options.targets is not None, config, progress)
     check_stage_options(options.stages, config.num_hidden_layers, quant is not None)
+    check_moe_library(options, targets, dtype, progress)
     if options.stages and options.stages > 1 and any(kv.name == "shared" for kv in layouts.values()):
         raise MixexportError(f"--stages {options.stages} with --kv-layout shared is not supported: stage graphs and "
                              f"their validation follow the concat KV contract")
@@ -260,8 +286,10 @@ def build(ckpt: Checkpoint, source: dict, out: str | Path, options: BuildOptions
             manifest = _build_into(staging, ckpt, source, out, layouts, dtype, ranges, options, progress)
             report = None
             if options.validate:
+                # the library the user named, as copied into the artifact (its sha256 recorded)
+                library = staging / "ort" / moe_library.LIBRARY_FILE if options.ort_moe_library else None
                 report = validate_artifact(staging, manifest, ckpt, progress=progress, mode=options.validation_mode,
-                                           quant_thresholds=options.quant_thresholds)
+                                           quant_thresholds=options.quant_thresholds, ort_moe_library=library)
                 manifest.validation = report["summary"]
                 write_manifest(staging, manifest)
                 if report["summary"]["failed_targets"]:
@@ -311,7 +339,7 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, layouts: 
         progress(f"experts quantized {quant.name} while they are written (attention, router, embeddings stay {dtype})")
     stages = options.stages if options.stages and options.stages > 1 else None
     entries = {target: _build_target(captured, target, config, dtype, root, progress, quant, kv, stages,
-                                     options.ort_provider)
+                                     options.ort_provider, target == "ort" and options.ort_moe_library is not None)
                for target, kv in layouts.items()}
     if source["kind"] == "checkpoint":
         # Every weight was read (and hashed) by the export; nothing is read a second time.
@@ -328,10 +356,10 @@ def _build_into(root: Path, ckpt: Checkpoint, source: dict, out: Path, layouts: 
 def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype: str, root: Path,
                   progress: Progress, quant: QuantScheme | None = None,
                   kv: graph_io.KvLayout = graph_io.CONCAT, stages: int | None = None,
-                  provider: str | None = None) -> TargetRecord:
+                  provider: str | None = None, library: bool = False) -> TargetRecord:
     start = time.perf_counter()
     model = captured.clone()
-    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant, kv, provider)
+    rewrites = BACKENDS[target].lower(model, config.num_hidden_layers, quant, kv, provider, library)
     folder = root / target
     folder.mkdir()
     chain = None
@@ -346,7 +374,7 @@ def _build_target(captured: ir.Model, target: str, config: MixtralConfig, dtype:
     return TargetRecord(dtype=dtype, files=files, onnx=f"{target}/{ONNX_FILE}",
                         inputs=[b.as_dict() for b in graph_io.inputs(config, dtype, kv.name)],
                         outputs=[b.as_dict() for b in graph_io.outputs(config, dtype, kv.name)],
-                        moe_op=BACKENDS[target].moe_op_for(quant, provider), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites,
+                        moe_op=BACKENDS[target].moe_op_for(quant, provider, library), moe_nodes=rewrites[f"lower_moe_{target}"], passes=rewrites,
                         stages=chain,
                         # recorded by the targets that have more than one layout
                         extra={graph_io.KV_LAYOUT_FIELD: kv.name} if len(BACKENDS[target].kv_layouts) > 1 else {})

@@ -30,6 +30,8 @@ from mixexport.errors import MixexportError
 from mixexport.dtypes import dtype_info
 from mixexport.safe_io import read_json_object, read_regular
 from mixexport.targets import BACKENDS
+from mixexport.targets.ort import moe_library
+from mixexport.targets.ort.moe_library import check_library
 from mixexport.targets.runtime_files import GENERATION_CONFIG, MAX_TOKENIZER_BYTES
 
 # The targets whose folder holds a graph onnxruntime runs on this machine, with their runtime files.
@@ -70,18 +72,21 @@ class Generation:
     context: int  # past + new tokens
     eos: set[int]
     kv_layout: str = "concat"  # graph_io.KV_LAYOUTS: how the plain loop feeds the past
+    library: Path | None = None  # the MoE op library its sessions load (`--ort-moe-library`)
 
     @property
     def vocab_size(self) -> int:
         return self.config["vocab_size"]
 
 
-def open_target(out: str | Path, target: str | None) -> Generation:
-    """Check OUT and pick its target (default: ort, else portable).
+def open_target(out: str | Path, target: str | None, library: str | Path | None = None) -> Generation:
+    """Check OUT and pick its target (default: ort, else portable); `library`: the MoE op library
+    to load for a graph built with `--ort-moe-library` (native code is loaded only when named).
 
     Raises:
         MixexportError: for a missing or broken artifact, a target it lacks or that this machine's
-            onnxruntime cannot run.
+            onnxruntime cannot run, a graph that needs its op library without one named, or a
+            library that is not that op.
     """
     root = Path(out)
     if not root.is_dir():
@@ -105,8 +110,18 @@ def open_target(out: str | Path, target: str | None) -> Generation:
     eos = read_json_object(generation_config, 1024**2).get("eos_token_id")
     eos_ids = set(eos) if isinstance(eos, list) else {eos}
     dims = manifest.dynamic_dims
+    needed = manifest.targets[target].extra.get(moe_library.MANIFEST_FIELD)
+    if needed and library is None:
+        raise MixexportError(f"{out}: the {target} graph's MoE runs in {moe_library.DOMAIN}.{moe_library.OP} from "
+                             f"{folder / needed}; native code from an artifact is loaded only when named: pass "
+                             f"--ort-moe-library {folder / needed}")
+    if library is not None:
+        if not needed:
+            raise MixexportError(f"--ort-moe-library: {out}'s {target} graph does not use the MoE op library")
+        check_library(Path(library))
     return Generation(folder, target, dtype, manifest.model, dims[graph_io.SEQUENCE][1], dims[graph_io.TOTAL][1],
-                      {i for i in eos_ids if isinstance(i, int)}, graph_io.kv_layout_of(manifest.targets[target].extra))
+                      {i for i in eos_ids if isinstance(i, int)}, graph_io.kv_layout_of(manifest.targets[target].extra),
+                      Path(library) if library is not None else None)
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -207,7 +222,8 @@ def _genai_steps(generation: Generation, prompt: list[int], max_new_tokens: int,
 def _onnxruntime_steps(generation: Generation, prompt: list[int], max_new_tokens: int,
                        sampling: Sampling) -> Iterator[int]:
     config = generation.config
-    loop = KvLoop(open_session(generation.folder / "model.onnx"), config["num_hidden_layers"],
+    loop = KvLoop(open_session(generation.folder / "model.onnx", library=generation.library),
+                  config["num_hidden_layers"],
                   (config["num_key_value_heads"], config["head_dim"]), dtype_info(generation.dtype).numpy,
                   generation.kv_layout, len(prompt) + max_new_tokens)
     rng = np.random.default_rng(sampling.seed)
@@ -224,11 +240,14 @@ def _onnxruntime_steps(generation: Generation, prompt: list[int], max_new_tokens
         pending = [token]
 
 
-def open_session(path: Path, threads: int = 0) -> Any:
-    """A CPU onnxruntime session for the plain loop (`threads` 0: onnxruntime's default)."""
+def open_session(path: Path, threads: int = 0, library: Path | None = None) -> Any:
+    """A CPU onnxruntime session for the plain loop (`threads` 0: onnxruntime's default), loading
+    the MoE op `library` where given."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if library is not None:
+        moe_library.register(options, library)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -367,7 +386,7 @@ class Run:
 
 
 def run(out: str | Path, target: str | None, prompt: str | None, ids: str | None, max_new_tokens: int,
-        sampling: Sampling, runtime: str, emit: Any) -> Run:
+        sampling: Sampling, runtime: str, emit: Any, library: str | Path | None = None) -> Run:
     """`mixexport generate`: check everything, then stream the new tokens to `emit` as they come.
 
     Args:
@@ -379,6 +398,7 @@ def run(out: str | Path, target: str | None, prompt: str | None, ids: str | None
         sampling: greedy or sampling parameters.
         runtime: "auto", "genai" or "onnxruntime" (`choose_runtime`).
         emit: called with each piece of output text: decoded text for a text prompt, else ids.
+        library: the MoE op library for a graph built with `--ort-moe-library` (`open_target`).
 
     Returns:
         the `Run` (tokens and timings).
@@ -386,7 +406,7 @@ def run(out: str | Path, target: str | None, prompt: str | None, ids: str | None
     if (prompt is None) == (ids is None):
         raise MixexportError("give either --prompt TEXT or --ids 1,2,3")
     sampling.check()
-    generation = open_target(out, target)
+    generation = open_target(out, target, library)
     tokenizer = None
     if prompt is not None:
         tokenizer = load_tokenizer(generation)
@@ -395,6 +415,11 @@ def run(out: str | Path, target: str | None, prompt: str | None, ids: str | None
         prompt_ids = parse_ids(ids, generation.vocab_size)
     check_lengths(generation, prompt_ids, max_new_tokens)
     chosen = choose_runtime(runtime)
+    if chosen == "genai" and generation.library is not None and \
+            generation.library.resolve() != (generation.folder / moe_library.LIBRARY_FILE).resolve():
+        raise MixexportError(f"--ort-moe-library {generation.library}: onnxruntime-genai loads the library its "
+                             f"genai_config.json names, {generation.folder / moe_library.LIBRARY_FILE}; name that "
+                             f"file, or --runtime onnxruntime to run this one")
     new: list[int] = []
     shown = ""
     start = time.perf_counter()

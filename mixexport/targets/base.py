@@ -48,6 +48,8 @@ class Backend:
     moe_op: ClassVar[str | None] = None
     # The fused node it emits for quantized experts, where that is another op (ort: QMoE).
     quant_moe_op: ClassVar[str | None] = None
+    # ... and the op of its CPU MoE library (ort: `build --ort-moe-library`), if it has one.
+    library_moe_op: ClassVar[str | None] = None
     # Fields its manifest entry may hold beyond the common ones (name -> schema check); they are
     # the entry's `extra` (`mixexport.artifact.manifest.TargetRecord`).
     manifest_fields: ClassVar[dict[str, Check]] = {}
@@ -67,9 +69,9 @@ class Backend:
         """Why this target cannot serve `config`'s experts quantized with `scheme`, or None when it can."""
         return None
 
-    def moe_op_for(self, quant: "QuantScheme | None", provider: str | None = None) -> str | None:
+    def moe_op_for(self, quant: "QuantScheme | None", provider: str | None = None, library: bool = False) -> str | None:
         """The fused MoE node's "domain.op_type" for experts quantized with `quant` (or not), in
-        the graph lowered for `provider`."""
+        the graph lowered for `provider` (with `library`: to the target's MoE op library)."""
         return self.quant_moe_op if quant is not None and self.quant_moe_op else self.moe_op
 
     def kv_layout_refusal(self, layout: str) -> str | None:
@@ -80,21 +82,25 @@ class Backend:
         return None
 
     def lowering(self, num_layers: int, quant: "QuantScheme | None" = None,
-                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None,
+                 library: bool = False) -> list[Step]:
         """(report name, pass) that lower a captured graph of `num_layers` decoder layers, the MoE
         lowering (`lower_moe_<name>`, its experts quantized with `quant` when given, in the form
-        for `provider`, one of `providers`) first, its attention for the KV layout `kv` (one of
+        for `provider`, one of `providers`, or to its MoE op library with `library`) first, its attention for the KV layout `kv` (one of
         `kv_layouts`); the pipeline adds the common passes around them."""
         raise NotImplementedError
 
     def lower(self, model: ir.Model, num_layers: int, quant: "QuantScheme | None" = None,
-              kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> dict[str, int]:
+              kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None,
+              library: bool = False) -> dict[str, int]:
         """Lower a clone of the captured graph in place (experts quantized with `quant` when
         given, the KV cache in layout `kv`, for onnxruntime's `provider` where the target has
         `providers`); returns the rewrites per pass."""
         if self.kv_layout_refusal(kv.name):
             raise InternalError(f"{self.name} lowering asked for KV layout {kv.name}: {self.kv_layout_refusal(kv.name)}")
-        return run_pipeline(model, self.name, self.lowering(num_layers, quant, kv, provider), num_layers)
+        steps = self.lowering(num_layers, quant, kv, provider, library) if library else \
+            self.lowering(num_layers, quant, kv, provider)
+        return run_pipeline(model, self.name, steps, num_layers)
 
     # -- validation on this machine (onnxruntime, CPU) --------------------------------------------
 
@@ -107,8 +113,10 @@ class Backend:
     def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:
         """Adapt validation's in-memory copy of the graph so onnxruntime's CPU provider runs it."""
 
-    def configure_session(self, options: "onnxruntime.SessionOptions") -> None:
-        """Session options validation's onnxruntime session needs (custom-op libraries)."""
+    def configure_session(self, options: "onnxruntime.SessionOptions", library: Path | None = None) -> None:
+        """Session options validation's onnxruntime session needs (custom-op libraries), with
+        `library`: the target's op library the user named for a graph that needs it (ort:
+        `--ort-moe-library`; validation loads native code from an artifact only when named)."""
 
     # -- artifact ---------------------------------------------------------------------------------
 

@@ -72,11 +72,16 @@ def special_token_ids(checkpoint: Path, vocab_size: int) -> dict[str, Any]:
 
 
 def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any], kv_layout: str = "concat",
-                 provider: str | None = None) -> dict[str, Any]:
+                 provider: str | None = None, custom_ops_library: str | None = None) -> dict[str, Any]:
     """`genai_config.json` for onnxruntime-genai 0.18 (`model.decoder` names the graph's I/O);
     `past_present_share_buffer` is true for a graph with the shared KV layout (`graph_io.KV_LAYOUTS`);
     `provider` is the onnxruntime execution provider the graph was lowered for (the ort target's
-    `--ort-provider`; None: a graph for any provider), which genai names the same way."""
+    `--ort-provider`; None: a graph for any provider), which genai names the same way;
+    `custom_ops_library`: the file name, beside the graph, of an op library its session must load
+    (the ort target's `--ort-moe-library`; genai resolves it against the model folder)."""
+    session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": genai_providers(provider)}
+    if custom_ops_library:
+        session_options["custom_ops_library"] = custom_ops_library
     past_key, past_value = graph_io.past_names("%d")  # genai's per-layer name patterns
     present_key, present_value = graph_io.present_names("%d")
     inputs = [b.name for b in graph_io.inputs(model, model.dtype)][:3]
@@ -85,7 +90,7 @@ def genai_config(model: MixtralConfig, context: int, ids: dict[str, Any], kv_lay
             **ids,
             "context_length": context,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": genai_providers(provider)},
+                "session_options": session_options,
                 "filename": "model.onnx",
                 "head_size": model.head_dim,
                 "hidden_size": model.hidden_size,
@@ -146,7 +151,8 @@ def write_runtime_files(root: Path, target: str, manifest: Any, checkpoint: Path
     folder = root / target
     extra = manifest.targets[target].extra
     documents = {
-        GENAI_CONFIG: genai_config(model, context, ids, graph_io.kv_layout_of(extra), extra.get("provider")),
+        GENAI_CONFIG: genai_config(model, context, ids, graph_io.kv_layout_of(extra), extra.get("provider"),
+                                   extra.get("moe_library")),
         CONFIG_FILE: optimum_config(model, manifest.dtype, context, ids),
         GENERATION_CONFIG: {**ids, "do_sample": False, "max_length": context},
     }

@@ -49,6 +49,9 @@ class TargetGraph:
     dtype: str  # read from the graph's past_key_values inputs and float initializers
     engine: bool  # a TensorRT engine is part of this target
     stages: list["StageGraph"] = dataclasses.field(default_factory=list)  # a staged target's chain, in order
+    # The op library its sessions load (ort: `--ort-moe-library`), set by validation only where the
+    # user named one: an artifact's own native code is never loaded unasked.
+    library: Path | None = None
 
 
 @dataclasses.dataclass

@@ -41,6 +41,8 @@ from mixexport.model.decoder import load_reference
 from mixexport.model.moe import route
 from mixexport.graph_io import router_logits_name
 from mixexport.targets import backend
+from mixexport.targets.ort import moe_library
+from mixexport.targets.ort.moe_library import check_library
 from mixexport.targets.trt.engine import gpu_name, require_tensorrt
 from mixexport.targets.trt.manifest_fields import ENGINE_TARGET
 from mixexport.targets.trt.runner import engine_runner
@@ -158,7 +160,7 @@ def session_loader(graph: TargetGraph, num_layers: int, model_bytes: Callable[[]
         # and the default is already under streamed validation's 6 GiB target.
         options = ort.SessionOptions()
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.folder))
-        backend(graph.name).configure_session(options)
+        backend(graph.name).configure_session(options, graph.library)
         model = model_bytes() if model_bytes else validation_graph(graph, num_layers)
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return load
@@ -185,11 +187,20 @@ def engine_not_run_status(graph: TargetGraph, config: MixtralConfig) -> dict[str
     return None if gpu_name() else {"status": NOT_VALIDATED, "reason": "no NVIDIA GPU visible to CUDA"}
 
 
+def needs_library(graph: TargetGraph) -> bool:
+    """Whether the graph (or a stage of it) runs the ort target's CPU MoE op library's op."""
+    return any(moe_library.uses_library(m) for m in (graph.model, *(s.model for s in graph.stages)))
+
+
 def not_run_status(graph: TargetGraph, config: MixtralConfig) -> dict[str, str] | None:
     """Why a target's graph cannot be compared here ("not validated") or must fail unrun; None: run it."""
     refusal = _serving_refusal(graph, config)
     if refusal:
         return refusal
+    if graph.library is None and needs_library(graph):
+        return {"status": NOT_VALIDATED, "reason": f"its MoE runs in {moe_library.DOMAIN}.{moe_library.OP}, from the op "
+                f"library {graph.name}/{moe_library.LIBRARY_FILE}: validation loads native code only when named "
+                f"(--ort-moe-library PATH, e.g. the artifact's own copy)"}
     reason = backend(graph.name).validation_refusal(graph.dtype)
     return {"status": NOT_VALIDATED, "reason": reason} if reason else None
 
@@ -213,7 +224,8 @@ def router_agreement(ref_iters, target_iters, feeds, layers: range, top_k: int) 
 
 def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, progress: Progress, decode_steps: int = 4,
                       verify_hashes: bool = False, write_report: bool = True, mode: str = "auto",
-                      quant_thresholds: QuantThresholds | None = None) -> dict[str, Any]:
+                      quant_thresholds: QuantThresholds | None = None,
+                      ort_moe_library: Path | None = None) -> dict[str, Any]:
     """Compare every target the artifact in `root` holds against the reference built from `ckpt`.
 
     What is compared comes from the files (`artifact_targets`), each graph at the tolerance of its
@@ -237,6 +249,9 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
         quant_thresholds: the gates of a quantized artifact's quantization error (`quant_parity`;
             None: the defaults of its bit width). Such an artifact is compared with the dequantized
             reference at the usual tolerances, and with the full-precision one under these gates.
+        ort_moe_library: the op library to load for a graph whose MoE runs in it (`build
+            --ort-moe-library`); checked against the reference on a probe first. Without it such a
+            graph is "not validated": native code from an artifact is loaded only when named.
 
     Returns:
         the report: per-target results, `passed`, and `summary` (`passed`, `targets`,
@@ -262,6 +277,13 @@ def validate_artifact(root: Path, manifest: Manifest, ckpt: Checkpoint | None, p
     if graphs and ckpt is None:
         raise InternalError("validate_artifact has targets to compare but was given no reference checkpoint")
     to_run = []
+    users = [graph for graph in graphs.values() if needs_library(graph)]
+    if ort_moe_library is not None and users:
+        check_library(Path(ort_moe_library))
+        for graph in users:
+            graph.library = Path(ort_moe_library)
+    elif ort_moe_library is not None:
+        progress(f"--ort-moe-library: no graph of this artifact runs {moe_library.DOMAIN}.{moe_library.OP}; not loaded")
     for name, graph in graphs.items():
         status = not_run_status(graph, ckpt.config)
         if status:
@@ -481,7 +503,8 @@ def _check_reference_size(root: Path, manifest: Manifest, config: MixtralConfig)
 def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_path: str | Path | None = None,
                  progress: Progress = lambda _: None, allow_non_finite: bool = False,
                  mode: str = "auto",
-                 quant_thresholds: QuantThresholds | None = None) -> tuple[dict[str, Any], list[Path]]:
+                 quant_thresholds: QuantThresholds | None = None,
+                 ort_moe_library: str | Path | None = None) -> tuple[dict[str, Any], list[Path]]:
     """`mixexport validate OUT`: check the artifact's files, find the reference weights the manifest
     names and compare. Writes nothing into OUT but validation.json, and that only where OUT is
     writable. `mode`: as `validate_artifact`'s.
@@ -507,7 +530,8 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         ckpt = Checkpoint(path, allow_non_finite=allow_non_finite)
         _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
         report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
-                                   mode=mode, quant_thresholds=quant_thresholds)
+                                   mode=mode, quant_thresholds=quant_thresholds,
+                                           ort_moe_library=ort_moe_library)
         # After the comparison, not before: the reference has read (and so hashed) every weight, so
         # this reads nothing more; before it, it would read the whole checkpoint (93 GB for Mixtral
         # 8x7B) a second time. A changed checkpoint still fails here, before any report is written.
@@ -522,14 +546,16 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         _check_model(manifest, config, f"{root / MANIFEST}: source.config")
         if not manifest.targets:  # nothing will be compared: no reference to regenerate
             report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False,
-                                       mode=mode, quant_thresholds=quant_thresholds)
+                                       mode=mode, quant_thresholds=quant_thresholds,
+                                           ort_moe_library=ort_moe_library)
         else:
             _check_reference_size(root, manifest, config)
             with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
                 progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
                 ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
                 report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
-                                           mode=mode, quant_thresholds=quant_thresholds)
+                                           mode=mode, quant_thresholds=quant_thresholds,
+                                           ort_moe_library=ort_moe_library)
     written = []
     if os.access(root, os.W_OK):
         try:

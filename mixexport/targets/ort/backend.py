@@ -18,6 +18,7 @@ from mixexport.targets.ort.fuse_attention import FuseAttentionOrt
 from mixexport.targets.ort.fuse_gqa import FuseGroupQueryAttentionOrt
 from mixexport.targets.ort.fuse_qkv import FuseQkvOrt
 from mixexport.targets.ort.fuse_rms_norm import FuseRMSNormOrt
+from mixexport.targets.ort import moe_library
 from mixexport.targets.ort.lowering import ORT_DOMAIN, PROVIDERS, LowerMoEToOrt, uses_sparse_form
 
 
@@ -33,20 +34,28 @@ class OrtBackend(RuntimeFilesBackend):
     kv_layouts = graph_io.KV_LAYOUTS
     # The provider the graph was lowered for (`--ort-provider`); absent in artifacts of earlier
     # versions, whose graphs were the fused (`cuda`) form.
-    manifest_fields = {graph_io.KV_LAYOUT_FIELD: text(graph_io.KV_LAYOUTS), "provider": text(PROVIDERS)}
+    # `moe_library`: the CPU MoE op library's file in OUT/ort, for a graph built with --ort-moe-library.
+    manifest_fields = {graph_io.KV_LAYOUT_FIELD: text(graph_io.KV_LAYOUTS), "provider": text(PROVIDERS),
+                       moe_library.MANIFEST_FIELD: text((moe_library.LIBRARY_FILE,))}
 
-    def moe_op_for(self, quant: QuantScheme | None, provider: str | None = None) -> str | None:
+    library_moe_op = f"{moe_library.DOMAIN}.{moe_library.OP}"
+
+    def moe_op_for(self, quant: QuantScheme | None, provider: str | None = None, library: bool = False) -> str | None:
+        if library:
+            return self.library_moe_op
         if uses_sparse_form(quant, provider or PROVIDERS[0]):
             return None
         return super().moe_op_for(quant, provider)
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None,
+                 library: bool = False) -> list[Step]:
         attention = (("fuse_attention_ort", FuseAttentionOrt(num_layers)) if kv.name == "concat" else
                      ("fuse_gqa_ort", FuseGroupQueryAttentionOrt(num_layers, kv.sliding_window)))
         return [
-            # the sparse form (CPU) or com.microsoft.MoE (QMoE) with fc1 gate/up interleaved
-            ("lower_moe_ort", LowerMoEToOrt(quant, provider or PROVIDERS[0])),
+            # the sparse form (CPU), com.microsoft.MoE (QMoE) with fc1 gate/up interleaved, or the
+            # CPU MoE library's op (--ort-moe-library)
+            ("lower_moe_ort", LowerMoEToOrt(quant, provider or PROVIDERS[0], library)),
             # onnxruntime's fused ops; opset 23 is not for portable/trt (TensorRT 10)
             attention,  # RotaryEmbedding + Attention, or + GroupQueryAttention (shared KV buffers)
             ("fuse_qkv_ort", FuseQkvOrt(num_layers)),  # one q|k|v MatMul + Split (after: attention finds q, k, v)
@@ -57,7 +66,19 @@ class OrtBackend(RuntimeFilesBackend):
     def for_cpu(self, options: Any) -> bool:
         return options.ort_provider == "cpu"
 
+    def configure_session(self, options: Any, library: Path | None = None) -> None:
+        if library is not None:
+            moe_library.register(options, library)
+
     def finish(self, root: Path, out: Path, manifest: Any, options: Any, record: Callable[[Path], dict],
                progress: Progress, checkpoint: Path) -> None:
-        manifest.targets[self.name].extra["provider"] = options.ort_provider
+        target = manifest.targets[self.name]
+        target.extra["provider"] = options.ort_provider
+        if options.ort_moe_library is not None:
+            copied = moe_library.copy_into(Path(options.ort_moe_library), root / self.name)
+            target.files.append(record(copied))
+            target.extra[moe_library.MANIFEST_FIELD] = copied.name
+            progress(f"{self.name}: {copied.name} (the MoE op library, {copied.stat().st_size / 1e3:.0f} KB) beside "
+                     f"the graph; onnxruntime must load it: genai_config.json names it, other sessions "
+                     f"register_custom_ops_library it")
         super().finish(root, out, manifest, options, record, progress, checkpoint)

@@ -54,6 +54,7 @@ from mixexport.passes.moe_nodes import MoELowering, MoEMatch, replace_moe
 from mixexport.passes.quant_weights import quantized_stack
 from mixexport.passes.sparse_moe import lower_sparse, transposed_matmul
 from mixexport.quant import QuantScheme
+from mixexport.targets.ort import moe_library
 
 ORT_DOMAIN = "com.microsoft"
 # onnxruntime execution providers a build lowers for (`--ort-provider`), the first the default.
@@ -113,20 +114,32 @@ class LowerMoEToOrt(MoELowering):
     the sparse form for full-precision experts on CPU, else one `com.microsoft.MoE` (quantized:
     `QMoE`) node.
 
+    With `library`, every MoE node becomes the CPU op library's `mixexport.ort.MoE` instead
+    (`moe_library.py`; CPU, full-precision experts only).
+
     Args:
         quant: the experts' quantization scheme (None: experts in the model dtype).
         provider: the onnxruntime execution provider the graph is for, one of `PROVIDERS`.
+        library: lower to the op of the CPU MoE library (`build --ort-moe-library`).
     """
 
-    def __init__(self, quant: QuantScheme | None = None, provider: str = PROVIDERS[0]):
+    def __init__(self, quant: QuantScheme | None = None, provider: str = PROVIDERS[0], library: bool = False):
         if provider not in PROVIDERS:
             raise InternalError(f"unknown onnxruntime provider {provider!r} (one of {PROVIDERS})")
+        if library and (quant is not None or provider != "cpu"):
+            raise InternalError("the CPU MoE library is for full-precision experts on the cpu provider")
         super().__init__(quant)
         self.provider = provider
-        self.domain = None if uses_sparse_form(quant, provider) else ORT_DOMAIN
+        self.library = library
+        if library:
+            self.domain = moe_library.DOMAIN
+        else:
+            self.domain = None if uses_sparse_form(quant, provider) else ORT_DOMAIN
 
     def lower_one(self, graph: ir.Graph, m: MoEMatch, quant: QuantScheme | None) -> None:
-        if uses_sparse_form(quant, self.provider):
+        if self.library:
+            moe_library.lower_to_library(graph, m)
+        elif uses_sparse_form(quant, self.provider):
             lower_sparse(graph, m, transposed_matmul, "ort")
         else:
             lower_fused(graph, m, quant)

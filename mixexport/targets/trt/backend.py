@@ -59,7 +59,7 @@ class TrtBackend(Backend):
 
         use_cpu_plugin(model, elem_type)
 
-    def configure_session(self, options: "onnxruntime.SessionOptions") -> None:
+    def configure_session(self, options: "onnxruntime.SessionOptions", library: Path | None = None) -> None:
         from mixexport.targets.trt.cpu_plugin import register
 
         options.register_custom_ops_library(register())
