@@ -10,6 +10,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -191,3 +192,20 @@ def test_a_build_refuses_a_library_that_is_not_the_op(tmp_path):
     result = run_cli("build", "--preset", "tiny", "-o", tmp_path / "out", "--target", "ort", "--ort-moe-library", bogus)
     assert f"{bogus}: onnxruntime cannot load it as a custom-op library" in error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_validation_and_stage_graphs_load_the_library(library_build, ort_moe_library, tmp_path):
+    """Every session validation opens loads the named library: layer-streamed stage graphs, and a
+    staged target's stage graphs and chain (`--stages 2`)."""
+    _, out = library_build
+    streamed = run_cli("validate", out, "--validation-mode", "streamed", "--ort-moe-library",
+                       out / "ort" / moe_library.LIBRARY_FILE)
+    assert streamed.exit_code == 0, streamed.output
+    staged = tmp_path / "staged"
+    result = run_cli("build", "--preset", "tiny", "-o", staged, "--target", "ort", "--stages", 2,
+                     "--max-context", 64, "--ort-moe-library", ort_moe_library)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((staged / "manifest.json").read_text())
+    assert manifest["validation"]["targets"] == {"ort": "pass"}
+    assert all(moe_library.uses_library(onnx.load(staged / s["onnx"], load_external_data=False))
+               for s in manifest["targets"]["ort"]["stages"])
