@@ -3,7 +3,7 @@
     python benchmarks/decode_speed.py [--configs small mid] [--batches 1 8] [--steps 16]
                                       [--prompt 32] [--workdir DIR] [--skip-hf-onnx] [--quant int8 int4]
                                       [--dtypes float16] [--llama-cpp DIR] [--rounds N]
-                                      [--processes N]
+                                      [--processes N] [--ort-moe-library LIB]
 
 For each config (the `small` preset, and `mid`: hidden 512, intermediate 1792, 8 layers, 8 heads,
 2 KV heads, 8 experts, top-2, vocab 32000, fp32) it writes a random checkpoint, builds the
@@ -18,7 +18,10 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
                   for the CPU provider (the default, one If per expert); `ours ort fused` is the
                   same graph built with `--ort-provider cuda` (one com.microsoft.MoE per layer),
                   timed on CPU beside it; `ours ort shared` is built with `--kv-layout shared`
-                  (GroupQueryAttention over static KV buffers, bound in place as genai binds them).
+                  (GroupQueryAttention over static KV buffers, bound in place as genai binds them);
+                  `ours ort op` (--ort-moe-library LIB) is built with the CPU MoE op library of
+                  plugins/ort_moe (one mixexport.ort.MoE node per layer, every chosen expert's rows
+                  split over both threads) and its session loads LIB.
                   Every onnxruntime row runs through `mixexport generate`'s plain loop
                   (`runtime.generate.KvLoop`)
 - ours portable fp16 / ours ort fp16: the same in float16 (--dtypes), which onnxruntime's x86 CPU
@@ -180,12 +183,12 @@ class OrtRunner:
     keeps the cache in onnxruntime values; a shared-layout graph's static buffers updated in place)."""
 
     def __init__(self, onnx_path: Path, num_layers: int, kv_heads: int, head_dim: int, kv_layout: str = "concat",
-                 buffer_length: int = 0):
+                 buffer_length: int = 0, library: Path | None = None):
         from mixexport.runtime.generate import open_session
         # Without the CPU arena, as `generate`: the concat presents grow by a token a step and the
         # arena serves those allocations slower than plain malloc (mid, batch 1: 18.9 -> 17.3
         # ms/token without it, where genai's own loop over the same graph took 17.3).
-        self.sess = open_session(onnx_path, THREADS)
+        self.sess = open_session(onnx_path, THREADS, library)
         past = next(i for i in self.sess.get_inputs() if i.name.startswith("past_key_values."))
         self.past_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
         self.L, self.kv_shape, self.kv_layout, self.buffer_length = num_layers, (kv_heads, head_dim), kv_layout, buffer_length
@@ -690,6 +693,8 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
     variants += [(" fp16", None, ["--dtype", "float16"], ("portable", "ort")) for d in args.dtypes if d == "float16"]
     variants.append((" shared", None, ["--kv-layout", "shared"], ("ort",)))
     variants.append((" fused", None, ["--ort-provider", "cuda"], ("ort",)))
+    if args.ort_moe_library:
+        variants.append((" op", None, ["--ort-moe-library", str(args.ort_moe_library)], ("ort",)))
     outs = {suffix: cdir / f"out{suffix.replace(' ', '-')}" for suffix, *_ in variants}
     print(f"\n[{name}] H {c.hidden_size} I {c.intermediate_size} L {c.num_hidden_layers} E {c.num_local_experts} "
           f"k {c.num_experts_per_tok} V {c.vocab_size} {c.dtype}", flush=True)
@@ -738,8 +743,10 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
             labels.append(label)
             schemes[label] = quant
             layout = "shared" if suffix == " shared" else "concat"
-            add(label, lambda target=target, folder=outs[suffix], layout=layout: OrtRunner(
-                folder / target / "model.onnx", *kv, kv_layout=layout, buffer_length=args.prompt + WARMUP + args.steps + 1))
+            library = args.ort_moe_library if suffix == " op" else None
+            add(label, lambda target=target, folder=outs[suffix], layout=layout, library=library: OrtRunner(
+                folder / target / "model.onnx", *kv, kv_layout=layout, buffer_length=args.prompt + WARMUP + args.steps + 1,
+                library=library))
     peers = add_peer_rows(add, name, c, ckpt, cdir, outs[""] / "ort", args, runners)
     labels += peers
     if "reference" in runners:
@@ -849,6 +856,9 @@ def main() -> int:
                     help="time every row this many times, row after row, and keep each row's best (a loaded machine)")
     ap.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
                     help="a llama.cpp source tree (its convert_hf_to_gguf.py makes the GGUF of the llama.cpp rows)")
+    ap.add_argument("--ort-moe-library", type=Path, default=None, metavar="LIB",
+                    help="also build and time the ort graph whose MoE runs in this op library (plugins/ort_moe): "
+                         "row 'ours ort op'")
     ap.add_argument("--processes", type=int, default=1,
                     help="run the whole benchmark this many times, each in its own process, and summarize them")
     ap.add_argument("--results-json", type=Path, default=None, help=argparse.SUPPRESS)
