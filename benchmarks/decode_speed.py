@@ -21,7 +21,8 @@ a prefill of --prompt tokens and --steps greedy-style decode steps through the K
                   (GroupQueryAttention over static KV buffers, bound in place as genai binds them);
                   `ours ort op` (--ort-moe-library LIB) is built with the CPU MoE op library of
                   plugins/ort_moe (one mixexport.ort.MoE node per layer, every chosen expert's rows
-                  split over both threads) and its session loads LIB.
+                  split over both threads) and its session loads LIB; `ours ort op (genai)` is
+                  that folder in onnxruntime-genai, which loads the copy its config names.
                   Every onnxruntime row runs through `mixexport generate`'s plain loop
                   (`runtime.generate.KvLoop`)
 - ours portable fp16 / ours ort fp16: the same in float16 (--dtypes), which onnxruntime's x86 CPU
@@ -749,6 +750,9 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
                 library=library))
     peers = add_peer_rows(add, name, c, ckpt, cdir, outs[""] / "ort", args, runners)
     labels += peers
+    if args.ort_moe_library:  # genai loads the library its genai_config.json names
+        add("ours ort op (genai)", lambda: GenaiRunner(outs[" op"] / "ort"))
+        labels.append("ours ort op (genai)")
     if "reference" in runners:
         forced = greedy_tokens(runners["reference"], args.prompt, args.steps, c.vocab_size)
         print(f"[{name}] top-1 agreement with the reference over {args.steps} teacher-forced decode steps, batch 1:")
@@ -880,6 +884,8 @@ def main() -> int:
     bw = dram_bandwidth()
     print(f"DRAM read bandwidth (torch sum over 2 GiB, 1 and {THREADS} threads, best of 5): {bw / 1e9:.2f} GB/s",
           flush=True)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mixexport-decode-", dir=args.workdir))
     try:
         for name in args.configs:

@@ -116,8 +116,10 @@ struct Job {
 constexpr size_t kPass = mixexport::kTokensPerPass;
 // From this many tokens an expert takes the packed path (a prefill's experts): its weight block is
 // packed, kPanelK of K at a time, into a panel that every group of kGemmTokens tokens multiplies
-// from L2 (`gemm_panel`). Below it (decode) the weights are read once, straight from memory.
-constexpr size_t kPackMin = mixexport::kGemmTokens;
+// from L2 (`gemm_panel`). Below it (decode, short prompts) each weight row is read straight from
+// memory once per four tokens: packing costs about as much as two such passes (measured with
+// benchmarks/moe_cpu_op.py: at 8 tokens an expert the direct path was faster, at 32 the packed one).
+constexpr size_t kPackMin = 16;
 constexpr int64_t kPanelK = 256;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }

@@ -50,6 +50,8 @@ def _session(library, e, h, i, k, normalize, w_gate_up, w_down, threads):
     (5, 16, 8, 5, 1, 9),       # top_k = E
     (3, 24, 70, 1, 1, 0),      # no token
     (16, 96, 64, 3, 1, 130),   # many experts, tokens in passes of four and a remainder
+    (4, 300, 270, 2, 1, 64),   # ~32 tokens an expert: the packed path, K over two panels, padded tiles
+    (4, 40, 72, 1, 0, 100),    # the packed path with short rows and a last group of fewer tokens
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_op_computes_the_reference(ort_moe_library, e, h, i, k, normalize, n, threads):
@@ -70,7 +72,10 @@ def test_the_op_computes_the_reference(ort_moe_library, e, h, i, k, normalize, n
     want = moe_reference(*(torch.from_numpy(a) for a in (x, logits, w_gate_up, w_down)), k, bool(normalize)).numpy()
     assert y.shape == want.shape == (n, h)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
-    np.testing.assert_allclose(np.nan_to_num(y), np.nan_to_num(want), rtol=1e-4, atol=2e-5)
+    # float32 sums in another order: an element near zero of a row of large ones differs by the
+    # rounding of the large ones
+    scale = float(np.abs(np.nan_to_num(want)).max(initial=1.0))
+    np.testing.assert_allclose(np.nan_to_num(y), np.nan_to_num(want), rtol=1e-4, atol=2e-6 * scale)
 
 
 def test_the_op_refuses_inputs_that_disagree(ort_moe_library):
