@@ -141,28 +141,39 @@ void pack(const float* w, int64_t ld, int64_t r0, int64_t r1, int64_t k0, int64_
   }
 }
 
-// c [T][ncols] += (the T token rows of `base` at `offsets`) x (rows [r0, r1) of w, and of w at
-// `second` rows below when second > 0, side by side), K = k in kPanelK chunks.
-void packed_gemm(const float* w, int64_t k, int64_t r0, int64_t r1, int64_t second, const float* base,
-                 const std::vector<int64_t>& offsets, std::vector<float>& panel, std::vector<float>& c,
-                 int64_t& ncols, int64_t& half) {
-  half = round_up(r1 - r0, mixexport::kPanelTile);
-  ncols = second > 0 ? 2 * half : half;
-  int64_t tiles = ncols / mixexport::kPanelTile;
-  size_t t_count = offsets.size();
-  panel.resize(static_cast<size_t>(std::min(kPanelK, k) * ncols));
-  c.assign(t_count * static_cast<size_t>(ncols), 0.f);
+// One thread's packed-path scratch: the panel, the product c [T][ncols] (columns: the block's rows,
+// then with a second block its rows from `half` on), and the token rows' offsets.
+struct Packed {
+  std::vector<float> panel, c;
+  std::vector<int64_t> offsets;
+  int64_t ncols = 0, half = 0;
+};
+
+// c = (the token rows ids[t] * stride of `base`) x (rows [r0, r1) of w, and of w `second` rows below
+// when second > 0, side by side), K = k in kPanelK chunks; into this thread's scratch.
+const Packed& packed_gemm(const float* w, int64_t k, int64_t r0, int64_t r1, int64_t second, const float* base,
+                          const std::vector<int64_t>& ids, int64_t stride) {
+  thread_local Packed s;
+  s.half = round_up(r1 - r0, mixexport::kPanelTile);
+  s.ncols = second > 0 ? 2 * s.half : s.half;
+  int64_t tiles = s.ncols / mixexport::kPanelTile;
+  size_t t_count = ids.size();
+  s.offsets.resize(t_count);
+  for (size_t t = 0; t < t_count; ++t) s.offsets[t] = ids[t] * stride;
+  s.panel.resize(static_cast<size_t>(std::min(kPanelK, k) * s.ncols));
+  s.c.assign(t_count * static_cast<size_t>(s.ncols), 0.f);
   for (int64_t k0 = 0; k0 < k; k0 += kPanelK) {
     int64_t kc = std::min(kPanelK, k - k0);
-    pack(w, k, r0, r1, k0, kc, panel.data());
-    if (second > 0) pack(w, k, second + r0, second + r1, k0, kc, panel.data() + half * kc);
-    for (size_t s = 0; s < t_count; s += mixexport::kGemmTokens) {
-      size_t nt = std::min(t_count - s, mixexport::kGemmTokens);
+    pack(w, k, r0, r1, k0, kc, s.panel.data());
+    if (second > 0) pack(w, k, second + r0, second + r1, k0, kc, s.panel.data() + s.half * kc);
+    for (size_t g = 0; g < t_count; g += mixexport::kGemmTokens) {
+      size_t nt = std::min(t_count - g, mixexport::kGemmTokens);
       const float* xs[mixexport::kGemmTokens];
-      for (size_t q = 0; q < nt; ++q) xs[q] = base + offsets[s + q] + k0;
-      mixexport::gemm_panel(panel.data(), kc, tiles, xs, nt, c.data() + s * ncols, ncols);
+      for (size_t q = 0; q < nt; ++q) xs[q] = base + s.offsets[g + q] + k0;
+      mixexport::gemm_panel(s.panel.data(), kc, tiles, xs, nt, s.c.data() + g * s.ncols, s.ncols);
     }
   }
+  return s;
 }
 
 void gate_up_item(void* data, size_t index) {
@@ -174,17 +185,12 @@ void gate_up_item(void* data, size_t index) {
   const auto& tokens = j.r->tokens[ex];
   const auto& rows = j.r->rows[ex];
   if (tokens.size() >= kPackMin) {
-    thread_local std::vector<float> panel, c;
-    thread_local std::vector<int64_t> offsets;
-    offsets.resize(tokens.size());
-    for (size_t t = 0; t < tokens.size(); ++t) offsets[t] = tokens[t] * j.h;
-    int64_t ncols = 0, half = 0;
-    packed_gemm(w, j.h, i0, i1, j.inter, j.x, offsets, panel, c, ncols, half);  // gate | up columns
+    const Packed& p = packed_gemm(w, j.h, i0, i1, j.inter, j.x, tokens, j.h);  // gate | up columns
     for (size_t t = 0; t < tokens.size(); ++t) {
-      const float* ct = c.data() + t * ncols;
+      const float* ct = p.c.data() + t * p.ncols;
       float* out = j.act + rows[t] * j.inter;
       for (int64_t i = i0; i < i1; ++i) {
-        float g = ct[i - i0], u = ct[half + i - i0];
+        float g = ct[i - i0], u = ct[p.half + i - i0];
         out[i] = g / (1.f + std::exp(-g)) * u;
       }
     }
@@ -220,14 +226,9 @@ void down_item(void* data, size_t index) {
     const auto& rows = j.r->rows[ex];
     const auto& weights = j.r->weights[ex];
     if (tokens.size() >= kPackMin) {
-      thread_local std::vector<float> panel, c;
-      thread_local std::vector<int64_t> offsets;
-      offsets.resize(tokens.size());
-      for (size_t t = 0; t < tokens.size(); ++t) offsets[t] = rows[t] * j.inter;
-      int64_t ncols = 0, half = 0;
-      packed_gemm(w, j.inter, h0, h1, 0, j.act, offsets, panel, c, ncols, half);
+      const Packed& p = packed_gemm(w, j.inter, h0, h1, 0, j.act, rows, j.inter);
       for (size_t t = 0; t < tokens.size(); ++t) {
-        const float* ct = c.data() + t * ncols;
+        const float* ct = p.c.data() + t * p.ncols;
         float* out = j.y + tokens[t] * j.h;
         for (int64_t hh = h0; hh < h1; ++hh) out[hh] += weights[t] * ct[hh - h0];
       }

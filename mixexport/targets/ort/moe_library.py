@@ -64,12 +64,14 @@ def register(options: Any, library: Path) -> None:
         raise MixexportError(f"{library}: onnxruntime cannot load it as a custom-op library ({first})") from None
 
 
-def _probe_model(e: int, h: int, i: int, k: int, w_gate_up: np.ndarray, w_down: np.ndarray) -> bytes:
+def op_model(w_gate_up: np.ndarray, w_down: np.ndarray, top_k: int, normalize: bool = True) -> bytes:
+    """A model of one op node over these float32 weights: inputs x [N, H], router_logits [N, E]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node(OP, ["x", "router_logits", "w_gate_up", "w_down"], ["y"], domain=DOMAIN, top_k=k,
-                            normalize=1)
+    e, _, h = w_gate_up.shape
+    node = helper.make_node(OP, ["x", "router_logits", "w_gate_up", "w_down"], ["y"], domain=DOMAIN, top_k=top_k,
+                            normalize=int(normalize))
     graph = helper.make_graph(
         [node], "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", h]),
@@ -104,7 +106,7 @@ def check_library(library: Path) -> None:
     options = ort.SessionOptions()
     register(options, library)
     try:
-        session = ort.InferenceSession(_probe_model(e, h, i, k, w_gate_up, w_down), options,
+        session = ort.InferenceSession(op_model(w_gate_up, w_down, k), options,
                                        providers=["CPUExecutionProvider"])
         (y,) = session.run(None, {"x": x, "router_logits": logits})
     except Exception as exc:  # onnxruntime's errors

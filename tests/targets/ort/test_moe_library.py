@@ -24,23 +24,11 @@ from runtime import artifacts
 
 
 def _session(library, e, h, i, k, normalize, w_gate_up, w_down, threads):
-    from onnx import TensorProto, helper, numpy_helper
-
-    node = helper.make_node(moe_library.OP, ["x", "router_logits", "w_gate_up", "w_down"], ["y"],
-                            domain=moe_library.DOMAIN, top_k=k, normalize=normalize)
-    graph = helper.make_graph(
-        [node], "moe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", h]),
-         helper.make_tensor_value_info("router_logits", TensorProto.FLOAT, ["N", e])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", h])],
-        initializer=[numpy_helper.from_array(w_gate_up, "w_gate_up"), numpy_helper.from_array(w_down, "w_down")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid(moe_library.DOMAIN, 1)])
-    model.ir_version = 10
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     moe_library.register(options, library)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(moe_library.op_model(w_gate_up, w_down, k, bool(normalize)), options,
+                                providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("e, h, i, k, normalize, n", [
