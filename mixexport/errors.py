@@ -12,3 +12,10 @@ class MixexportError(Exception):
 
 class InternalError(RuntimeError):
     """A broken invariant inside mixexport (a bug, not a user mistake)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of another library's exception message (its type name where it has none),
+    for a one-line MixexportError that says what went wrong there."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

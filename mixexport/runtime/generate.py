@@ -26,13 +26,13 @@ import numpy as np
 from mixexport import graph_io
 from mixexport.artifact.manifest import artifact_path, read_manifest
 from mixexport.checkpoint.tokenizer import TOKENIZER_FILE
-from mixexport.errors import MixexportError
+from mixexport.errors import MixexportError, first_line
 from mixexport.dtypes import dtype_info
 from mixexport.safe_io import read_json_object, read_regular
 from mixexport.targets import BACKENDS
 from mixexport.targets.ort import moe_library
 from mixexport.targets.ort.moe_library import check_library
-from mixexport.targets.runtime_files import GENERATION_CONFIG, MAX_TOKENIZER_BYTES
+from mixexport.targets.runtime_files import GENAI_CONFIG, GENERATION_CONFIG, MAX_TOKENIZER_BYTES
 
 # The targets whose folder holds a graph onnxruntime runs on this machine, with their runtime files.
 GENERATE_TARGETS = ("ort", "portable")
@@ -122,6 +122,29 @@ def open_target(out: str | Path, target: str | None, library: str | Path | None 
     return Generation(folder, target, dtype, manifest.model, dims[graph_io.SEQUENCE][1], dims[graph_io.TOTAL][1],
                       {i for i in eos_ids if isinstance(i, int)}, graph_io.kv_layout_of(manifest.targets[target].extra),
                       Path(library) if library is not None else None)
+
+
+def genai_library(folder: Path) -> Path | None:
+    """The op library onnxruntime-genai would load for the model folder `folder`: the decoder's
+    `custom_ops_library` in its genai_config.json (a relative name against the folder, as genai
+    resolves it), or None.
+
+    Raises:
+        MixexportError: for a genai_config.json that is not a bounded JSON object, or a
+            custom_ops_library that is not a non-empty string.
+    """
+    path = folder / GENAI_CONFIG
+    config = read_json_object(path, 1024**2)
+    node: Any = config
+    for key in ("model", "decoder", "session_options"):
+        node = node.get(key) if isinstance(node, dict) else None
+    named = node.get("custom_ops_library") if isinstance(node, dict) else None
+    if named is None:
+        return None
+    if not isinstance(named, str) or not named:
+        raise MixexportError(f"{path}: model.decoder.session_options.custom_ops_library must be a file name, "
+                             f"got {named!r:.80}")
+    return Path(named) if Path(named).is_absolute() else folder / named
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -254,7 +277,10 @@ def open_session(path: Path, threads: int = 0, library: Path | None = None) -> A
     # The concat layout's presents grow by a token a step: onnxruntime's CPU arena serves those
     # allocations slower than plain malloc (8% of a decode step on the mid-size benchmark model).
     options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types: a broken graph, an op it lacks
+        raise MixexportError(f"{path}: onnxruntime cannot open the graph ({first_line(exc)})") from None
 
 
 class KvLoop:
@@ -415,11 +441,13 @@ def run(out: str | Path, target: str | None, prompt: str | None, ids: str | None
         prompt_ids = parse_ids(ids, generation.vocab_size)
     check_lengths(generation, prompt_ids, max_new_tokens)
     chosen = choose_runtime(runtime)
-    if chosen == "genai" and generation.library is not None and \
-            generation.library.resolve() != (generation.folder / moe_library.LIBRARY_FILE).resolve():
-        raise MixexportError(f"--ort-moe-library {generation.library}: onnxruntime-genai loads the library its "
-                             f"genai_config.json names, {generation.folder / moe_library.LIBRARY_FILE}; name that "
-                             f"file, or --runtime onnxruntime to run this one")
+    if chosen == "genai":
+        # genai loads whatever library its config names, whatever the manifest says: the gate is there.
+        wanted = genai_library(generation.folder)
+        if wanted is not None and (generation.library is None or generation.library.resolve() != wanted.resolve()):
+            raise MixexportError(f"{generation.folder / GENAI_CONFIG} names custom_ops_library {wanted}, native code "
+                                 f"onnxruntime-genai would load: pass --ort-moe-library {wanted} to allow it, or "
+                                 f"--runtime onnxruntime")
     new: list[int] = []
     shown = ""
     start = time.perf_counter()

@@ -98,9 +98,7 @@ class Backend:
         `providers`); returns the rewrites per pass."""
         if self.kv_layout_refusal(kv.name):
             raise InternalError(f"{self.name} lowering asked for KV layout {kv.name}: {self.kv_layout_refusal(kv.name)}")
-        steps = self.lowering(num_layers, quant, kv, provider, library) if library else \
-            self.lowering(num_layers, quant, kv, provider)
-        return run_pipeline(model, self.name, steps, num_layers)
+        return run_pipeline(model, self.name, self.lowering(num_layers, quant, kv, provider, library), num_layers)
 
     # -- validation on this machine (onnxruntime, CPU) --------------------------------------------
 

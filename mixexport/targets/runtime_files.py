@@ -33,6 +33,7 @@ from mixexport.checkpoint.tokenizer import TOKENIZER_FILES
 from mixexport.errors import MixexportError
 from mixexport.safe_io import read_json_object, read_regular
 from mixexport.targets.base import Backend, Progress
+from mixexport.targets.ort import moe_library
 
 GENAI_CONFIG, GENERATION_CONFIG = "genai_config.json", "generation_config.json"
 # The model type both runtimes are told (see the module docstring for why not "mixtral").
@@ -152,7 +153,7 @@ def write_runtime_files(root: Path, target: str, manifest: Any, checkpoint: Path
     extra = manifest.targets[target].extra
     documents = {
         GENAI_CONFIG: genai_config(model, context, ids, graph_io.kv_layout_of(extra), extra.get("provider"),
-                                   extra.get("moe_library")),
+                                   extra.get(moe_library.MANIFEST_FIELD)),
         CONFIG_FILE: optimum_config(model, manifest.dtype, context, ids),
         GENERATION_CONFIG: {**ids, "do_sample": False, "max_length": context},
     }

@@ -531,7 +531,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
         report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
                                    mode=mode, quant_thresholds=quant_thresholds,
-                                           ort_moe_library=ort_moe_library)
+                                   ort_moe_library=ort_moe_library)
         # After the comparison, not before: the reference has read (and so hashed) every weight, so
         # this reads nothing more; before it, it would read the whole checkpoint (93 GB for Mixtral
         # 8x7B) a second time. A changed checkpoint still fails here, before any report is written.
@@ -547,7 +547,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         if not manifest.targets:  # nothing will be compared: no reference to regenerate
             report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False,
                                        mode=mode, quant_thresholds=quant_thresholds,
-                                           ort_moe_library=ort_moe_library)
+                                   ort_moe_library=ort_moe_library)
         else:
             _check_reference_size(root, manifest, config)
             with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
@@ -555,7 +555,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
                 ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
                 report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
                                            mode=mode, quant_thresholds=quant_thresholds,
-                                           ort_moe_library=ort_moe_library)
+                                   ort_moe_library=ort_moe_library)
     written = []
     if os.access(root, os.W_OK):
         try:

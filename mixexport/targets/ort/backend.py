@@ -75,7 +75,7 @@ class OrtBackend(RuntimeFilesBackend):
         target = manifest.targets[self.name]
         target.extra["provider"] = options.ort_provider
         if options.ort_moe_library is not None:
-            copied = moe_library.copy_into(Path(options.ort_moe_library), root / self.name)
+            copied = moe_library.copy_into(options.ort_moe_library, root / self.name)
             target.files.append(record(copied))
             target.extra[moe_library.MANIFEST_FIELD] = copied.name
             progress(f"{self.name}: {copied.name} (the MoE op library, {copied.stat().st_size / 1e3:.0f} KB) beside "

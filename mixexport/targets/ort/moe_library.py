@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mixexport.errors import MixexportError
+from mixexport.errors import MixexportError, first_line
 from mixexport.passes.moe_nodes import MoEMatch
 from mixexport.safe_io import read_regular
 
@@ -60,8 +60,8 @@ def register(options: Any, library: Path) -> None:
     try:
         options.register_custom_ops_library(str(library))
     except Exception as exc:  # onnxruntime raises its own exception types, and RuntimeError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MixexportError(f"{library}: onnxruntime cannot load it as a custom-op library ({first})") from None
+        raise MixexportError(f"{library}: onnxruntime cannot load it as a custom-op library "
+                             f"({first_line(exc)})") from None
 
 
 def op_model(w_gate_up: np.ndarray, w_down: np.ndarray, top_k: int, normalize: bool = True) -> bytes:
@@ -110,8 +110,7 @@ def check_library(library: Path) -> None:
                                        providers=["CPUExecutionProvider"])
         (y,) = session.run(None, {"x": x, "router_logits": logits})
     except Exception as exc:  # onnxruntime's errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MixexportError(f"{library}: its {DOMAIN}.{OP} op does not run ({first})") from None
+        raise MixexportError(f"{library}: its {DOMAIN}.{OP} op does not run ({first_line(exc)})") from None
     expected = moe_reference(*(torch.from_numpy(a) for a in (x, logits, w_gate_up, w_down)), k, True).numpy()
     if y.shape != expected.shape or not np.array_equal(np.isnan(y), np.isnan(expected)) or \
             not np.allclose(np.nan_to_num(y), np.nan_to_num(expected), rtol=1e-4, atol=1e-5):

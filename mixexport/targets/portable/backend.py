@@ -4,6 +4,7 @@ TensorRT baseline)."""
 from __future__ import annotations
 
 from mixexport import graph_io
+from mixexport.errors import InternalError
 from mixexport.passes.pipeline import Step
 from mixexport.quant import QuantScheme
 from mixexport.targets.runtime_files import RuntimeFilesBackend
@@ -15,5 +16,8 @@ class PortableBackend(RuntimeFilesBackend):
     dtypes = ("float32", "float16", "bfloat16")
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None,
+                 library: bool = False) -> list[Step]:
+        if library:
+            raise InternalError(f"{self.name} has no MoE op library")
         return [("lower_moe_portable", LowerMoEToPortable(quant))]

@@ -51,7 +51,10 @@ class TrtBackend(Backend):
         return kernel_shape_refusal(config.hidden_size, config.intermediate_size, config.num_local_experts, scheme)
 
     def lowering(self, num_layers: int, quant: QuantScheme | None = None,
-                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None) -> list[Step]:
+                 kv: graph_io.KvLayout = graph_io.CONCAT, provider: str | None = None,
+                 library: bool = False) -> list[Step]:
+        if library:
+            raise InternalError(f"{self.name} has no MoE op library")
         return [("lower_moe_trt", LowerMoEToTrtPlugin(quant))]
 
     def prepare_validation_model(self, model: "onnx.ModelProto", elem_type: int) -> None:

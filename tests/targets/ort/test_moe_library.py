@@ -150,11 +150,42 @@ def test_generate_needs_the_library_named(library_build, tmp_path, tmp_path_fact
     shutil.copy(ort_moe_library, other)
     if importlib.util.find_spec("onnxruntime_genai") is not None:
         # genai would load the artifact's own copy, not the one named
-        assert "onnxruntime-genai loads the library its genai_config.json names" in error_line(
+        assert "native code onnxruntime-genai would load" in error_line(
             run_cli("generate", out, "--ids", "1,2,3", "--runtime", "genai", "--ort-moe-library", other))
     ok = run_cli("generate", out, "--ids", "1,2,3", "--max-new-tokens", 4, "--runtime", "onnxruntime",
                  "--ort-moe-library", other)
     assert ok.exit_code == 0, ok.output
+
+
+def test_no_runtime_loads_a_library_the_manifest_hides(library_build, tmp_path):
+    """A manifest without `moe_library` over a graph (and genai config) that need it: the plain loop
+    fails in one line, and genai, which would load what its config names, is not started."""
+    _, out = library_build
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["targets"]["ort"]["moe_library"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    plain = error_line(run_cli("generate", copy, "--ids", "1,2,3", "--runtime", "onnxruntime"))
+    assert "onnxruntime cannot open the graph" in plain and "mixexport.ort" in plain
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        assert "native code onnxruntime-genai would load" in error_line(
+            run_cli("generate", copy, "--ids", "1,2,3", "--runtime", "genai"))
+    config = json.loads((copy / "ort" / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = 7
+    (copy / "ort" / "genai_config.json").write_text(json.dumps(config))
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        assert "custom_ops_library must be a file name" in error_line(
+            run_cli("generate", copy, "--ids", "1,2,3", "--runtime", "genai"))
+
+
+@pytest.mark.parametrize("target", ["portable", "trt"])
+def test_targets_without_a_library_refuse_to_lower_to_one(target):
+    from mixexport.errors import InternalError
+    from mixexport.targets import backend
+
+    with pytest.raises(InternalError, match="has no MoE op library"):
+        backend(target).lowering(2, library=True)
 
 
 def test_a_manifest_naming_another_library_file_is_refused(library_build, tmp_path):
