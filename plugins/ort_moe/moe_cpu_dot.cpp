@@ -22,51 +22,29 @@ __attribute__((always_inline)) inline float hsum(v8 v) {
   return s;
 }
 
-// NW weight rows x NT tokens, U independent accumulators each: every row and token row of K floats
-// is read once. U = 2 where there are few chains (decode: one token), so the multiply-adds do not
-// wait on each other; 1 where NW * NT chains already fill the registers (AVX2 has 16).
-template <size_t NW, size_t NT, size_t U>
-__attribute__((always_inline)) inline void dot_block(const float* const* ws, const float* const* xs, int64_t k,
-                                                     float* out) {
-  v8 acc[U][NW][NT] = {};
+// One weight row x NT tokens, U independent accumulators a token: the row and the token rows are
+// read once. U 4 at one token (decode) keeps four multiply-add chains and 128 bytes of the row in
+// flight an iteration; fewer where NT * U chains already fill AVX2's 16 registers.
+template <size_t NT, size_t U>
+__attribute__((always_inline)) inline void dot_row(const float* w, const float* const* xs, int64_t k, float* out) {
+  v8 acc[U][NT] = {};
   int64_t i = 0;
   for (; i + static_cast<int64_t>(8 * U) <= k; i += 8 * U) {
     for (size_t u = 0; u < U; ++u) {
-      v8 w[NW];
-      for (size_t r = 0; r < NW; ++r) w[r] = load8(ws[r] + i + 8 * u);
-      for (size_t q = 0; q < NT; ++q) {
-        v8 x = load8(xs[q] + i + 8 * u);
-        for (size_t r = 0; r < NW; ++r) acc[u][r][q] += w[r] * x;
-      }
+      v8 wv = load8(w + i + 8 * u);
+      for (size_t q = 0; q < NT; ++q) acc[u][q] += wv * load8(xs[q] + i + 8 * u);
     }
   }
-  for (; i + 8 <= k; i += 8) {  // U = 2: one block of 8 left
-    v8 w[NW];
-    for (size_t r = 0; r < NW; ++r) w[r] = load8(ws[r] + i);
-    for (size_t q = 0; q < NT; ++q) {
-      v8 x = load8(xs[q] + i);
-      for (size_t r = 0; r < NW; ++r) acc[0][r][q] += w[r] * x;
-    }
+  for (; i + 8 <= k; i += 8) {  // fewer than 8 * U left: blocks of 8
+    v8 wv = load8(w + i);
+    for (size_t q = 0; q < NT; ++q) acc[0][q] += wv * load8(xs[q] + i);
   }
-  for (size_t r = 0; r < NW; ++r) {
-    for (size_t q = 0; q < NT; ++q) {
-      v8 sum = acc[0][r][q];
-      for (size_t u = 1; u < U; ++u) sum += acc[u][r][q];
-      float s = hsum(sum);
-      for (int64_t t = i; t < k; ++t) s += ws[r][t] * xs[q][t];
-      out[r * NT + q] = s;
-    }
-  }
-}
-
-template <size_t NW>
-__attribute__((always_inline)) inline void dot_tokens(const float* const* ws, const float* const* xs, size_t nt,
-                                                      int64_t k, float* out) {
-  switch (nt) {
-    case 1: dot_block<NW, 1, 2>(ws, xs, k, out); break;
-    case 2: dot_block<NW, 2, 2>(ws, xs, k, out); break;
-    case 3: dot_block<NW, 3, 1>(ws, xs, k, out); break;
-    default: dot_block<NW, 4, 1>(ws, xs, k, out); break;
+  for (size_t q = 0; q < NT; ++q) {
+    v8 sum = acc[0][q];
+    for (size_t u = 1; u < U; ++u) sum += acc[u][q];
+    float s = hsum(sum);
+    for (int64_t t = i; t < k; ++t) s += w[t] * xs[q][t];
+    out[q] = s;
   }
 }
 
@@ -79,7 +57,7 @@ __attribute__((always_inline)) inline void gemm_tile(const float* p, int64_t kc,
   for (int64_t k = 0; k < kc; ++k) {
     v8 w0 = load8(p + k * kPanelTile), w1 = load8(p + k * kPanelTile + 8);
     for (size_t t = 0; t < NT; ++t) {
-      v8 x = v8{} + xs[t][k];
+      v8 x = xs[t][k] - v8{};  // a broadcast, as above
       acc[t][0] += x * w0;
       acc[t][1] += x * w1;
     }
@@ -119,7 +97,7 @@ __attribute__((always_inline)) inline void gemm_tiles16(const float* p, int64_t 
     v16 w[W];
     for (size_t i = 0; i < W; ++i) w[i] = load16(p + (static_cast<int64_t>(i) * kc + k) * kPanelTile);
     for (size_t t = 0; t < NT; ++t) {
-      v16 x = v16{} + xs[t][k];
+      v16 x = xs[t][k] - v16{};  // a broadcast (x - 0 is x for every x; x + 0 is not, for -0)
       for (size_t i = 0; i < W; ++i) acc[t][i] += x * w[i];
     }
   }
@@ -183,11 +161,12 @@ void gemm_panel(const float* p, int64_t kc, int64_t tiles, const float* const* x
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
-void dot_rows_tokens(const float* const* ws, size_t nw, const float* const* xs, size_t nt, int64_t k, float* out) {
-  if (nw >= 2) {
-    dot_tokens<2>(ws, xs, nt, k, out);
-  } else {
-    dot_tokens<1>(ws, xs, nt, k, out);
+void dot_tokens(const float* w, const float* const* xs, size_t nt, int64_t k, float* out) {
+  switch (nt) {
+    case 1: dot_row<1, 4>(w, xs, k, out); break;
+    case 2: dot_row<2, 2>(w, xs, k, out); break;
+    case 3: dot_row<3, 2>(w, xs, k, out); break;
+    default: dot_row<4, 2>(w, xs, k, out); break;
   }
 }
 

@@ -196,19 +196,23 @@ void gate_up_item(void* data, size_t index) {
     }
     return;
   }
-  for (int64_t t0 = i0; t0 < i1; t0 += kGateUpTile) {
-    int64_t t1 = std::min(t0 + kGateUpTile, i1);
+  // One pass of tokens (decode): the item's gate rows, then its up rows, each one sequential stream.
+  // More: tiles whose rows stay in L2 while every pass reads them.
+  int64_t tile = tokens.size() > kPass ? kGateUpTile : kRowsPerItem;
+  float g[kRowsPerItem * kPass];
+  for (int64_t t0 = i0; t0 < i1; t0 += tile) {
+    int64_t t1 = std::min(t0 + tile, i1);
     for (size_t s = 0; s < tokens.size(); s += kPass) {
       size_t nt = std::min(tokens.size() - s, kPass);
       const float* xs[kPass];
       for (size_t q = 0; q < nt; ++q) xs[q] = j.x + tokens[s + q] * j.h;
+      for (int64_t i = t0; i < t1; ++i) mixexport::dot_tokens(w + i * j.h, xs, nt, j.h, g + (i - t0) * kPass);
       for (int64_t i = t0; i < t1; ++i) {
-        const float* ws[2] = {w + i * j.h, w + (j.inter + i) * j.h};  // gate row i, up row i
-        float gu[2 * kPass];
-        mixexport::dot_rows_tokens(ws, 2, xs, nt, j.h, gu);
+        float u[kPass];
+        mixexport::dot_tokens(w + (j.inter + i) * j.h, xs, nt, j.h, u);
         for (size_t q = 0; q < nt; ++q) {
-          float g = gu[q], u = gu[nt + q];
-          j.act[rows[s + q] * j.inter + i] = g / (1.f + std::exp(-g)) * u;
+          float gi = g[(i - t0) * kPass + q];
+          j.act[rows[s + q] * j.inter + i] = gi / (1.f + std::exp(-gi)) * u[q];
         }
       }
     }
@@ -234,20 +238,17 @@ void down_item(void* data, size_t index) {
       }
       continue;
     }
-    for (int64_t t0 = h0; t0 < h1; t0 += kDownTile) {
-      int64_t t1 = std::min(t0 + kDownTile, h1);
+    int64_t tile = tokens.size() > kPass ? kDownTile : kRowsPerItem;
+    for (int64_t t0 = h0; t0 < h1; t0 += tile) {
+      int64_t t1 = std::min(t0 + tile, h1);
       for (size_t s = 0; s < tokens.size(); s += kPass) {
         size_t nt = std::min(tokens.size() - s, kPass);
         const float* as[kPass];
         for (size_t q = 0; q < nt; ++q) as[q] = j.act + rows[s + q] * j.inter;
-        for (int64_t hh = t0; hh < t1; hh += 2) {
-          size_t nw = hh + 1 < t1 ? 2 : 1;
-          const float* ws[2] = {w + hh * j.inter, w + (hh + static_cast<int64_t>(nw) - 1) * j.inter};
-          float d[2 * kPass];
-          mixexport::dot_rows_tokens(ws, nw, as, nt, j.inter, d);
-          for (size_t r = 0; r < nw; ++r) {
-            for (size_t q = 0; q < nt; ++q) j.y[tokens[s + q] * j.h + hh + r] += weights[s + q] * d[r * nt + q];
-          }
+        for (int64_t hh = t0; hh < t1; ++hh) {
+          float d[kPass];
+          mixexport::dot_tokens(w + hh * j.inter, as, nt, j.inter, d);
+          for (size_t q = 0; q < nt; ++q) j.y[tokens[s + q] * j.h + hh] += weights[s + q] * d[q];
         }
       }
     }
