@@ -48,114 +48,75 @@ __attribute__((always_inline)) inline void dot_row(const float* w, const float* 
   }
 }
 
-// NT tokens x one tile of kPanelTile columns: 2 * NT accumulators (12 at NT 6), two panel loads and
-// NT broadcasts per k.
-template <size_t NT>
-__attribute__((always_inline)) inline void gemm_tile(const float* p, int64_t kc, const float* const* xs, float* c,
-                                                     int64_t ldc) {
-  v8 acc[NT][2] = {};
+// NR weight rows x one group of tokens: NR * (kTokenGroup / lanes) accumulators (12 both on
+// AVX-512, 6 rows x 2 registers, and on AVX2, 3 x 4), kTokenGroup / lanes loads and NR broadcasts
+// per k.
+template <class V, size_t NR>
+__attribute__((always_inline)) inline void rows_block(const float* const* ws, const float* xt, int64_t kc, float* c,
+                                                      int64_t ldc) {
+  constexpr size_t kLanes = sizeof(V) / sizeof(float);
+  constexpr size_t kNv = kTokenGroup / kLanes;
+  V acc[NR][kNv] = {};
   for (int64_t k = 0; k < kc; ++k) {
-    v8 w0 = load8(p + k * kPanelTile), w1 = load8(p + k * kPanelTile + 8);
-    for (size_t t = 0; t < NT; ++t) {
-      v8 x = xs[t][k] - v8{};  // a broadcast, as above
-      acc[t][0] += x * w0;
-      acc[t][1] += x * w1;
+    V x[kNv];
+    for (size_t v = 0; v < kNv; ++v) std::memcpy(&x[v], xt + k * kTokenGroup + v * kLanes, sizeof(V));
+    for (size_t i = 0; i < NR; ++i) {
+      V b = ws[i][k] - V{};  // a broadcast (x - 0 is x for every x; x + 0 is not, for -0)
+      for (size_t v = 0; v < kNv; ++v) acc[i][v] += b * x[v];
     }
   }
-  for (size_t t = 0; t < NT; ++t) {
-    for (int l = 0; l < 8; ++l) {
-      c[t * ldc + l] += acc[t][0][l];
-      c[t * ldc + 8 + l] += acc[t][1][l];
+  for (size_t i = 0; i < NR; ++i) {
+    for (size_t v = 0; v < kNv; ++v) {
+      for (size_t l = 0; l < kLanes; ++l) c[static_cast<int64_t>(i) * ldc + v * kLanes + l] += acc[i][v][l];
     }
   }
 }
 
-template <size_t NT>
-__attribute__((always_inline)) inline void gemm_tiles(const float* p, int64_t kc, int64_t tiles,
-                                                      const float* const* xs, float* c, int64_t ldc) {
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    gemm_tile<NT>(p + tile * kc * kPanelTile, kc, xs, c + tile * kPanelTile, ldc);
+// Rows in blocks of R, the last block narrower.
+template <class V, size_t R>
+__attribute__((always_inline)) inline void rows_all(const float* const* ws, size_t nr, const float* xt, int64_t kc,
+                                                    float* c, int64_t ldc) {
+  size_t i = 0;
+  for (; i + R <= nr; i += R) rows_block<V, R>(ws + i, xt, kc, c + static_cast<int64_t>(i) * ldc, ldc);
+  float* ci = c + static_cast<int64_t>(i) * ldc;
+  switch (nr - i) {
+    case 0: break;
+    case 1: rows_block<V, 1>(ws + i, xt, kc, ci, ldc); break;
+    case 2: if constexpr (R > 2) rows_block<V, 2>(ws + i, xt, kc, ci, ldc); break;
+    case 3: if constexpr (R > 3) rows_block<V, 3>(ws + i, xt, kc, ci, ldc); break;
+    case 4: if constexpr (R > 4) rows_block<V, 4>(ws + i, xt, kc, ci, ldc); break;
+    default: if constexpr (R > 5) rows_block<V, 5>(ws + i, xt, kc, ci, ldc); break;
   }
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MIXEXPORT_AVX512 1
-// AVX-512: one 16-float register per tile row, two tiles a pass: 2 * NT accumulators of 32 registers.
 typedef float v16 __attribute__((vector_size(64)));
 
-__attribute__((always_inline)) inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <size_t NT, size_t W>
-__attribute__((always_inline)) inline void gemm_tiles16(const float* p, int64_t kc, const float* const* xs, float* c,
-                                                        int64_t ldc) {
-  v16 acc[NT][W] = {};
-  for (int64_t k = 0; k < kc; ++k) {
-    v16 w[W];
-    for (size_t i = 0; i < W; ++i) w[i] = load16(p + (static_cast<int64_t>(i) * kc + k) * kPanelTile);
-    for (size_t t = 0; t < NT; ++t) {
-      v16 x = xs[t][k] - v16{};  // a broadcast (x - 0 is x for every x; x + 0 is not, for -0)
-      for (size_t i = 0; i < W; ++i) acc[t][i] += x * w[i];
-    }
-  }
-  for (size_t t = 0; t < NT; ++t) {
-    for (size_t i = 0; i < W; ++i) {
-      for (int l = 0; l < 16; ++l) c[t * ldc + static_cast<int64_t>(i) * kPanelTile + l] += acc[t][i][l];
-    }
-  }
-}
-
-template <size_t NT>
-__attribute__((always_inline)) inline void gemm_pairs16(const float* p, int64_t kc, int64_t tiles,
-                                                        const float* const* xs, float* c, int64_t ldc) {
-  int64_t tile = 0;
-  for (; tile + 2 <= tiles; tile += 2) gemm_tiles16<NT, 2>(p + tile * kc * kPanelTile, kc, xs, c + tile * kPanelTile, ldc);
-  if (tile < tiles) gemm_tiles16<NT, 1>(p + tile * kc * kPanelTile, kc, xs, c + tile * kPanelTile, ldc);
-}
-
 __attribute__((target("arch=x86-64-v4")))
-void gemm_panel_avx512(const float* p, int64_t kc, int64_t tiles, const float* const* xs, size_t nt, float* c,
-                       int64_t ldc) {
-  switch (nt) {
-    case 1: gemm_pairs16<1>(p, kc, tiles, xs, c, ldc); break;
-    case 2: gemm_pairs16<2>(p, kc, tiles, xs, c, ldc); break;
-    case 3: gemm_pairs16<3>(p, kc, tiles, xs, c, ldc); break;
-    case 4: gemm_pairs16<4>(p, kc, tiles, xs, c, ldc); break;
-    case 5: gemm_pairs16<5>(p, kc, tiles, xs, c, ldc); break;
-    default: gemm_pairs16<6>(p, kc, tiles, xs, c, ldc); break;
-  }
+void gemm_rows_avx512(const float* const* ws, size_t nr, const float* xt, int64_t kc, float* c, int64_t ldc) {
+  rows_all<v16, 6>(ws, nr, xt, kc, c, ldc);
 }
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
-void gemm_panel_v8(const float* p, int64_t kc, int64_t tiles, const float* const* xs, size_t nt, float* c,
-                   int64_t ldc) {
-  switch (nt) {
-    case 1: gemm_tiles<1>(p, kc, tiles, xs, c, ldc); break;
-    case 2: gemm_tiles<2>(p, kc, tiles, xs, c, ldc); break;
-    case 3: gemm_tiles<3>(p, kc, tiles, xs, c, ldc); break;
-    case 4: gemm_tiles<4>(p, kc, tiles, xs, c, ldc); break;
-    case 5: gemm_tiles<5>(p, kc, tiles, xs, c, ldc); break;
-    default: gemm_tiles<6>(p, kc, tiles, xs, c, ldc); break;
-  }
+void gemm_rows_v8(const float* const* ws, size_t nr, const float* xt, int64_t kc, float* c, int64_t ldc) {
+  rows_all<v8, 3>(ws, nr, xt, kc, c, ldc);
 }
 
 }  // namespace
 
-void gemm_panel(const float* p, int64_t kc, int64_t tiles, const float* const* xs, size_t nt, float* c, int64_t ldc) {
+void gemm_rows(const float* const* ws, size_t nr, const float* xt, int64_t kc, float* c, int64_t ldc) {
 #ifdef MIXEXPORT_AVX512
   static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
   if (avx512) {
-    gemm_panel_avx512(p, kc, tiles, xs, nt, c, ldc);
+    gemm_rows_avx512(ws, nr, xt, kc, c, ldc);
     return;
   }
 #endif
-  gemm_panel_v8(p, kc, tiles, xs, nt, c, ldc);
+  gemm_rows_v8(ws, nr, xt, kc, c, ldc);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

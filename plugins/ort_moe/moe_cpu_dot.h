@@ -15,13 +15,13 @@ constexpr size_t kTokensPerPass = 4;
 // about half the bandwidth of reading them one after the other.
 void dot_tokens(const float* w, const float* const* xs, size_t nt, int64_t k, float* out);
 
-// The many-token path (a prefill's expert): C += X P over a packed panel of `tiles` tiles, each
-// kc x kPanelTile (tile-major: p[(tile * kc + k) * kPanelTile + l] is weight row tile * kPanelTile
-// + l at column k), for nt <= kGemmTokens token rows xs[t][0..kc):
-// c[t * ldc + tile * kPanelTile + l] += sum_k xs[t][k] * p[(tile * kc + k) * kPanelTile + l].
-// Broadcast-multiply-add, no horizontal sums: as many multiply-adds per load as the registers allow.
-constexpr size_t kGemmTokens = 6;
-constexpr int64_t kPanelTile = 16;
-void gemm_panel(const float* p, int64_t kc, int64_t tiles, const float* const* xs, size_t nt, float* c, int64_t ldc);
+// The many-token path (a prefill's expert): tokens side by side. `xt` is a group of kTokenGroup
+// token rows transposed, kc columns of them (xt[k * kTokenGroup + l] is token l at column k; zero
+// past the group's tokens); for nr weight rows ws[i][0..kc), row-major as the graph stores them:
+// c[i * ldc + l] += sum_k ws[i][k] * xt[k * kTokenGroup + l] for l < kTokenGroup.
+// Each weight is broadcast from its row to the whole group: the weights need no packing (they are
+// read where they lie, once a group) and the kernel has no horizontal sums.
+constexpr int64_t kTokenGroup = 32;
+void gemm_rows(const float* const* ws, size_t nr, const float* xt, int64_t kc, float* c, int64_t ldc);
 
 }  // namespace mixexport

@@ -7,9 +7,10 @@
 // intra-op pool (KernelContext_ParallelFor), as llama.cpp does, with the routing in the same node.
 // Two stages, each one ParallelFor: gate/up + SiLU over (active expert x block of 64 intermediate
 // rows), then down over blocks of 64 hidden rows, experts added in ascending order. An expert with
-// few tokens (decode) reads each weight row once for up to four tokens, two rows at a time; one
-// with many (prefill) packs its block of weights into L2-sized panels and multiplies them with a
-// register-blocked broadcast kernel (moe_cpu_dot.cpp; AVX-512 where the CPU has it).
+// few tokens (decode) reads each weight row once for up to four tokens, one row after another; one
+// with many (prefill) has its tokens transposed into groups of 32 and broadcasts every weight,
+// where it lies, to a whole group (a register-blocked kernel, moe_cpu_dot.cpp; AVX-512 where the
+// CPU has it): the weights are never copied.
 //
 // Semantics are mixexport/model/moe.py's (the MoE op reference), float32 only:
 //   inputs  x [N, H], router_logits [N, E], w_gate_up [E, 2I, H] (gate rows, then up rows),
@@ -41,10 +42,9 @@ namespace {
 constexpr const char* kDomain = "mixexport.ort";
 
 struct Routed {
-  // Per expert: the (token, weight, act row) triples routed to it, in token order.
+  // Per expert: the (token, weight) pairs routed to it, in token order.
   std::vector<std::vector<int64_t>> tokens;
   std::vector<std::vector<float>> weights;
-  std::vector<std::vector<int64_t>> rows;
   std::vector<int64_t> active;  // experts with at least one token, ascending
 };
 
@@ -52,10 +52,8 @@ struct Routed {
 void route(const float* logits, int64_t n, int64_t e, int64_t k, bool normalize, Routed& r) {
   r.tokens.assign(e, {});
   r.weights.assign(e, {});
-  r.rows.assign(e, {});
   std::vector<float> p(e);
   std::vector<int64_t> order(e);
-  int64_t row = 0;
   for (int64_t t = 0; t < n; ++t) {
     const float* l = logits + t * e;
     float m = -std::numeric_limits<float>::infinity();
@@ -82,7 +80,6 @@ void route(const float* logits, int64_t n, int64_t e, int64_t k, bool normalize,
       float w = no_softmax ? std::numeric_limits<float>::quiet_NaN() : (normalize ? p[ex] / kept : p[ex]);
       r.tokens[ex].push_back(t);
       r.weights[ex].push_back(w);
-      r.rows[ex].push_back(row++);
     }
   }
   for (int64_t ex = 0; ex < e; ++ex) {
@@ -93,88 +90,85 @@ void route(const float* logits, int64_t n, int64_t e, int64_t k, bool normalize,
 // Rows of one work item: enough to amortise the dispatch, few enough to spread a decode step's
 // two experts over every thread (mid: I 1792 -> 28 items an expert; 8x7B: I 14336 -> 224).
 constexpr int64_t kRowsPerItem = 64;
-// Rows of a tile inside an item: its weights stay in L2 while every pass of kTokensPerPass tokens
-// reads them (a prefill's expert has many tokens): 16 intermediate rows are 2 x 16 rows of H floats
-// (512 KB at H 4096), 8 rows of w_down 8 rows of I floats (458 KB at I 14336). A decode step has
-// one pass: the same loop.
+// Rows of a tile inside a direct-path item with more than one pass of tokens: its weights stay in
+// L2 while every pass of kTokensPerPass tokens reads them (16 intermediate rows are 2 x 16 rows of
+// H floats, 512 KB at H 4096; 8 rows of w_down 8 rows of I floats, 458 KB at I 14336).
 constexpr int64_t kGateUpTile = 16;
 constexpr int64_t kDownTile = 8;
+constexpr size_t kPass = mixexport::kTokensPerPass;
+// From this many tokens an expert takes the many-token path (a prefill's experts): its tokens
+// transposed into groups of kTokenGroup, every weight broadcast to a group (`gemm_rows`), K in
+// chunks of kChunkK so a group's chunk (32 KB) and the item's rows of it stay in cache while
+// every row block reads them. Below it (decode, short prompts) each weight row is read once per
+// four tokens (`dot_tokens`): a group of 32 at 8 tokens would compute 24 columns of padding.
+constexpr size_t kPackMin = 16;
+constexpr int64_t kChunkK = 256;
+constexpr size_t kRowBlock = 6;  // weight rows a gemm_rows call: its pointer array
+constexpr int64_t kG = mixexport::kTokenGroup;
+
+int64_t groups(size_t tokens) { return (static_cast<int64_t>(tokens) + kG - 1) / kG; }
 
 struct Job {
   const float* x;
   const float* w_gate_up;
   const float* w_down;
   float* y;
-  float* act;  // [N*K, I]
   int64_t h, inter;
   const Routed* r;
+  // Per expert, where its activations start in `act`: a direct-path expert's are [T, I] (token
+  // rows); a many-token expert's [G, I, kG] (groups of token columns, zero past its tokens), which
+  // stage 2 reads as it is; its transposed input rows, [G, H, kG], start at xt + xt_off[ex].
+  float* act;
+  float* xt;
+  std::vector<int64_t> act_off, xt_off;
+  std::vector<int64_t> xt_items;  // (expert, group) pairs to transpose, flattened as expert * max_groups + group
+  int64_t max_groups;
   // Stage 1 items: (active expert, intermediate block) flattened.
   int64_t blocks_i;
   int64_t blocks_h;
+  bool many(int64_t ex) const { return r->tokens[ex].size() >= kPackMin; }
 };
 
-constexpr size_t kPass = mixexport::kTokensPerPass;
-// From this many tokens an expert takes the packed path (a prefill's experts): its weight block is
-// packed, kPanelK of K at a time, into a panel that every group of kGemmTokens tokens multiplies
-// from L2 (`gemm_panel`). Below it (decode, short prompts) each weight row is read straight from
-// memory once per four tokens: packing costs about as much as two such passes (measured with
-// benchmarks/moe_cpu_op.py: at 8 tokens an expert the direct path was faster, at 32 the packed one).
-constexpr size_t kPackMin = 16;
-constexpr int64_t kPanelK = 256;
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// Rows [r0, r1) of row-major w (row length ld), columns [k0, k0 + kc), into panel tiles (the
-// layout `gemm_panel` reads), rows past r1 in the last tile zero: each tile written in order, its
-// kPanelTile rows read side by side.
-void pack(const float* w, int64_t ld, int64_t r0, int64_t r1, int64_t k0, int64_t kc, float* p) {
-  for (int64_t tr = r0; tr < r1; tr += mixexport::kPanelTile, p += kc * mixexport::kPanelTile) {
-    int64_t n = std::min(mixexport::kPanelTile, r1 - tr);
-    const float* src[mixexport::kPanelTile];
-    for (int64_t l = 0; l < n; ++l) src[l] = w + (tr + l) * ld + k0;
-    for (int64_t k = 0; k < kc; ++k) {
-      float* dst = p + k * mixexport::kPanelTile;
-      int64_t l = 0;
-      for (; l < n; ++l) dst[l] = src[l][k];
-      for (; l < mixexport::kPanelTile; ++l) dst[l] = 0.f;
-    }
+// One group of a many-token expert's input rows, transposed: xt[(g * H + k) * kG + l] = x[token l][k].
+void transpose_item(void* data, size_t index) {
+  const Job& j = *static_cast<const Job*>(data);
+  int64_t ex = j.xt_items[index] / j.max_groups, g = j.xt_items[index] % j.max_groups;
+  const auto& tokens = j.r->tokens[ex];
+  float* xt = j.xt + j.xt_off[ex] + g * j.h * kG;
+  int64_t n = std::min<int64_t>(kG, static_cast<int64_t>(tokens.size()) - g * kG);
+  for (int64_t l = 0; l < n; ++l) {
+    const float* row = j.x + tokens[g * kG + l] * j.h;
+    for (int64_t k = 0; k < j.h; ++k) xt[k * kG + l] = row[k];
+  }
+  for (int64_t l = n; l < kG; ++l) {
+    for (int64_t k = 0; k < j.h; ++k) xt[k * kG + l] = 0.f;
   }
 }
 
-// One thread's packed-path scratch: the panel, the product c [T][ncols] (columns: the block's rows,
-// then with a second block its rows from `half` on), and the token rows' offsets.
-struct Packed {
-  std::vector<float> panel, c;
-  std::vector<int64_t> offsets;
-  int64_t ncols = 0, half = 0;
-};
-
-// c = (the token rows ids[t] * stride of `base`) x (rows [r0, r1) of w, and of w `second` rows below
-// when second > 0, side by side), K = k in kPanelK chunks; into this thread's scratch.
-const Packed& packed_gemm(const float* w, int64_t k, int64_t r0, int64_t r1, int64_t second, const float* base,
-                          const std::vector<int64_t>& ids, int64_t stride) {
-  thread_local Packed s;
-  s.half = round_up(r1 - r0, mixexport::kPanelTile);
-  s.ncols = second > 0 ? 2 * s.half : s.half;
-  int64_t tiles = s.ncols / mixexport::kPanelTile;
-  size_t t_count = ids.size();
-  s.offsets.resize(t_count);
-  for (size_t t = 0; t < t_count; ++t) s.offsets[t] = ids[t] * stride;
-  s.panel.resize(static_cast<size_t>(std::min(kPanelK, k) * s.ncols));
-  s.c.assign(t_count * static_cast<size_t>(s.ncols), 0.f);
-  for (int64_t k0 = 0; k0 < k; k0 += kPanelK) {
-    int64_t kc = std::min(kPanelK, k - k0);
-    pack(w, k, r0, r1, k0, kc, s.panel.data());
-    if (second > 0) pack(w, k, second + r0, second + r1, k0, kc, s.panel.data() + s.half * kc);
-    for (size_t g = 0; g < t_count; g += mixexport::kGemmTokens) {
-      size_t nt = std::min(t_count - g, mixexport::kGemmTokens);
-      const float* xs[mixexport::kGemmTokens];
-      for (size_t q = 0; q < nt; ++q) xs[q] = base + s.offsets[g + q] + k0;
-      mixexport::gemm_panel(s.panel.data(), kc, tiles, xs, nt, s.c.data() + g * s.ncols, s.ncols);
+// c[r][g * kG + l] (ldc = G * kG) = sum over K of row(r)[k] * xt_g[k][l], for rows r < nrows of the
+// item and every group: K in chunks, each chunk's rows read once a group while its group chunk
+// stays in L1/L2.
+template <class Row>
+const std::vector<float>& many_token_gemm(Row row, int64_t nrows, int64_t k, const float* xt, int64_t g_count) {
+  thread_local std::vector<float> c;
+  int64_t ldc = g_count * kG;
+  c.assign(static_cast<size_t>(nrows * ldc), 0.f);
+  for (int64_t k0 = 0; k0 < k; k0 += kChunkK) {
+    int64_t kc = std::min(kChunkK, k - k0);
+    for (int64_t g = 0; g < g_count; ++g) {
+      const float* xg = xt + (g * k + k0) * kG;
+      for (int64_t r0 = 0; r0 < nrows; r0 += static_cast<int64_t>(kRowBlock)) {
+        size_t nr = static_cast<size_t>(std::min(static_cast<int64_t>(kRowBlock), nrows - r0));
+        const float* ws[kRowBlock];
+        for (size_t q = 0; q < nr; ++q) ws[q] = row(r0 + static_cast<int64_t>(q)) + k0;
+        mixexport::gemm_rows(ws, nr, xg, kc, c.data() + r0 * ldc + g * kG, ldc);
+      }
     }
   }
-  return s;
+  return c;
 }
+
+float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
 void gate_up_item(void* data, size_t index) {
   const Job& j = *static_cast<const Job*>(data);
@@ -183,15 +177,18 @@ void gate_up_item(void* data, size_t index) {
   int64_t i1 = std::min(i0 + kRowsPerItem, j.inter);
   const float* w = j.w_gate_up + ex * 2 * j.inter * j.h;
   const auto& tokens = j.r->tokens[ex];
-  const auto& rows = j.r->rows[ex];
-  if (tokens.size() >= kPackMin) {
-    const Packed& p = packed_gemm(w, j.h, i0, i1, j.inter, j.x, tokens, j.h);  // gate | up columns
-    for (size_t t = 0; t < tokens.size(); ++t) {
-      const float* ct = p.c.data() + t * p.ncols;
-      float* out = j.act + rows[t] * j.inter;
-      for (int64_t i = i0; i < i1; ++i) {
-        float g = ct[i - i0], u = ct[p.half + i - i0];
-        out[i] = g / (1.f + std::exp(-g)) * u;
+  float* act = j.act + j.act_off[ex];
+  if (j.many(ex)) {
+    int64_t n = i1 - i0, g_count = groups(tokens.size()), ldc = g_count * kG;
+    // The item's gate rows, then its up rows: rows [0, n) of c are gate, [n, 2n) up.
+    auto row = [&](int64_t r) { return w + (r < n ? i0 + r : j.inter + i0 + r - n) * j.h; };
+    const auto& c = many_token_gemm(row, 2 * n, j.h, j.xt + j.xt_off[ex], g_count);
+    for (int64_t g = 0; g < g_count; ++g) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float* cg = c.data() + i * ldc + g * kG;
+        const float* cu = c.data() + (n + i) * ldc + g * kG;
+        float* out = act + (g * j.inter + i0 + i) * kG;
+        for (int64_t l = 0; l < kG; ++l) out[l] = silu_mul(cg[l], cu[l]);  // padding: silu(0) * 0
       }
     }
     return;
@@ -211,8 +208,7 @@ void gate_up_item(void* data, size_t index) {
         float u[kPass];
         mixexport::dot_tokens(w + (j.inter + i) * j.h, xs, nt, j.h, u);
         for (size_t q = 0; q < nt; ++q) {
-          float gi = g[(i - t0) * kPass + q];
-          j.act[rows[s + q] * j.inter + i] = gi / (1.f + std::exp(-gi)) * u[q];
+          act[static_cast<int64_t>(s + q) * j.inter + i] = silu_mul(g[(i - t0) * kPass + q], u[q]);
         }
       }
     }
@@ -227,14 +223,16 @@ void down_item(void* data, size_t index) {
   for (int64_t ex : j.r->active) {
     const float* w = j.w_down + ex * j.h * j.inter;
     const auto& tokens = j.r->tokens[ex];
-    const auto& rows = j.r->rows[ex];
     const auto& weights = j.r->weights[ex];
-    if (tokens.size() >= kPackMin) {
-      const Packed& p = packed_gemm(w, j.inter, h0, h1, 0, j.act, rows, j.inter);
+    const float* act = j.act + j.act_off[ex];
+    if (j.many(ex)) {
+      int64_t g_count = groups(tokens.size()), ldc = g_count * kG;
+      auto row = [&](int64_t r) { return w + (h0 + r) * j.inter; };
+      const auto& c = many_token_gemm(row, h1 - h0, j.inter, act, g_count);
       for (size_t t = 0; t < tokens.size(); ++t) {
-        const float* ct = p.c.data() + t * p.ncols;
+        const float* ct = c.data() + static_cast<int64_t>(t);  // column t: group t / kG, lane t % kG
         float* out = j.y + tokens[t] * j.h;
-        for (int64_t hh = h0; hh < h1; ++hh) out[hh] += weights[t] * ct[hh - h0];
+        for (int64_t hh = h0; hh < h1; ++hh) out[hh] += weights[t] * ct[(hh - h0) * ldc];
       }
       continue;
     }
@@ -244,7 +242,7 @@ void down_item(void* data, size_t index) {
       for (size_t s = 0; s < tokens.size(); s += kPass) {
         size_t nt = std::min(tokens.size() - s, kPass);
         const float* as[kPass];
-        for (size_t q = 0; q < nt; ++q) as[q] = j.act + rows[s + q] * j.inter;
+        for (size_t q = 0; q < nt; ++q) as[q] = act + static_cast<int64_t>(s + q) * j.inter;
         for (int64_t hh = t0; hh < t1; ++hh) {
           float d[kPass];
           mixexport::dot_tokens(w + hh * j.inter, as, nt, j.inter, d);
@@ -303,9 +301,26 @@ struct MoEKernel {
 
     Routed r;
     route(logits.GetTensorData<float>(), n, e, top_k, normalize, r);
-    std::vector<float> act(static_cast<size_t>(n * top_k * inter));
-    Job job{x.GetTensorData<float>(), wgu.GetTensorData<float>(), wd.GetTensorData<float>(), out, act.data(),
-            h, inter, &r, (inter + kRowsPerItem - 1) / kRowsPerItem, (h + kRowsPerItem - 1) / kRowsPerItem};
+    Job job{x.GetTensorData<float>(), wgu.GetTensorData<float>(), wd.GetTensorData<float>(), out, h, inter, &r,
+            nullptr, nullptr, std::vector<int64_t>(e), std::vector<int64_t>(e), {}, groups(static_cast<size_t>(n)),
+            (inter + kRowsPerItem - 1) / kRowsPerItem, (h + kRowsPerItem - 1) / kRowsPerItem};
+    int64_t act_size = 0, xt_size = 0;
+    for (int64_t ex : r.active) {
+      int64_t t = static_cast<int64_t>(r.tokens[ex].size());
+      job.act_off[ex] = act_size;
+      if (job.many(ex)) {
+        job.xt_off[ex] = xt_size;
+        xt_size += groups(r.tokens[ex].size()) * kG * h;
+        act_size += groups(r.tokens[ex].size()) * kG * inter;
+        for (int64_t g = 0; g < groups(r.tokens[ex].size()); ++g) job.xt_items.push_back(ex * job.max_groups + g);
+      } else {
+        act_size += t * inter;
+      }
+    }
+    std::vector<float> act(static_cast<size_t>(act_size)), xt(static_cast<size_t>(xt_size));
+    job.act = act.data();
+    job.xt = xt.data();
+    if (!job.xt_items.empty()) ctx.ParallelFor(transpose_item, job.xt_items.size(), 0, &job);
     if (inter > 0) {
       ctx.ParallelFor(gate_up_item, static_cast<size_t>(r.active.size() * job.blocks_i), 0, &job);
     }

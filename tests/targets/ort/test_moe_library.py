@@ -38,8 +38,9 @@ def _session(library, e, h, i, k, normalize, w_gate_up, w_down, threads):
     (5, 16, 8, 5, 1, 9),       # top_k = E
     (3, 24, 70, 1, 1, 0),      # no token
     (16, 96, 64, 3, 1, 130),   # many experts, tokens in passes of four and a remainder
-    (4, 300, 270, 2, 1, 64),   # ~32 tokens an expert: the packed path, K over two panels, padded tiles
-    (4, 40, 72, 1, 0, 100),    # the packed path with short rows and a last group of fewer tokens
+    (4, 300, 270, 2, 1, 64),   # ~32 tokens an expert: the many-token path, H over two K chunks, rows in partial blocks
+    (4, 40, 72, 1, 0, 100),    # the many-token path with short rows and a group of fewer tokens
+    (2, 72, 300, 2, 1, 70),    # every expert 70 tokens: three groups, the last of 6; I over two K chunks
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_op_computes_the_reference(ort_moe_library, e, h, i, k, normalize, n, threads):
