@@ -518,6 +518,11 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
     root = Path(out)
     manifest = read_manifest(root)
     source = manifest.source
+
+    def compare(ckpt: Checkpoint | None) -> dict[str, Any]:
+        return validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False, mode=mode,
+                                 quant_thresholds=quant_thresholds, ort_moe_library=ort_moe_library)
+
     if source["kind"] == "checkpoint":
         path = Path(checkpoint or source["path"])
         try:
@@ -529,9 +534,7 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
                                  f"pass --checkpoint DIR with the same files")
         ckpt = Checkpoint(path, allow_non_finite=allow_non_finite)
         _check_model(manifest, ckpt.config, f"reference checkpoint {path}")
-        report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
-                                   mode=mode, quant_thresholds=quant_thresholds,
-                                   ort_moe_library=ort_moe_library)
+        report = compare(ckpt)
         # After the comparison, not before: the reference has read (and so hashed) every weight, so
         # this reads nothing more; before it, it would read the whole checkpoint (93 GB for Mixtral
         # 8x7B) a second time. A changed checkpoint still fails here, before any report is written.
@@ -545,17 +548,13 @@ def validate_out(out: str | Path, checkpoint: str | Path | None = None, report_p
         config = MixtralConfig.from_hf_dict(source["config"], f"{root / MANIFEST}: source.config")
         _check_model(manifest, config, f"{root / MANIFEST}: source.config")
         if not manifest.targets:  # nothing will be compared: no reference to regenerate
-            report = validate_artifact(root, manifest, None, progress, verify_hashes=True, write_report=False,
-                                       mode=mode, quant_thresholds=quant_thresholds,
-                                   ort_moe_library=ort_moe_library)
+            report = compare(None)
         else:
             _check_reference_size(root, manifest, config)
             with tempfile.TemporaryDirectory(prefix="mixexport-reference-") as tmp:
                 progress(f"regenerating the {source['preset']} reference weights (seed {source['seed']})")
                 ckpt = Checkpoint(write_checkpoint(Path(tmp) / "checkpoint", config, seed=source["seed"]))
-                report = validate_artifact(root, manifest, ckpt, progress, verify_hashes=True, write_report=False,
-                                           mode=mode, quant_thresholds=quant_thresholds,
-                                   ort_moe_library=ort_moe_library)
+                report = compare(ckpt)
     written = []
     if os.access(root, os.W_OK):
         try:
