@@ -56,11 +56,12 @@ the whole benchmark runs N times, each in its own process, and a last table give
 decode ms over them and its ratio to ours ort and to llama.cpp f32 in each (the spread between
 processes on these VMs is larger than within one). "x limit" compares with the
 bandwidth limit of one step: the bytes a step must bring from DRAM / DRAM read bandwidth. The bytes
-are the active weight bytes less the last-level cache (a step rereads the same weights in the same
-order, and up to the cache's size of them can still be on chip from the step before: on a 32 MiB
-L3 and 263 MB of weights, counting it all made a "limit" rows beat by up to 1.4x). The bandwidth
-is a torch sum over a 2 GiB buffer with 1 and 2 threads, best of 5, measured again before every
-round and the highest kept (rows keep their lowest times: it drifts with the VM's neighbours).
+are the active weight bytes less what the CPU caches hold (a step rereads the same weights in the
+same order, and up to the caches' size of them can still be on chip from the step before). The
+bandwidth is a torch sum over a 2 GiB buffer with 1 and 2 threads, best of 5, measured at the
+start and again before every later round, the highest kept (rows keep their lowest times; it
+drifts with the VM's neighbours). Without either correction, rows beat the "limit" by up to 1.4x
+in one run on a 2-core VM (32 MiB L3, 263 MB of weights a step, 40.8-60.1 GB/s).
 At batch B the active expert bytes assume uniform
 routing: each layer reads E * (1 - (1 - k/E)^B) distinct experts. The fp16 rows' limit is the float32
 one: onnxruntime's x86 CPU provider reads float32 copies of their weights.
@@ -124,16 +125,21 @@ def dram_bandwidth() -> float:
     return 2 * 1024**3 / best
 
 
-def last_level_cache() -> int:
-    """Bytes of the largest CPU cache sysfs lists (0 where it lists none)."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            sizes.append(int(digits) * scale)
-    return max(sizes, default=0)
+def cpu_caches() -> int:
+    """Bytes of data the machine's CPU caches can hold: every data or unified cache sysfs lists, each
+    shared instance once (0 where it lists none). Counting every level, not only the last, keeps
+    the limit a bound on CPUs whose L3 does not hold what L2 holds (AMD's is a victim cache)."""
+    instances = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            kind, level, shared, size = (
+                (index / name).read_text().strip() for name in ("type", "level", "shared_cpu_list", "size"))
+        except OSError:
+            continue
+        digits, scale = size.rstrip("KMG"), {"K": 1024, "M": 1024**2, "G": 1024**3}.get(size[-1:], 1)
+        if kind in ("Data", "Unified") and digits.isdigit():
+            instances[(level, shared)] = int(digits) * scale
+    return sum(instances.values())
 
 
 def dram_bytes(active: float, cache: int) -> float:
@@ -785,7 +791,7 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
                 first = f" (first {TARGET_STEPS}: {sum(agree[:TARGET_STEPS])}/{TARGET_STEPS})" if args.steps > TARGET_STEPS else ""
                 print(f"    {label:<24} {sum(agree)}/{args.steps}{first}")
 
-    cache = last_level_cache()
+    cache = cpu_caches()
     for batch in args.batches:
         results = time_rows(runners, batch, args, c.vocab_size)
         bandwidths = [bandwidth]
@@ -803,7 +809,7 @@ def run_config(name: str, args, work: Path, bandwidth: float) -> None:
         rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
         print(f"\n== {name}, batch {batch}, prompt {args.prompt}, {args.steps} decode steps{rounds}; "
               f"bandwidth limit {limit_ms:.2f} ms/step ({active_bytes(c, batch) / 1e6:.0f} MB active weights less "
-              f"{cache / 2**20:.0f} MiB of cache, at {bw / 1e9:.1f} GB/s, the best of {len(bandwidths)} measurements) ==")
+              f"{cache / 2**20:.1f} MiB of CPU caches, at {bw / 1e9:.1f} GB/s, the best of {len(bandwidths)} measurements) ==")
         print(f"{'implementation':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'prefill x hf':>12} "
               f"{'decode x hf':>11} {'x limit':>8} {'x ours ort':>10}")
         ours = results.get("ours ort")
