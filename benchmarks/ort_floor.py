@@ -8,11 +8,11 @@ fp32) it builds the default `ort` target (`mixexport build --target ort --no-val
 at batch 1, rows interleaved round after round, each row's best median over the rounds:
 
 - ours ort:        the default artifact, through `mixexport generate`'s plain loop (as decode_speed.py)
-- no routing:      the same graph with each layer's routing and `If`s replaced by its experts 0 and 1
+- no routing:      the same graph with each layer's routing and `If`s replaced by its experts 0..k-1
                    run unconditionally (the same bytes a step reads; the tokens are not the model's)
 - matmuls alone:   a graph of nothing but the step's matrix products on the artifact's own weights
                    (read in place from its model.onnx.data), in graph order, at one row: q/k/v, o,
-                   router, experts 0 and 1 of each layer, lm_head
+                   router, experts 0..k-1 of each layer, lm_head
 - ours ort op:     (--ort-moe-library LIB) the ort graph built with the CPU MoE op library of
                    plugins/ort_moe, its session loading LIB (native code: not the default graph)
 - llama.cpp f32:   (--llama-cpp) llama.cpp over a GGUF its converter makes of the same checkpoint
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import decode_speed as ds
 
@@ -64,6 +64,12 @@ def _branch_weights(if_node: onnx.NodeProto) -> tuple[str, str, str]:
     return x, gate_up, down
 
 
+def _top_k(nodes: list[onnx.NodeProto], inits: dict) -> int:
+    """The k of a layer's routing TopK (a constant initializer in the built graph)."""
+    top = next(n for n in nodes if n.op_type == "TopK")
+    return int(numpy_helper.to_array(inits[top.input[1]]).reshape(-1)[0])
+
+
 def write_ablations(model_path: Path) -> tuple[Path, Path]:
     """Beside model.onnx: no_routing.onnx and matmuls.onnx, both reading model.onnx.data in place."""
     model = onnx.load(str(model_path), load_external_data=False)
@@ -71,7 +77,7 @@ def write_ablations(model_path: Path) -> tuple[Path, Path]:
     inits = {t.name: t for t in graph.initializer}
     layers = _moe_layers(graph)
 
-    # no routing: each layer's routing + Ifs + Sum -> experts 0 and 1 on every token, added
+    # no routing: each layer's routing + Ifs + Sum -> its experts 0..k-1 on every token, summed
     dropped = {id(n) for nodes in layers.values() for n in nodes}
     firsts = {id(nodes[0]): prefix for prefix, nodes in layers.items()}
     kept = []
@@ -79,7 +85,7 @@ def write_ablations(model_path: Path) -> tuple[Path, Path]:
         prefix = firsts.get(id(node))
         if prefix is not None:
             nodes = layers[prefix]
-            ifs = [n for n in nodes if n.op_type == "If"][:2]
+            ifs = [n for n in nodes if n.op_type == "If"][:_top_k(nodes, inits)]
             outs = []
             for e, if_node in enumerate(ifs):
                 x, gate_up, down = _branch_weights(if_node)
@@ -90,8 +96,7 @@ def write_ablations(model_path: Path) -> tuple[Path, Path]:
                          helper.make_node("Mul", [p + "a", p + "u"], [p + "m"]),
                          helper.make_node("MatMul", [p + "m", down], [p + "y"])]
                 outs.append(p + "y")
-            kept.append(helper.make_node("Add", outs, [nodes[-1].output[0]]) if len(outs) == 2 else
-                        helper.make_node("Identity", outs, [nodes[-1].output[0]]))
+            kept.append(helper.make_node("Sum", outs, [nodes[-1].output[0]]))
         elif id(node) not in dropped:
             kept.append(node)
     del graph.node[:]
@@ -111,7 +116,8 @@ def write_ablations(model_path: Path) -> tuple[Path, Path]:
         if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
             weights.append((node, inits[node.input[1]]))
         elif node.name in first_if:
-            for if_node in [n for n in first_if[node.name] if n.op_type == "If"][:2]:
+            nodes = first_if[node.name]
+            for if_node in [n for n in nodes if n.op_type == "If"][:_top_k(nodes, inits)]:
                 _, gate_up, down = _branch_weights(if_node)
                 weights += [(None, inits[gate_up]), (None, inits[down])]
     nodes, inputs, outputs, used = [], {}, [], []

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
 from mixexport.checkpoint import preset
@@ -19,9 +20,11 @@ import decode_speed  # noqa: E402
 import ort_floor  # noqa: E402
 
 
-def test_instruments_match_the_artifact(tmp_path):
-    config = preset("tiny")
-    with reference_source(None, "tiny", 0, {}, lambda _: None) as (ckpt, source):
+@pytest.mark.parametrize("overrides", [{}, {"num_local_experts": 3, "num_experts_per_tok": 1}],
+                         ids=["tiny", "3-experts-top-1"])
+def test_instruments_match_the_artifact(tmp_path, overrides):
+    config = preset("tiny").replace(**overrides)
+    with reference_source(None, "tiny", 0, overrides, lambda _: None) as (ckpt, source):
         build(ckpt, source, tmp_path / "out", BuildOptions(targets=("ort",), max_context=64), lambda _: None)
     model_path = tmp_path / "out" / "ort" / "model.onnx"
     no_routing, matmuls = ort_floor.write_ablations(model_path)
@@ -29,7 +32,7 @@ def test_instruments_match_the_artifact(tmp_path):
     graph = onnx.load(str(no_routing), load_external_data=False).graph
     assert not [n for n in graph.node if n.op_type in ("If", "TopK") or ".moe.ort/" in n.name]
     assert len([n for n in graph.node if "/floor/" in n.name or n.op_type == "QuickGelu"]) == \
-        2 * config.num_hidden_layers  # one activation per expert run
+        config.num_experts_per_tok * config.num_hidden_layers  # one activation per expert run
     L, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     runner = decode_speed.OrtRunner(no_routing, L, kv, d)
     ids = torch.tensor([[5, 6, 7]])
